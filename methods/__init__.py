@@ -1,0 +1,12 @@
+"""MIL methods behind one interface; importing this package registers them all."""
+
+from . import abmil as abmil
+from .base import Bag as Bag
+from .base import MethodCfg as MethodCfg
+from .base import MILMethod as MILMethod
+from .base import MILOutput as MILOutput
+from .registry import create_method as create_method
+from .registry import get_method_class as get_method_class
+from .registry import list_methods as list_methods
+from .registry import parse_method_name as parse_method_name
+from .registry import resolve_config as resolve_config

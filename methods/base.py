@@ -1,0 +1,214 @@
+"""The one interface every MIL method implements.
+
+A method is an :class:`MILMethod` (an ``nn.Module``) built from a typed :class:`MethodCfg` whose defaults
+are the authors' own. The trainer, evaluator and runner only ever call the methods defined here:
+
+- ``forward(bag) -> MILOutput``: the H&E-only path (logits, patch attention, slide embedding);
+- ``loss(bag, out) -> dict[str, Tensor]``: every named term, already weighted; the trainer sums them;
+- ``prepare(train_bags)``: optional one-off fitting on the training split (k-means memory init, gene masks, ...);
+- ``after_step()``: optional hook after each optimiser step (EMA memory updates, ...);
+- ``on_epoch_start(epoch)``, ``training_report()``: optional hooks (window buffers; facts for metrics.json);
+- ``configure_optimizer()``: the optimiser and scheduler of the authors' code, read from the config;
+- ``search_space(trial)``: Optuna search space as config overrides.
+
+Nothing in ``methods/`` knows about files, folds or the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Bag", "MILOutput", "MethodCfg", "MILMethod"]
+
+
+@dataclass
+class Bag:
+    """One slide: its patch features and everything a method may read.
+
+    Attributes:
+        features: patch features of shape ``(N, D)``.
+        label: class index, a long tensor of shape ``()``.
+        coords: patch coordinates in grid units (one patch = 1), shape ``(N, 2)``, or None (CLAM ``.pt``).
+        edge_index: spatial kNN graph, shape ``(2, E)``, row 0 source, row 1 target (PyG), or None.
+        omics: the patient's gene vector of shape ``(G,)``, already transformed and scaled, or None.
+            Training-time only: the runner never passes it when predicting.
+        slide_id, case_id: identifiers, kept as strings.
+    """
+
+    features: Tensor
+    label: Tensor
+    coords: Tensor | None = None
+    edge_index: Tensor | None = None
+    omics: Tensor | None = None
+    slide_id: str = ""
+    case_id: str = ""
+
+    @property
+    def num_patches(self) -> int:
+        return self.features.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Bag:
+        """Copy of the bag with every tensor on ``device``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return dataclasses.replace(
+            self,
+            features=move(self.features),
+            label=move(self.label),
+            coords=move(self.coords),
+            edge_index=move(self.edge_index),
+            omics=move(self.omics),
+        )
+
+    def without_omics(self) -> Bag:
+        return dataclasses.replace(self, omics=None)
+
+
+@dataclass
+class MILOutput:
+    """What ``forward`` returns.
+
+    Attributes:
+        logits: class logits of shape ``(C,)``.
+        attention: patch weights of shape ``(N,)`` (sum to one where the method pools by attention), or None.
+        embedding: slide embedding of shape ``(E,)``.
+        extras: method-specific tensors the method's own ``loss`` needs (never read by the harness).
+    """
+
+    logits: Tensor
+    embedding: Tensor
+    attention: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodCfg:
+    """Training settings shared by every method; subclasses add the architecture and set the authors' defaults.
+
+    Each field's default here is a neutral one; a method's config subclass overrides it with its
+    reference code's value and says where it comes from.
+    """
+
+    num_classes: int = 2
+    dropout: float = 0.25
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    scheduler: str = "none"  # none | plateau | cosine
+    plateau_factor: float = 0.2
+    plateau_patience: int = 5
+    cosine_t_max: int = 50
+    epochs: int = 100
+    patience: int = 20  # early stopping, epochs without a better validation score
+    min_epochs: int = 0  # no early stop before this many epochs
+    monitor: str = "auc"  # auc | loss: validation score for early stopping and checkpoint selection
+    grad_clip: float | None = None  # max gradient norm
+    balanced_sampling: bool = False  # class-balanced sampling with replacement
+    accumulation_steps: int = 1  # optimiser step every this many bags
+    needs_graph: bool = False  # the spatial kNN graph must be attached to each bag
+    graph_k: int = 8
+    graph_symmetric: bool = False
+    uses_omics: bool = False  # the method reads bag.omics in loss/prepare
+
+    def replace(self, **overrides: Any) -> MethodCfg:
+        """A copy with ``overrides`` applied; unknown names are an error that names the valid ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {unknown} for {type(self).__name__}; valid: {', '.join(sorted(names))}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class MILMethod(nn.Module):
+    """Base class of every registered method.
+
+    Args:
+        cfg: the method's config (its own ``MethodCfg`` subclass).
+        in_dim: patch feature width D, read from the data.
+        omics_dim: gene vector width G, or None when the task has no omics.
+    """
+
+    name: ClassVar[str] = ""  # set by ``register_method``
+    cfg_class: ClassVar[type[MethodCfg]] = MethodCfg
+    #: named variants: small overrides of the default config (ablations, memory modes, paper-vs-code).
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the variants ``bench ablate`` runs, in table order (a subset of ``variants``; "" is the default).
+    ablation: ClassVar[tuple[str, ...]] = ()
+    #: one line for ``bench methods``.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, cfg: MethodCfg, in_dim: int, omics_dim: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.in_dim = in_dim
+        self.omics_dim = omics_dim
+
+    def forward(self, bag: Bag) -> MILOutput:
+        raise NotImplementedError
+
+    def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
+        """Named, weighted loss terms; the default is the slide cross-entropy.
+
+        The trainer sums the terms and back-propagates once per bag; an empty dict means "nothing to
+        back-propagate for this bag" (a method that works on windows of bags returns the whole window's
+        terms on the window's last bag and sets ``accumulation_steps`` to the window length).
+        """
+        return {"ce": F.cross_entropy(out.logits.unsqueeze(0), bag.label.view(1))}
+
+    def prepare(self, train_bags: Sequence[Bag]) -> None:
+        """Fit anything that needs the training split before the first step (default: nothing)."""
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (default: nothing)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch (default: nothing); e.g. to drop a partial window's buffer."""
+
+    def training_report(self) -> dict[str, Any]:
+        """JSON-able facts about the trained model for the fold's metrics (e.g. active memory components)."""
+        return {}
+
+    def configure_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """Optimiser and (possibly None) scheduler as the config says."""
+        cfg = self.cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        if cfg.optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam' or 'adamw'")
+        if cfg.scheduler == "none":
+            sched = None
+        elif cfg.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="max" if cfg.monitor == "auc" else "min", factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience,
+            )
+        elif cfg.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
+        else:
+            raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use 'none', 'plateau' or 'cosine'")
+        return opt, sched
+
+    @classmethod
+    def search_space(cls, trial: Any) -> dict[str, Any]:
+        """Optuna search space as config overrides (default: learning rate only)."""
+        return {"lr": trial.suggest_float("lr", 1e-5, 1e-3, log=True)}
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, omics_dim={self.omics_dim}"
