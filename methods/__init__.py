@@ -1,7 +1,6 @@
 """MIL methods behind one interface; importing this package registers them all."""
 
 from . import abmil as abmil
-from . import mkd as mkd
 from . import momkd as momkd
 from .base import Bag as Bag
 from .base import MethodCfg as MethodCfg
