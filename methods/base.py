@@ -146,8 +146,10 @@ class MILMethod(nn.Module):
     cfg_class: ClassVar[type[MethodCfg]] = MethodCfg
     #: named variants: small overrides of the default config (ablations, memory modes, paper-vs-code).
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
-    #: the variants ``bench ablate`` runs, in table order (a subset of ``variants``; "" is the default).
-    ablation: ClassVar[tuple[str, ...]] = ()
+    #: what ``bench ablate`` runs: table name -> rows of (display label, variant name; "" = the default).
+    #: e.g. ``{"ablation": [("WSI baseline", "wsi-baseline"), ("Full", "")]}``; each table lands in
+    #: ``<out>/<task>/report/<table name>.{md,tex}``.
+    ablations: ClassVar[dict[str, list[tuple[str, str]]]] = {}
     #: one line for ``bench methods``.
     summary: ClassVar[str] = ""
 

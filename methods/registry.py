@@ -37,9 +37,9 @@ def register_method(name: str):
     def wrap(cls: type[MILMethod]) -> type[MILMethod]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
-        unknown = [v for v in cls.ablation if v and v not in cls.variants]
+        unknown = [v for rows in cls.ablations.values() for _, v in rows if v and v not in cls.variants]
         if unknown:
-            raise ValueError(f"{cls.__name__}.ablation names undeclared variants {unknown}")
+            raise ValueError(f"{cls.__name__}.ablations names undeclared variants {unknown}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

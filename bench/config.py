@@ -1,0 +1,163 @@
+"""Task definitions: the YAML of the contract, validated (typos are errors), paths resolved."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import BenchError
+
+__all__ = ["ExternalCohort", "TaskConfig", "load_task", "builtin_task_dir", "list_builtin_tasks", "cache_root"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExternalCohort(_Strict):
+    """An external validation cohort: every fold's model is tested on it."""
+
+    name: str = Field(description="cohort name, written in predictions.csv's 'cohort' column")
+    labels: Path | None = Field(None, description="labels CSV (case_id, slide_id, <label_col>)")
+    features: Path | None = Field(None, description="folder of <slide_id>.h5 / .pt feature files")
+
+
+class TaskConfig(_Strict):
+    """One prediction task (the contract's task YAML)."""
+
+    name: str
+    label_col: str
+    positive: list[str] = Field(min_length=1, description="label values counted as the positive class")
+    negative: list[str] | None = Field(
+        None, description="label values counted as negative; other values are errors (default: the rest)"
+    )
+    labels: Path | None = None
+    features: Path | None = None
+    omics: Path | None = Field(None, description="optional CSV: case_id + one column per gene (train-time only)")
+    omics_log1p: bool = Field(True, description="apply log2(x + 1) to the omics before z-scoring")
+    omics_groups: Path | None = Field(None, description="optional CSV gene,group for methods with gene groups")
+    require_omics: bool = Field(False, description="drop training patients without omics (default: keep them)")
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="validation patients carved from each training part")
+    splits: Path | None = Field(None, description="a Patho-Bench splits TSV or a folder of CLAM splits_{k}.csv")
+    patient_aggregation: Literal["mean", "max"] = "mean"
+    external: list[ExternalCohort] = Field(default_factory=list)
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of every method's training settings (epochs, patience, ...)"
+    )
+    source: Literal["files", "synthetic"] = "files"
+    synthetic: dict[str, Any] | None = Field(None, description="generator settings when source is synthetic")
+    path: Path | None = Field(None, description="the YAML file this task was read from (set by the loader)")
+
+    @model_validator(mode="after")
+    def _files_given(self) -> TaskConfig:
+        if self.source == "files":
+            missing = [k for k in ("labels", "features") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"'{' and '.join(missing)}' must be given when source is 'files'")
+            for ext in self.external:
+                if ext.labels is None or ext.features is None:
+                    raise ValueError(f"external cohort {ext.name!r} needs 'labels' and 'features'")
+        names = [e.name for e in self.external]
+        if len(set(names)) != len(names) or "test" in names:
+            raise ValueError("external cohort names must be unique and must not be 'test'")
+        return self
+
+    def is_positive(self, value: str) -> bool:
+        return value in self.positive
+
+
+def builtin_task_dir() -> Path:
+    """The repository's ``datasets/`` folder of built-in task YAMLs."""
+    return Path(__file__).resolve().parents[1] / "datasets"
+
+
+def list_builtin_tasks() -> list[Path]:
+    return sorted(builtin_task_dir().glob("*.yaml"))
+
+
+def cache_root() -> Path:
+    """Where generated synthetic cohorts and graph caches live (``$BENCH_CACHE``, else ~/.cache/bench)."""
+    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "bench"))
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_task(task: str | Path) -> TaskConfig:
+    """Read a task by built-in name (``odx``) or YAML path; relative paths resolve against the YAML's folder.
+
+    A synthetic task's files are generated on first use (cached) and its paths filled in.
+    """
+    path = Path(task)
+    if not path.suffix and not path.exists():
+        path = builtin_task_dir() / f"{task}.yaml"
+        if not path.is_file():
+            names = ", ".join(p.stem for p in list_builtin_tasks())
+            raise BenchError(f"unknown task {task!r}: not a file and not a built-in task ({names}).")
+    if not path.is_file():
+        raise BenchError(f"{path}: task file not found. Give a built-in task name or the path of a task YAML.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BenchError(f"{path}: not valid YAML ({exc}).") from exc
+    if not isinstance(raw, dict):
+        raise BenchError(f"{path}: a task YAML must be a mapping of settings.")
+    base = path.resolve().parent
+    try:
+        cfg = TaskConfig(**raw, path=path.resolve())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}" for e in exc.errors())
+        raise BenchError(f"{path}: invalid task definition ({problems}). See README 'Task format'.") from exc
+    if cfg.source == "synthetic":
+        return _materialise_synthetic(cfg)
+    return cfg.model_copy(
+        update={
+            "labels": _resolve(base, cfg.labels),
+            "features": _resolve(base, cfg.features),
+            "omics": _resolve(base, cfg.omics),
+            "omics_groups": _resolve(base, cfg.omics_groups),
+            "splits": _resolve(base, cfg.splits),
+            "external": [
+                e.model_copy(update={"labels": _resolve(base, e.labels), "features": _resolve(base, e.features)})
+                for e in cfg.external
+            ],
+        }
+    )
+
+
+def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
+    """Generate (once) the synthetic cohort of a built-in task and point the task at its files."""
+    from .data.synthetic import SyntheticSpec, materialise
+
+    try:
+        spec = SyntheticSpec.from_dict(cfg.synthetic or {})
+    except ValueError as exc:
+        raise BenchError(f"{cfg.path}: invalid 'synthetic' settings ({exc}).") from exc
+    root = materialise(spec, cache_root() / "synthetic")
+    known = {p.name for p in root.iterdir() if p.is_dir() and p.name != "internal"}
+    external = []
+    for e in cfg.external:
+        if e.name not in known:
+            raise BenchError(
+                f"{cfg.path}: external cohort {e.name!r} is not generated by this synthetic spec "
+                f"(it makes: {', '.join(sorted(known)) or 'none'})."
+            )
+        external.append(e.model_copy(update={"labels": root / e.name / "labels.csv", "features": root / e.name / "features"}))
+    return cfg.model_copy(
+        update={
+            "labels": root / "internal" / "labels.csv",
+            "features": root / "internal" / "features",
+            "omics": root / "internal" / "omics.csv",
+            "external": external,
+        }
+    )

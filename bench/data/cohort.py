@@ -1,0 +1,292 @@
+"""A cohort: labels, patch features and optional omics of one set of slides, checked and kept in memory.
+
+Checks collect every problem before failing, so ``bench data check`` can list them all at once and a run
+fails before any training with one message naming the files and the fixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from methods.base import Bag
+
+from ..config import TaskConfig
+from ..errors import DataError
+from .formats import SlideFeatures, feature_path, read_slide
+
+__all__ = ["Cohort", "OmicsScaler", "load_cohort", "raise_problems", "read_slide_cached"]
+
+ID_COLS = ("case_id", "slide_id")
+
+
+@dataclass
+class Cohort:
+    """Slides of one cohort with their patient labels.
+
+    Attributes:
+        name: ``internal`` or the external cohort's name.
+        slides: one row per slide: case_id, slide_id, label (0/1), path (feature file).
+        dim: feature width D, read from the files.
+        omics: raw omics (case_id index, one column per gene), or None.
+    """
+
+    name: str
+    slides: pd.DataFrame
+    dim: int
+    omics: pd.DataFrame | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def patients(self) -> pd.DataFrame:
+        """One row per patient: case_id, label."""
+        return self.slides.groupby("case_id", sort=True)["label"].first().reset_index()
+
+    def bags(
+        self,
+        slide_ids: Sequence[str] | None = None,
+        omics: pd.DataFrame | None = None,
+        graph: tuple[int, bool, Path] | None = None,
+    ) -> list[Bag]:
+        """Bags of the given slides (all by default); ``omics`` = transformed table to attach (train only);
+        ``graph`` = (k, symmetric, cache_dir) to attach spatial kNN graphs."""
+        rows = self.slides if slide_ids is None else self.slides.set_index("slide_id").loc[list(slide_ids)].reset_index()
+        out = []
+        for r in rows.itertuples(index=False):
+            sf = read_slide_cached(r.path)
+            omics_vec = None
+            if omics is not None and r.case_id in omics.index:
+                omics_vec = torch.from_numpy(omics.loc[r.case_id].to_numpy(np.float32))
+            edge_index = None
+            if graph is not None:
+                from .graph import load_or_build_graph
+
+                k, symmetric, cache_dir = graph
+                edge_index = load_or_build_graph(Path(r.path), sf.coords, k, symmetric, cache_dir)
+            out.append(
+                Bag(
+                    features=torch.from_numpy(sf.features),
+                    label=torch.tensor(int(r.label)),
+                    coords=None if sf.coords is None else torch.from_numpy(sf.coords),
+                    edge_index=edge_index,
+                    omics=omics_vec,
+                    slide_id=r.slide_id,
+                    case_id=r.case_id,
+                )
+            )
+        return out
+
+
+@cache
+def _read_slide_memo(path: str, mtime_ns: int, size: int) -> SlideFeatures:
+    return read_slide(path)
+
+
+def read_slide_cached(path: str | Path) -> SlideFeatures:
+    """Read a feature file once per process (keyed by path, mtime and size), then serve it from memory."""
+    st = Path(path).stat()
+    return _read_slide_memo(str(path), st.st_mtime_ns, st.st_size)
+
+
+def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        problems.append(f"{path}: labels file not found. Fix: correct 'labels' in {task.path}.")
+        return None
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in (*ID_COLS, task.label_col) if c not in df.columns]
+    if missing:
+        problems.append(
+            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)}). "
+            f"Fix: the labels CSV needs case_id, slide_id and the task's label_col '{task.label_col}'."
+        )
+        return None
+    df = df[[*ID_COLS, task.label_col]].rename(columns={task.label_col: "raw_label"})
+    for col in ID_COLS:
+        df[col] = df[col].str.strip()
+    empty = df[(df.case_id == "") | (df.slide_id == "")]
+    if len(empty):
+        problems.append(f"{path}: {len(empty)} row(s) with an empty case_id or slide_id. Fix: fill or remove them.")
+    dup = df.slide_id[df.slide_id.duplicated()].unique()
+    if len(dup):
+        problems.append(f"{path}: slide_id(s) listed twice: {', '.join(dup[:5])}. Fix: one row per slide.")
+    values, pos = set(df.raw_label), set(task.positive)
+    if task.negative is not None:
+        unknown = sorted(values - pos - set(task.negative))
+    else:
+        others = values - pos
+        unknown = sorted(others) if len(others) > 1 or "" in others else []
+    if unknown:
+        problems.append(
+            f"{path}: label column '{task.label_col}' has value(s) {unknown!r} that are not in the task's classes "
+            f"(positive: {task.positive}, negative: {task.negative or 'the one other value'}). "
+            "Fix: correct the CSV, or list the values under 'positive'/'negative' in the task YAML."
+        )
+    df["label"] = df.raw_label.isin(task.positive).astype(int)
+    mixed = df.groupby("case_id").label.nunique()
+    mixed = mixed[mixed > 1].index
+    if len(mixed):
+        problems.append(
+            f"{path}: patient(s) {', '.join(mixed[:5])} have slides with different labels; labels are patient-level. "
+            "Fix: give every slide of a patient the same label."
+        )
+    return df.drop(columns="raw_label")
+
+
+def _check_features(df: pd.DataFrame, folder: Path, problems: list[str]) -> tuple[pd.DataFrame, int | None]:
+    """Find each slide's file and check shapes from the headers (cheap: no feature is read)."""
+    if not folder.is_dir():
+        problems.append(f"{folder}: features folder not found. Fix: correct 'features' in the task YAML.")
+        return df, None
+    paths = [feature_path(folder, s) for s in df.slide_id]
+    missing = [s for s, p in zip(df.slide_id, paths, strict=True) if p is None]
+    if missing:
+        problems.append(
+            f"{folder}: no feature file for {len(missing)} slide(s) ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}). Fix: extract them, or remove those rows from the labels CSV."
+        )
+    df = df.assign(path=[str(p) if p else "" for p in paths])
+    dims: dict[int, list[str]] = {}
+    for slide_id, p in zip(df.slide_id, paths, strict=True):
+        if p is None:
+            continue
+        try:
+            shape = _feature_shape(p)
+        except Exception as exc:
+            problems.append(f"{p}: cannot read ({exc}). Fix: re-extract or re-copy the file.")
+            continue
+        if len(shape) != 2 or shape[0] == 0:
+            problems.append(
+                f"{p}: slide {slide_id} has an empty or malformed bag (features shape {shape}). "
+                "Fix: remove the slide from the labels CSV (no tissue found) or re-extract it."
+            )
+            continue
+        dims.setdefault(shape[1], []).append(str(p))
+    if len(dims) > 1:
+        detail = "; ".join(f"D={d}: {len(ps)} file(s), e.g. {ps[0]}" for d, ps in sorted(dims.items()))
+        problems.append(f"{folder}: feature widths disagree across slides ({detail}). Fix: use one encoder's features.")
+    dim = max(dims, key=lambda d: len(dims[d])) if dims else None
+    return df, dim
+
+
+def _feature_shape(path: Path) -> tuple[int, ...]:
+    if path.suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise ValueError("no 'features' dataset")
+            shape = f["features"].shape
+            return shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
+    return tuple(read_slide_cached(path).features.shape)
+
+
+def _check_values(df: pd.DataFrame, problems: list[str]) -> None:
+    """Read every bag (kept in memory afterwards) and reject NaN/inf features."""
+    for slide_id, p in zip(df.slide_id, df.path, strict=True):
+        if not p:
+            continue
+        try:
+            feats = read_slide_cached(p).features
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        if not np.isfinite(feats).all():
+            bad = int((~np.isfinite(feats)).any(axis=1).sum())
+            problems.append(
+                f"{p}: slide {slide_id} has NaN/inf features in {bad} patch(es). Fix: re-extract the slide or drop it."
+            )
+
+
+def _read_omics(task: TaskConfig, cases: pd.Index, problems: list[str]) -> pd.DataFrame | None:
+    path = task.omics
+    if path is None:
+        return None
+    if not path.is_file():
+        problems.append(f"{path}: omics file not found. Fix: correct 'omics' in {task.path} or remove it.")
+        return None
+    df = pd.read_csv(path, dtype={"case_id": str})
+    if "case_id" not in df.columns:
+        problems.append(f"{path}: no 'case_id' column. Fix: the omics CSV is case_id + one column per gene.")
+        return None
+    df = df.set_index(df.case_id.str.strip()).drop(columns="case_id")
+    non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if non_numeric:
+        problems.append(f"{path}: non-numeric gene column(s) {non_numeric[:5]}. Fix: only numbers after case_id.")
+        return None
+    if df.index.duplicated().any():
+        problems.append(f"{path}: case_id(s) listed twice. Fix: one row per patient.")
+    values = df.to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        problems.append(f"{path}: missing or non-finite values. Fix: impute them or drop those genes.")
+    if task.omics_log1p and (values < 0).any():
+        problems.append(
+            f"{path}: negative values, but the task applies log2(x+1). "
+            f"Fix: set 'omics_log1p: false' in {task.path} if the values are already log-transformed."
+        )
+    if not len(df.index.intersection(cases)):
+        problems.append(f"{path}: no case_id in common with the labels CSV. Fix: use the same patient IDs.")
+    return df.astype(np.float32)
+
+
+def load_cohort(task: TaskConfig, cohort: str = "internal", check_values: bool = True) -> Cohort:
+    """Load and check a cohort of ``task`` (``internal`` or an external cohort's name).
+
+    Every problem found is collected in ``Cohort.problems``; callers that train raise them all at once
+    (``raise_problems``), ``bench data check`` prints them.
+    """
+    problems: list[str] = []
+    if cohort == "internal":
+        labels_path, features_dir = task.labels, task.features
+    else:
+        ext = next(e for e in task.external if e.name == cohort)
+        labels_path, features_dir = ext.labels, ext.features
+    df = _read_labels(task, labels_path, problems)
+    if df is None:
+        return Cohort(cohort, pd.DataFrame(columns=[*ID_COLS, "label", "path"]), 0, None, problems)
+    df, dim = _check_features(df, features_dir, problems)
+    if check_values:
+        _check_values(df, problems)
+    omics = _read_omics(task, pd.Index(df.case_id.unique()), problems) if cohort == "internal" else None
+    if cohort == "internal" and task.require_omics and omics is not None:
+        df = df[df.case_id.isin(omics.index)].reset_index(drop=True)
+    return Cohort(cohort, df.reset_index(drop=True), dim or 0, omics, problems)
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """Raise one DataError listing every problem, or do nothing."""
+    if problems:
+        raise DataError(" | ".join(problems) + ("" if len(problems) == 1 else f" ({len(problems)} problems)"))
+
+
+class OmicsScaler:
+    """log2(x + 1) (optional) then z-scoring with statistics of the training patients only.
+
+    Genes constant on the training patients get unit scale (their z-score is 0), never a division by zero.
+    """
+
+    def __init__(self, log1p: bool = True) -> None:
+        self.log1p = log1p
+        self.mean: pd.Series | None = None
+        self.std: pd.Series | None = None
+
+    def _transform_raw(self, df: pd.DataFrame) -> pd.DataFrame:
+        return np.log2(df + 1.0) if self.log1p else df
+
+    def fit(self, omics: pd.DataFrame, train_cases: Sequence[str]) -> OmicsScaler:
+        x = self._transform_raw(omics.loc[omics.index.intersection(list(train_cases))])
+        if len(x) == 0:
+            raise DataError("no training patient has omics in this fold; omics-based methods cannot train.")
+        self.mean = x.mean(axis=0)
+        std = x.std(axis=0, ddof=0)
+        self.std = std.where(std > 1e-8, 1.0)
+        return self
+
+    def transform(self, omics: pd.DataFrame) -> pd.DataFrame:
+        if self.mean is None:
+            raise RuntimeError("OmicsScaler.transform called before fit")
+        return ((self._transform_raw(omics) - self.mean) / self.std).astype(np.float32)

@@ -1,0 +1,120 @@
+"""Patient-level splits in Patho-Bench's long format, made here or imported from Patho-Bench / CLAM files.
+
+The table has one row per slide: ``case_id, slide_id, label, fold_0 … fold_{k-1}``, each fold cell
+``train``, ``val`` or ``test``. A patient is always in exactly one part of every fold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from ..errors import DataError
+
+__all__ = ["PARTS", "check_splits", "fold_columns", "fold_parts", "make_splits", "membership_digest", "read_splits"]
+
+PARTS = ("train", "val", "test")
+
+
+def fold_columns(splits: pd.DataFrame) -> list[str]:
+    return sorted((c for c in splits.columns if c.startswith("fold_")), key=lambda c: int(c.split("_")[1]))
+
+
+def make_splits(slides: pd.DataFrame, folds: int, seed: int, val_fraction: float) -> pd.DataFrame:
+    """Stratified k-fold over patients (seeded), then validation patients carved from each training part
+    (stratified). ``slides`` has case_id, slide_id, label."""
+    patients = slides.groupby("case_id", sort=True)["label"].first()
+    counts = patients.value_counts()
+    if len(counts) < 2 or counts.min() < folds:
+        raise DataError(
+            f"stratified {folds}-fold CV needs at least {folds} patients of each class; found "
+            f"{counts.to_dict()}. Fix: lower 'folds' or add patients of the rarer class."
+        )
+    cases, y = patients.index.to_numpy(), patients.to_numpy()
+    table = slides[["case_id", "slide_id", "label"]].copy()
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (train_idx, test_idx) in enumerate(skf.split(cases, y)):
+        tr, va = train_test_split(
+            train_idx, test_size=val_fraction, stratify=y[train_idx], random_state=seed + k
+        )
+        part = pd.Series("train", index=cases)
+        part.iloc[va] = "val"
+        part.iloc[test_idx] = "test"
+        table[f"fold_{k}"] = table.case_id.map(part).to_numpy()
+    return table
+
+
+def read_splits(path: Path, slides: pd.DataFrame) -> pd.DataFrame:
+    """Import a Patho-Bench TSV (one row per slide, fold_k columns) or a folder of CLAM ``splits_{k}.csv``."""
+    if path.is_dir():
+        files = sorted(path.glob("splits_*.csv"), key=lambda p: int(p.stem.split("_")[1]))
+        if not files:
+            raise DataError("no splits_{k}.csv files in the folder", path, "point 'splits' at CLAM's split folder.")
+        table = slides[["case_id", "slide_id", "label"]].copy()
+        for k, f in enumerate(files):
+            df = pd.read_csv(f, dtype=str)
+            missing = [c for c in PARTS if c not in df.columns]
+            if missing:
+                raise DataError(f"missing column(s) {missing}", f, "CLAM split files have train, val, test columns.")
+            part = {s: name for name in PARTS for s in df[name].dropna()}
+            table[f"fold_{k}"] = table.slide_id.map(part)
+    else:
+        if not path.is_file():
+            raise DataError("splits file not found", path, "correct 'splits' in the task YAML.")
+        df = pd.read_csv(path, sep="\t", dtype=str)
+        if "slide_id" not in df.columns or not fold_columns(df):
+            raise DataError("expected a Patho-Bench TSV with slide_id and fold_0 … fold_k columns", path)
+        df = df.set_index("slide_id")[fold_columns(df)]
+        table = slides[["case_id", "slide_id", "label"]].join(df, on="slide_id")
+    for col in fold_columns(table):
+        unassigned = table.slide_id[table[col].isna()]
+        if len(unassigned):
+            raise DataError(
+                f"{len(unassigned)} slide(s) have no part in {col} (e.g. {', '.join(unassigned[:3])})",
+                path,
+                "every slide of the labels CSV must be in train, val or test of every fold.",
+            )
+    check_splits(table, source=path)
+    return table
+
+
+def check_splits(table: pd.DataFrame, source: Path | str = "splits") -> None:
+    """Raise if any patient appears in two parts of a fold, a part is missing, or a cell is not a part name."""
+    for col in fold_columns(table):
+        bad = set(table[col]) - set(PARTS)
+        if bad:
+            raise DataError(f"{col} has value(s) {sorted(bad)}; allowed: {', '.join(PARTS)}", source)
+        per_patient = table.groupby("case_id")[col].nunique()
+        leaking = per_patient[per_patient > 1].index
+        if len(leaking):
+            raise DataError(
+                f"patient(s) {', '.join(leaking[:5])} are in more than one part of {col}: patient leakage",
+                source,
+                "split by case_id, not by slide.",
+            )
+        for part in PARTS:
+            labels = table.label[table[col] == part]
+            if labels.nunique() < 2:
+                raise DataError(
+                    f"{col}'s {part} part has {'no slides' if labels.empty else 'one class only'}; AUC and "
+                    "early stopping need both classes",
+                    source,
+                    "use fewer folds, a larger val_fraction, or add patients of the rarer class.",
+                )
+
+
+def fold_parts(table: pd.DataFrame, fold: int) -> dict[str, list[str]]:
+    """Slide ids of train / val / test in ``fold``."""
+    col = f"fold_{fold}"
+    return {part: table.slide_id[table[col] == part].tolist() for part in PARTS}
+
+
+def membership_digest(table: pd.DataFrame, fold: int) -> str:
+    """A short digest of who is where in ``fold`` (part of each job's configuration hash)."""
+    col = f"fold_{fold}"
+    rows = np.sort((table.slide_id + ":" + table[col]).to_numpy().astype(str))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]

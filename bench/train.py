@@ -1,0 +1,145 @@
+"""The trainer: one bag per step, as every method's reference code; knows nothing about any method.
+
+Per epoch: ``on_epoch_start``; for each bag (class-balanced sampling with replacement when the method's
+config says so): forward, the method's named loss terms summed, backward; an optimiser step every
+``accumulation_steps`` bags (and on leftover gradients at the end of the epoch), gradient clipping, then
+``after_step``. After each epoch the validation patients are scored (AUC or loss, ``cfg.monitor``): the
+best epoch's weights are kept, the plateau scheduler steps on that score, and training stops early after
+``patience`` epochs without improvement (never before ``min_epochs``).
+
+The hot loop has no host synchronisation: losses are accumulated on the device and read once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from methods import MILMethod, create_method
+from methods.base import Bag, MethodCfg
+
+from .evaluate import binary_metrics, patient_level, predict, slide_predictions
+
+__all__ = ["TrainResult", "fit", "seed_everything", "epoch_order"]
+
+
+@dataclass
+class TrainResult:
+    model: MILMethod
+    best_epoch: int
+    epochs_run: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) for reproducible runs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_order(labels: torch.Tensor, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one epoch: a permutation, or as many class-balanced draws with replacement."""
+    n = labels.numel()
+    if not balanced:
+        return torch.randperm(n, generator=generator)
+    counts = torch.bincount(labels, minlength=2).clamp(min=1).double()
+    weights = (1.0 / counts)[labels]
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
+def _validate(
+    model: MILMethod, bags: Sequence[Bag], device: torch.device, autocast: bool, aggregation: str
+) -> dict[str, float]:
+    probs = predict(model, bags, device, autocast)
+    labels = np.array([int(b.label) for b in bags])
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    pat = patient_level(slide_predictions(bags, probs, "val"), aggregation)
+    return {"val_auc": binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"], "val_loss": loss}
+
+
+def fit(
+    method: str,
+    cfg: MethodCfg,
+    in_dim: int,
+    omics_dim: int | None,
+    train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
+    device: torch.device,
+    seed: int,
+    aggregation: str = "mean",
+    on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+) -> TrainResult:
+    """Build ``method`` with ``cfg`` (seeded), prepare it on the training bags, train, and return it holding
+    the weights of its best validation epoch."""
+    seed_everything(seed)
+    autocast = device.type == "cuda"
+    model = create_method(method, in_dim=in_dim, omics_dim=omics_dim, cfg=cfg).to(device)
+    train_bags = [b.to(device, non_blocking=True) for b in train_bags]
+    model.prepare(train_bags)
+    optimizer, scheduler = model.configure_optimizer()
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([int(b.label) for b in train_bags])
+    maximise = cfg.monitor == "auc"
+    best_score, best_epoch, best_state = -math.inf if maximise else math.inf, -1, None
+    history: list[dict[str, float]] = []
+    acc = max(1, cfg.accumulation_steps)
+
+    epoch = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        model.on_epoch_start(epoch)
+        loss_sum = torch.zeros((), device=device)
+        pending = False
+        optimizer.zero_grad(set_to_none=True)
+        for i, idx in enumerate(epoch_order(labels, cfg.balanced_sampling, generator).tolist()):
+            bag = train_bags[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(bag)
+                terms = model.loss(bag, out)
+            if terms:
+                total = torch.stack([t.float() for t in terms.values()]).sum()
+                total.backward()
+                loss_sum += total.detach()
+                pending = True
+            if pending and (i + 1) % acc == 0:
+                _step(model, optimizer, cfg)
+                pending = False
+        if pending:
+            _step(model, optimizer, cfg)
+        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, len(labels))}
+        record.update(_validate(model, val_bags, device, autocast, aggregation))
+        history.append(record)
+        score = record["val_auc"] if maximise else record["val_loss"]
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(score)
+        elif scheduler is not None:
+            scheduler.step()
+        improved = score > best_score if maximise else score < best_score
+        if improved or best_state is None:
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if on_epoch is not None:
+            on_epoch(epoch, cfg.epochs, record)
+        if epoch + 1 >= cfg.min_epochs and epoch - best_epoch >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model, best_epoch, epoch + 1, float(best_score), history)
+
+
+def _step(model: MILMethod, optimizer: torch.optim.Optimizer, cfg: MethodCfg) -> None:
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.after_step()

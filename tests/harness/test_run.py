@@ -1,0 +1,106 @@
+"""`bench run` end to end on a small cohort: files of the contract, resume, determinism, no leakage."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+import bench.runner as runner
+from bench.runner import RunOptions, prepare_task, run
+from bench.store import FOLD_FILES
+
+
+@pytest.fixture
+def opts(tmp_path):
+    return RunOptions(out=tmp_path / "res", quiet=True)
+
+
+def test_run_writes_contract_files(small_task, opts):
+    summary = run(str(small_task), ["abmil"], opts)
+    task_dir = opts.out / "toy"
+    for k in range(3):
+        fold = task_dir / "abmil" / f"fold_{k}"
+        assert all((fold / f).is_file() for f in FOLD_FILES)
+        pred = pd.read_csv(fold / "predictions.csv", dtype={"case_id": str, "slide_id": str})
+        assert list(pred.columns) == ["slide_id", "case_id", "label", "prob", "cohort"]
+        assert set(pred.cohort) == {"test", "ext"}
+        metrics = json.loads((fold / "metrics.json").read_text())["cohorts"]
+        for cohort in ("test", "ext"):
+            assert set(metrics[cohort]) == {"auc", "acc", "balanced_acc", "f1", "threshold", "n"}
+        assert metrics["test"]["threshold"] == metrics["ext"]["threshold"] == metrics["val"]["threshold"]
+        config = yaml.safe_load((fold / "config.yaml").read_text())
+        assert config["method"] == "abmil" and config["fold"] == k and "hash" in config
+        assert config["method_config"]["epochs"] == 3  # the task's train override
+    disk = pd.read_csv(task_dir / "summary.csv")
+    assert list(disk.columns) == ["task", "method", "cohort", "metric", "mean", "std", "n"]
+    assert set(disk.cohort) == {"test", "ext"} and (disk.n == 3).all()
+    assert len(summary) == len(disk)
+    splits = pd.read_csv(task_dir / "splits.tsv", sep="\t", dtype=str)
+    assert {"case_id", "slide_id", "fold_0", "fold_1", "fold_2"} <= set(splits.columns)
+
+
+def test_test_patients_never_trained_on(small_task, opts, monkeypatch):
+    seen = []
+    real_fit = runner.fit
+
+    def spy(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs):
+        seen.append(({b.case_id for b in train_bags}, {b.case_id for b in val_bags}))
+        return real_fit(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit", spy)
+    run(str(small_task), ["abmil"], opts)
+    for k, (train, val) in enumerate(seen):
+        pred = pd.read_csv(opts.out / "toy" / "abmil" / f"fold_{k}" / "predictions.csv", dtype=str)
+        test = set(pred.case_id[pred.cohort == "test"])
+        assert not (train & test) and not (val & test) and not (train & val)
+
+
+def test_rerun_trains_nothing_and_resumes_missing_folds(small_task, opts, monkeypatch):
+    first = run(str(small_task), ["abmil"], opts)
+    import shutil
+
+    shutil.rmtree(opts.out / "toy" / "abmil" / "fold_1")  # as if killed before fold 1 landed
+    trained = []
+    real_fit = runner.fit
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: trained.append(1) or real_fit(*a, **k))
+    second = run(str(small_task), ["abmil"], opts)
+    assert len(trained) == 1
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), second.reset_index(drop=True))
+    run(str(small_task), ["abmil"], opts)
+    assert len(trained) == 1
+
+
+def test_same_seed_same_numbers_on_cpu(small_task, tmp_path):
+    a = run(str(small_task), ["abmil"], RunOptions(out=tmp_path / "a", quiet=True, folds=2))
+    b = run(str(small_task), ["abmil"], RunOptions(out=tmp_path / "b", quiet=True, folds=2))
+    pa = pd.read_csv(tmp_path / "a" / "toy" / "abmil" / "fold_1" / "predictions.csv")
+    pb = pd.read_csv(tmp_path / "b" / "toy" / "abmil" / "fold_1" / "predictions.csv")
+    pd.testing.assert_frame_equal(pa, pb)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_changed_config_is_a_new_run_and_old_results_are_kept(small_task, opts):
+    run(str(small_task), ["abmil"], RunOptions(out=opts.out, quiet=True, epochs=1))
+    old = (opts.out / "toy" / "abmil" / "fold_0" / "config.yaml").read_text()
+    run(str(small_task), ["abmil"], RunOptions(out=opts.out, quiet=True, epochs=2))
+    new = yaml.safe_load((opts.out / "toy" / "abmil" / "fold_0" / "config.yaml").read_text())
+    assert new["method_config"]["epochs"] == 2
+    aside = list((opts.out / "toy" / "abmil").glob("fold_0.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "config.yaml").read_text() == old
+
+
+def test_omics_scaled_with_training_patients_only(small_task, opts):
+    data = prepare_task(str(small_task), opts)
+    from bench.data.splits import fold_parts
+
+    parts = fold_parts(data.splits, 0)
+    train_cases = data.internal.slides.case_id[data.internal.slides.slide_id.isin(parts["train"])].unique()
+    from bench.data.cohort import OmicsScaler
+
+    scaled = OmicsScaler().fit(data.internal.omics, train_cases).transform(data.internal.omics)
+    assert abs(float(scaled.loc[train_cases].mean().abs().max())) < 1e-5
+    held_out = scaled.drop(index=train_cases)
+    assert float(held_out.mean().abs().max()) > 1e-3  # held-out patients are not re-centred on themselves
