@@ -28,9 +28,15 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 Out = Annotated[Path, typer.Option("--out", help="Output folder.")]
-Folds = Annotated[int | None, typer.Option("--folds", help="Number of CV folds (default: the task's).", min=2)]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed for splits and training (default: the task's).")]
-Epochs = Annotated[int | None, typer.Option("--epochs", help="Cap on training epochs (for quick runs).", min=1)]
+Folds = Annotated[
+    int | None, typer.Option("--folds", help="Number of CV folds (default: the task's).", min=2)
+]
+Seed = Annotated[
+    int | None, typer.Option("--seed", help="Seed for splits and training (default: the task's).")
+]
+Epochs = Annotated[
+    int | None, typer.Option("--epochs", help="Cap on training epochs (for quick runs).", min=1)
+]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i")]
 Workers = Annotated[int, typer.Option("--workers", help="Jobs run in parallel.", min=1)]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
@@ -40,7 +46,9 @@ TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path
 def _options(out: Path, folds, seed, epochs, device: str, workers: int, quiet: bool):
     from .runner import RunOptions
 
-    return RunOptions(out=out, folds=folds, seed=seed, epochs=epochs, device=device, workers=workers, quiet=quiet)
+    return RunOptions(
+        out=out, folds=folds, seed=seed, epochs=epochs, device=device, workers=workers, quiet=quiet
+    )
 
 
 def _progress(quiet: bool):
@@ -49,8 +57,12 @@ def _progress(quiet: bool):
     if quiet:
         return None
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
     )
 
 
@@ -64,15 +76,23 @@ def _run_and_print(task: str, methods: list[str], opts) -> None:
     else:
         with progress:
             summary = run(task, methods, opts, progress)
-    console.print(summary_rich_table(summary, f"{summary.task.iloc[0] if len(summary) else task}: "
-                                              "patient-level AUC / ACC / balanced ACC / F1, % mean ± SD over folds"))
+    console.print(
+        summary_rich_table(
+            summary,
+            f"{summary.task.iloc[0] if len(summary) else task}: "
+            "patient-level AUC / ACC / balanced ACC / F1, % mean ± SD over folds",
+        )
+    )
     console.print(f"Results in {opts.out / (summary.task.iloc[0] if len(summary) else task)}")
 
 
 @app.command("run")
 def run_cmd(
     task: TaskOpt,
-    methods: Annotated[str, typer.Option("--methods", help="'all' or a comma-separated list, e.g. abmil,momkd[fixed-memory].")] = "all",
+    methods: Annotated[
+        str,
+        typer.Option("--methods", help="'all' or a comma-separated list, e.g. abmil,momkd[fixed-memory]."),
+    ] = "all",
     out: Out = Path("results"),
     folds: Folds = None,
     seed: Seed = None,
@@ -112,14 +132,21 @@ def ablate_cmd(
     cls = get_method_class(base)
     if not cls.ablations:
         raise BenchError(f"method {base!r} declares no ablation variants (see `bench methods`).")
-    names = list(dict.fromkeys(f"{base}[{v}]" if v else base for rows in cls.ablations.values() for _, v in rows))
+    names = list(
+        dict.fromkeys(f"{base}[{v}]" if v else base for rows in cls.ablations.values() for _, v in rows)
+    )
     opts = _options(out, folds, seed, epochs, device, workers, quiet)
     _run_and_print(task, names, opts)
     task_name = load_task(task).name
     for table_name, rows in cls.ablations.items():
         variants = [(label, f"{base}[{v}]" if v else base) for label, v in rows]
-        table = variant_table(out, task_name, variants, f"{base} {table_name.replace('_', ' ')} on {task_name}: "
-                              "AUC (%), mean ± SD over folds.", f"tab:{base}-{table_name}")
+        table = variant_table(
+            out,
+            task_name,
+            variants,
+            f"{base} {table_name.replace('_', ' ')} on {task_name}: AUC (%), mean ± SD over folds.",
+            f"tab:{base}-{table_name}",
+        )
         for path in write_table(table, out / task_name / "report", table_name, _formats(fmt)):
             console.print(f"wrote {path}")
         console.print(table.markdown())
@@ -134,7 +161,9 @@ def _formats(fmt: str) -> list[str]:
 
 @app.command("report")
 def report_cmd(
-    task: Annotated[str, typer.Option("--task", help="One task or a comma-separated list, e.g. her2,pr,odx.")],
+    task: Annotated[
+        str, typer.Option("--task", help="One task or a comma-separated list, e.g. her2,pr,odx.")
+    ],
     out: Out = Path("results"),
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
@@ -146,8 +175,10 @@ def report_cmd(
     names = [load_task(t).name for t in task.split(",") if t.strip()]
     missing = [n for n in names if not (out / n).is_dir()]
     if missing:
-        raise BenchError(f"no results for task(s) {missing} under {out}. Run `bench run --task ...` first, "
-                         "or point --out at the folder holding them.")
+        raise BenchError(
+            f"no results for task(s) {missing} under {out}. Run `bench run --task ...` first, "
+            "or point --out at the folder holding them."
+        )
     for n in names:
         write_summary(out, n)
     folder = out / "report" if len(names) > 1 else out / names[0] / "report"
@@ -182,8 +213,13 @@ def tasks_cmd() -> None:
     table = Table("task", "label", "positive", "source", "file")
     for path in list_builtin_tasks():
         raw = yaml.safe_load(path.read_text()) or {}
-        table.add_row(path.stem, str(raw.get("label_col")), ", ".join(map(str, raw.get("positive", []))),
-                      str(raw.get("source", "files")), str(path))
+        table.add_row(
+            path.stem,
+            str(raw.get("label_col")),
+            ", ".join(map(str, raw.get("positive", []))),
+            str(raw.get("source", "files")),
+            str(path),
+        )
     console.print(table)
 
 
@@ -198,16 +234,26 @@ def data_check_cmd(task: TaskOpt) -> None:
     problems: list[str] = []
     internal = load_cohort(cfg, "internal")
     problems += internal.problems
-    summary = [f"internal: {internal.slides.case_id.nunique()} patients, {len(internal.slides)} slides, D={internal.dim}"
-               + (f", omics for {internal.omics.index.isin(internal.slides.case_id).sum()} patients "
-                  f"x {internal.omics.shape[1]} genes" if internal.omics is not None else ", no omics")]
+    summary = [
+        f"internal: {internal.slides.case_id.nunique()} patients, {len(internal.slides)} slides, D={internal.dim}"
+        + (
+            f", omics for {internal.omics.index.isin(internal.slides.case_id).sum()} patients "
+            f"x {internal.omics.shape[1]} genes"
+            if internal.omics is not None
+            else ", no omics"
+        )
+    ]
     for ext in cfg.external:
         cohort = load_cohort(cfg, ext.name)
         problems += cohort.problems
         if internal.dim and cohort.dim and cohort.dim != internal.dim:
-            problems.append(f"{ext.features}: external cohort {ext.name!r} has D={cohort.dim}, internal D={internal.dim}. "
-                            "Fix: extract both cohorts with the same encoder.")
-        summary.append(f"external {ext.name}: {cohort.slides.case_id.nunique()} patients, {len(cohort.slides)} slides, D={cohort.dim}")
+            problems.append(
+                f"{ext.features}: external cohort {ext.name!r} has D={cohort.dim}, internal D={internal.dim}. "
+                "Fix: extract both cohorts with the same encoder."
+            )
+        summary.append(
+            f"external {ext.name}: {cohort.slides.case_id.nunique()} patients, {len(cohort.slides)} slides, D={cohort.dim}"
+        )
     if not internal.problems:
         try:
             if cfg.splits is not None:

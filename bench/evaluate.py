@@ -13,15 +13,23 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
 
 from methods.base import Bag, MILMethod
 
-__all__ = ["predict", "slide_predictions", "patient_level", "best_f1_threshold", "binary_metrics"]
+__all__ = ["best_f1_threshold", "binary_metrics", "patient_level", "predict", "slide_predictions"]
 
 
 @torch.inference_mode()
-def predict(model: MILMethod, bags: Sequence[Bag], device: torch.device, autocast: bool = False) -> np.ndarray:
+def predict(
+    model: MILMethod, bags: Sequence[Bag], device: torch.device, autocast: bool = False
+) -> np.ndarray:
     """Positive-class probability of each bag (omics removed; eval mode)."""
     was_training = model.training
     model.eval()
@@ -49,13 +57,19 @@ def slide_predictions(bags: Sequence[Bag], probs: np.ndarray, cohort: str) -> pd
 
 def patient_level(pred: pd.DataFrame, aggregation: str = "mean") -> pd.DataFrame:
     """One row per patient: case_id, label, prob (mean or max over the patient's slides)."""
-    return pred.groupby("case_id", sort=True).agg(label=("label", "first"), prob=("prob", aggregation)).reset_index()
+    return (
+        pred.groupby("case_id", sort=True)
+        .agg(label=("label", "first"), prob=("prob", aggregation))
+        .reset_index()
+    )
 
 
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """The probability threshold with the highest F1 (predict positive when prob >= threshold)."""
     precision, recall, thresholds = precision_recall_curve(y, p)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0
+    )
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
@@ -68,5 +82,5 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
         "balanced_acc": float(balanced_accuracy_score(y, y_hat)) if len(np.unique(y)) == 2 else float("nan"),
         "f1": float(f1_score(y, y_hat, zero_division=0)),
         "threshold": float(threshold),
-        "n": int(len(y)),
+        "n": len(y),
     }

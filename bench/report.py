@@ -41,7 +41,10 @@ class Table:
             "| " + " | ".join(self.header) + " |",
             "|" + "|".join([" --- "] + [" ---: "] * (len(self.header) - 1)) + "|",
         ]
-        lines += ["| " + " | ".join(cell(t, b) for t, b in zip(r, bl, strict=True)) + " |" for r, bl in zip(self.rows, self.bold, strict=True)]
+        lines += [
+            "| " + " | ".join(cell(t, b) for t, b in zip(r, bl, strict=True)) + " |"
+            for r, bl in zip(self.rows, self.bold, strict=True)
+        ]
         return f"{self.caption}\n\n" + "\n".join(lines) + "\n"
 
     def latex(self) -> str:
@@ -53,7 +56,10 @@ class Table:
         def cell(text: str, b: bool) -> str:
             return rf"\textbf{{{esc(text)}}}" if b and text else esc(text)
 
-        body = [" & ".join(cell(t, b) for t, b in zip(r, bl, strict=True)) + r" \\" for r, bl in zip(self.rows, self.bold, strict=True)]
+        body = [
+            " & ".join(cell(t, b) for t, b in zip(r, bl, strict=True)) + r" \\"
+            for r, bl in zip(self.rows, self.bold, strict=True)
+        ]
         return "\n".join(
             [
                 r"\begin{table}[t]",
@@ -109,10 +115,16 @@ def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
     for method in dict.fromkeys(summary.method):
         cohorts = sorted(set(summary.cohort[summary.method == method]), key=lambda c: (c != "test", c))
         for cohort in cohorts:
-            cells = [fmt(s.loc[(method, cohort, m), "mean"], s.loc[(method, cohort, m), "std"])
-                     if (method, cohort, m) in s.index else "–" for m in METRIC_NAMES]
+            cells = [
+                fmt(s.loc[(method, cohort, m), "mean"], s.loc[(method, cohort, m), "std"])
+                if (method, cohort, m) in s.index
+                else "–"
+                for m in METRIC_NAMES
+            ]
             n = int(s.loc[(method, cohort, "auc"), "n"]) if (method, cohort, "auc") in s.index else 0
-            table.add_row(method, "internal (test)" if cohort == "test" else f"external: {cohort}", *cells, str(n))
+            table.add_row(
+                method, "internal (test)" if cohort == "test" else f"external: {cohort}", *cells, str(n)
+            )
     return table
 
 
@@ -138,11 +150,15 @@ def table2(out: Path, tasks: Sequence[str], methods: Sequence[str] | None = None
     """Methods × (task, external cohort) × (AUC, ACC, F1) in %, mean ± SD over the folds' models."""
     stats = {t: _stats(collect_metrics(out, t)) for t in tasks}
     columns = [
-        (t, c) for t in tasks for c in sorted(set(stats[t].index.get_level_values("cohort")) - {"test", "val"})
+        (t, c)
+        for t in tasks
+        for c in sorted(set(stats[t].index.get_level_values("cohort")) - {"test", "val"})
     ]
     all_methods = sorted({m for s in stats.values() for m in s.index.get_level_values("method")})
     rows_methods = _method_order(all_methods, methods)
-    header = ["Method"] + [f"{t.upper()} {c} {METRIC_NAMES[k]}" for t, c in columns for k in ("auc", "acc", "f1")]
+    header = ["Method"] + [
+        f"{t.upper()} {c} {METRIC_NAMES[k]}" for t, c in columns for k in ("auc", "acc", "f1")
+    ]
     rows, bold = [[m] for m in rows_methods], [[False] for _ in rows_methods]
     for t, c in columns:
         for k in ("auc", "acc", "f1"):
@@ -155,7 +171,9 @@ def table2(out: Path, tasks: Sequence[str], methods: Sequence[str] | None = None
     return Table(header, rows, bold, caption, "tab:external")
 
 
-def variant_table(out: Path, task: str, variants: Sequence[tuple[str, str]], caption: str, label: str) -> Table:
+def variant_table(
+    out: Path, task: str, variants: Sequence[tuple[str, str]], caption: str, label: str
+) -> Table:
     """Rows = (display name, method name on disk); columns internal AUC and AUC on each external cohort."""
     stats = _stats(collect_metrics(out, task))
     externals = sorted(set(stats.index.get_level_values("cohort")) - {"test", "val"}) if len(stats) else []

@@ -32,7 +32,7 @@ from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict,
 from .store import atomic_write_text, config_hash, fold_dir, fold_status, write_fold, write_summary
 from .train import fit
 
-__all__ = ["RunOptions", "Job", "TaskData", "prepare_task", "expand_jobs", "run_job", "run", "resolve_device"]
+__all__ = ["Job", "RunOptions", "TaskData", "expand_jobs", "prepare_task", "resolve_device", "run", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,9 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
     return tuple(int(mapping[g]) for g in internal.omics.columns)
 
 
-def method_config(data: TaskData, method: str, opts: RunOptions, overrides: dict[str, Any] | None = None) -> MethodCfg:
+def method_config(
+    data: TaskData, method: str, opts: RunOptions, overrides: dict[str, Any] | None = None
+) -> MethodCfg:
     """The method's config with the task's training overrides, the --epochs cap and data-given settings."""
     base_fields = {f.name for f in dataclasses.fields(MethodCfg)}
     unknown = sorted(set(data.task.train) - base_fields)
@@ -182,7 +184,10 @@ def _bags(cohort: Cohort, slide_ids: Sequence[str], cfg: MethodCfg, omics: pd.Da
 
 
 def run_job(
-    data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, Any] | None = None,
+    data: TaskData,
+    job: Job,
+    opts: RunOptions,
+    overrides: dict[str, Any] | None = None,
     on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
 ) -> str:
     """Run one job unless its results are already on disk; returns ``skipped`` or ``trained``."""
@@ -203,15 +208,26 @@ def run_job(
     val_bags = _bags(internal, parts["val"], cfg, None)
     omics_dim = None if internal.omics is None else internal.omics.shape[1]
     result = fit(
-        job.method, cfg, internal.dim, omics_dim, train_bags, val_bags, device,
-        seed=data.seed * 1000 + job.fold, aggregation=data.task.patient_aggregation, on_epoch=on_epoch,
+        job.method,
+        cfg,
+        internal.dim,
+        omics_dim,
+        train_bags,
+        val_bags,
+        device,
+        seed=data.seed * 1000 + job.fold,
+        aggregation=data.task.patient_aggregation,
+        on_epoch=on_epoch,
     )
     agg = data.task.patient_aggregation
     val_pred = slide_predictions(val_bags, predict(result.model, val_bags, device), "val")
     val_pat = patient_level(val_pred, agg)
     threshold = best_f1_threshold(val_pat.label.to_numpy(), val_pat.prob.to_numpy())
     test_bags = _bags(internal, parts["test"], cfg, None)
-    cohorts = {"val": val_pred, "test": slide_predictions(test_bags, predict(result.model, test_bags, device), "test")}
+    cohorts = {
+        "val": val_pred,
+        "test": slide_predictions(test_bags, predict(result.model, test_bags, device), "test"),
+    }
     for name, cohort in data.externals.items():
         bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None)
         cohorts[name] = slide_predictions(bags, predict(result.model, bags, device), name)
@@ -252,6 +268,15 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
+def _epoch_reporter(progress: Any, handle: Any, label: str) -> Callable[[int, int, dict[str, float]], None]:
+    def on_epoch(epoch: int, total: int, record: dict[str, float]) -> None:
+        progress.update(
+            handle, total=total, completed=epoch + 1, description=f"{label} · val AUC {record['val_auc']:.3f}"
+        )
+
+    return on_epoch
+
+
 def run(
     task_ref: str,
     methods: Sequence[str],
@@ -263,15 +288,11 @@ def run(
     jobs = expand_jobs(task_ref, methods, data.folds)
     for job in jobs:
         label = f"{data.task.name} · {job.method} · fold {job.fold}"
-        handle = progress.add_task(label, total=None) if progress is not None else None
-
-        def on_epoch(epoch: int, total: int, record: dict[str, float], handle=handle) -> None:
-            if progress is not None:
-                progress.update(handle, total=total, completed=epoch + 1,
-                                description=f"{label} · val AUC {record['val_auc']:.3f}")
-
-        status = run_job(data, job, opts, on_epoch=on_epoch)
-        if progress is not None:
-            progress.update(handle, total=1, completed=1, description=f"{label} · {status}")
+        if progress is None:
+            run_job(data, job, opts)
+            continue
+        handle = progress.add_task(label, total=None)
+        status = run_job(data, job, opts, on_epoch=_epoch_reporter(progress, handle, label))
+        progress.update(handle, total=1, completed=1, description=f"{label} · {status}")
     summary = write_summary(opts.out, data.task.name)
     return summary[summary.method.isin(methods)]

@@ -26,14 +26,14 @@ import yaml
 
 __all__ = [
     "FOLD_FILES",
+    "atomic_write_text",
+    "collect_metrics",
     "config_hash",
     "fold_dir",
     "fold_status",
-    "write_fold",
     "read_fold_metrics",
-    "collect_metrics",
+    "write_fold",
     "write_summary",
-    "atomic_write_text",
 ]
 
 FOLD_FILES = ("predictions.csv", "metrics.json", "config.yaml")
@@ -91,7 +91,9 @@ def write_fold(
     try:
         predictions.to_csv(tmp / "predictions.csv", index=False)
         (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=True))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(_jsonable({"hash": hash_, **config}), sort_keys=False))
+        (tmp / "config.yaml").write_text(
+            yaml.safe_dump(_jsonable({"hash": hash_, **config}), sort_keys=False)
+        )
         if path.exists():
             old = fold_status(path, hash_)
             if old == "done":  # another worker finished the same job meanwhile: keep theirs
@@ -128,7 +130,9 @@ def collect_metrics(out: Path, task: str) -> pd.DataFrame:
                     continue
                 for metric in METRICS:
                     if metric in values:
-                        rows.append((method_dir.name, int(fd.name.split("_")[1]), cohort, metric, values[metric]))
+                        rows.append(
+                            (method_dir.name, int(fd.name.split("_")[1]), cohort, metric, values[metric])
+                        )
     return pd.DataFrame(rows, columns=["method", "fold", "cohort", "metric", "value"])
 
 

@@ -26,7 +26,7 @@ from methods.base import Bag, MethodCfg
 
 from .evaluate import binary_metrics, patient_level, predict, slide_predictions
 
-__all__ = ["TrainResult", "fit", "seed_everything", "epoch_order"]
+__all__ = ["TrainResult", "epoch_order", "fit", "seed_everything"]
 
 
 @dataclass
@@ -63,7 +63,10 @@ def _validate(
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
     pat = patient_level(slide_predictions(bags, probs, "val"), aggregation)
-    return {"val_auc": binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"], "val_loss": loss}
+    return {
+        "val_auc": binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"],
+        "val_loss": loss,
+    }
 
 
 def fit(

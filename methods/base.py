@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Bag", "MILOutput", "MethodCfg", "MILMethod"]
+__all__ = ["Bag", "MILMethod", "MILOutput", "MethodCfg"]
 
 
 @dataclass
@@ -198,7 +198,9 @@ class MILMethod(nn.Module):
             sched = None
         elif cfg.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="max" if cfg.monitor == "auc" else "min", factor=cfg.plateau_factor,
+                opt,
+                mode="max" if cfg.monitor == "auc" else "min",
+                factor=cfg.plateau_factor,
                 patience=cfg.plateau_patience,
             )
         elif cfg.scheduler == "cosine":

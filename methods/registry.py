@@ -14,13 +14,13 @@ from typing import Any
 from .base import MethodCfg, MILMethod
 
 __all__ = [
-    "register_method",
-    "list_methods",
-    "get_method_class",
-    "parse_method_name",
-    "resolve_config",
-    "create_method",
     "UnknownMethodError",
+    "create_method",
+    "get_method_class",
+    "list_methods",
+    "parse_method_name",
+    "register_method",
+    "resolve_config",
 ]
 
 _REGISTRY: dict[str, type[MILMethod]] = {}

@@ -57,7 +57,11 @@ class Cohort:
     ) -> list[Bag]:
         """Bags of the given slides (all by default); ``omics`` = transformed table to attach (train only);
         ``graph`` = (k, symmetric, cache_dir) to attach spatial kNN graphs."""
-        rows = self.slides if slide_ids is None else self.slides.set_index("slide_id").loc[list(slide_ids)].reset_index()
+        rows = (
+            self.slides
+            if slide_ids is None
+            else self.slides.set_index("slide_id").loc[list(slide_ids)].reset_index()
+        )
         out = []
         for r in rows.itertuples(index=False):
             sf = read_slide_cached(r.path)
@@ -112,7 +116,9 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
         df[col] = df[col].str.strip()
     empty = df[(df.case_id == "") | (df.slide_id == "")]
     if len(empty):
-        problems.append(f"{path}: {len(empty)} row(s) with an empty case_id or slide_id. Fix: fill or remove them.")
+        problems.append(
+            f"{path}: {len(empty)} row(s) with an empty case_id or slide_id. Fix: fill or remove them."
+        )
     dup = df.slide_id[df.slide_id.duplicated()].unique()
     if len(dup):
         problems.append(f"{path}: slide_id(s) listed twice: {', '.join(dup[:5])}. Fix: one row per slide.")
@@ -170,7 +176,9 @@ def _check_features(df: pd.DataFrame, folder: Path, problems: list[str]) -> tupl
         dims.setdefault(shape[1], []).append(str(p))
     if len(dims) > 1:
         detail = "; ".join(f"D={d}: {len(ps)} file(s), e.g. {ps[0]}" for d, ps in sorted(dims.items()))
-        problems.append(f"{folder}: feature widths disagree across slides ({detail}). Fix: use one encoder's features.")
+        problems.append(
+            f"{folder}: feature widths disagree across slides ({detail}). Fix: use one encoder's features."
+        )
     dim = max(dims, key=lambda d: len(dims[d])) if dims else None
     return df, dim
 
@@ -216,7 +224,9 @@ def _read_omics(task: TaskConfig, cases: pd.Index, problems: list[str]) -> pd.Da
     df = df.set_index(df.case_id.str.strip()).drop(columns="case_id")
     non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if non_numeric:
-        problems.append(f"{path}: non-numeric gene column(s) {non_numeric[:5]}. Fix: only numbers after case_id.")
+        problems.append(
+            f"{path}: non-numeric gene column(s) {non_numeric[:5]}. Fix: only numbers after case_id."
+        )
         return None
     if df.index.duplicated().any():
         problems.append(f"{path}: case_id(s) listed twice. Fix: one row per patient.")

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["SlideFeatures", "read_slide", "write_trident_h5", "feature_path", "FEATURE_SUFFIXES"]
+__all__ = ["FEATURE_SUFFIXES", "SlideFeatures", "feature_path", "read_slide", "write_trident_h5"]
 
 FEATURE_SUFFIXES = (".h5", ".pt")
 

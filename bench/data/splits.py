@@ -15,7 +15,15 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from ..errors import DataError
 
-__all__ = ["PARTS", "check_splits", "fold_columns", "fold_parts", "make_splits", "membership_digest", "read_splits"]
+__all__ = [
+    "PARTS",
+    "check_splits",
+    "fold_columns",
+    "fold_parts",
+    "make_splits",
+    "membership_digest",
+    "read_splits",
+]
 
 PARTS = ("train", "val", "test")
 
@@ -38,7 +46,7 @@ def make_splits(slides: pd.DataFrame, folds: int, seed: int, val_fraction: float
     table = slides[["case_id", "slide_id", "label"]].copy()
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (train_idx, test_idx) in enumerate(skf.split(cases, y)):
-        tr, va = train_test_split(
+        _, va = train_test_split(
             train_idx, test_size=val_fraction, stratify=y[train_idx], random_state=seed + k
         )
         part = pd.Series("train", index=cases)
@@ -53,13 +61,17 @@ def read_splits(path: Path, slides: pd.DataFrame) -> pd.DataFrame:
     if path.is_dir():
         files = sorted(path.glob("splits_*.csv"), key=lambda p: int(p.stem.split("_")[1]))
         if not files:
-            raise DataError("no splits_{k}.csv files in the folder", path, "point 'splits' at CLAM's split folder.")
+            raise DataError(
+                "no splits_{k}.csv files in the folder", path, "point 'splits' at CLAM's split folder."
+            )
         table = slides[["case_id", "slide_id", "label"]].copy()
         for k, f in enumerate(files):
             df = pd.read_csv(f, dtype=str)
             missing = [c for c in PARTS if c not in df.columns]
             if missing:
-                raise DataError(f"missing column(s) {missing}", f, "CLAM split files have train, val, test columns.")
+                raise DataError(
+                    f"missing column(s) {missing}", f, "CLAM split files have train, val, test columns."
+                )
             part = {s: name for name in PARTS for s in df[name].dropna()}
             table[f"fold_{k}"] = table.slide_id.map(part)
     else:

@@ -31,7 +31,13 @@ def _clam_h5(path, feats, coords, **attrs):
 
 def test_clam_h5_step_from_patch_size_and_downsample(tmp_path):
     feats = np.ones((3, 4), np.float32)
-    _clam_h5(tmp_path / "c.h5", feats, np.array([[0, 0], [1024, 0], [0, 2048]]), patch_size=256, downsample=[4.0, 4.0])
+    _clam_h5(
+        tmp_path / "c.h5",
+        feats,
+        np.array([[0, 0], [1024, 0], [0, 2048]]),
+        patch_size=256,
+        downsample=[4.0, 4.0],
+    )
     sf = read_slide(tmp_path / "c.h5")
     assert sf.step_level0 == 1024
     np.testing.assert_allclose(sf.coords, [[0, 0], [1, 0], [0, 2]])
@@ -44,9 +50,14 @@ def test_step_inferred_from_smallest_spacing_without_attributes(tmp_path):
 
 def test_coords_off_the_declared_grid_are_an_error(tmp_path):
     # patch_size_level0 says 512, but the patches sit 256 apart: a wrong attribute must not pass silently
-    _clam_h5(tmp_path / "bad.h5", np.ones((2, 4), np.float32), np.array([[0, 0], [256, 0]]), patch_size=256,
-             patch_size_level0=512)
-    with pytest.raises(DataError, match="bad.h5.*grid"):
+    _clam_h5(
+        tmp_path / "bad.h5",
+        np.ones((2, 4), np.float32),
+        np.array([[0, 0], [256, 0]]),
+        patch_size=256,
+        patch_size_level0=512,
+    )
+    with pytest.raises(DataError, match=r"bad\.h5.*grid"):
         read_slide(tmp_path / "bad.h5")
 
 
@@ -64,6 +75,10 @@ def test_missing_features_dataset_names_the_file(tmp_path):
 
 
 def test_extra_datasets_are_kept(tmp_path):
-    write_trident_h5(tmp_path / "r.h5", np.ones((3, 2), np.float32), np.zeros((3, 2)) + [[0, 0], [512, 0], [1024, 0]],
-                     extras={"relevance": np.array([0.0, 1.0, 0.0], np.float32)})
+    write_trident_h5(
+        tmp_path / "r.h5",
+        np.ones((3, 2), np.float32),
+        np.array([[0, 0], [512, 0], [1024, 0]]),
+        extras={"relevance": np.array([0.0, 1.0, 0.0], np.float32)},
+    )
     np.testing.assert_allclose(read_slide(tmp_path / "r.h5").extras["relevance"], [0, 1, 0])

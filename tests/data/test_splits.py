@@ -76,12 +76,12 @@ def test_imported_split_that_leaks_a_patient_is_rejected(tmp_path):
     idx = table.index[table.case_id == case]
     table.loc[idx[0], "fold_0"], table.loc[idx[1], "fold_0"] = "train", "test"
     table.to_csv(tmp_path / "leaky.tsv", sep="\t", index=False)
-    with pytest.raises(DataError, match="leaky.tsv.*patient leakage"):
+    with pytest.raises(DataError, match=r"leaky\.tsv.*patient leakage"):
         read_splits(tmp_path / "leaky.tsv", slides)
 
 
 def test_one_class_part_is_rejected():
     table = make_splits(_slides(), 3, 0, 0.2)
     table.loc[(table.fold_1 == "val") & (table.label == 1), "fold_1"] = "train"
-    with pytest.raises(DataError, match="fold_1's val part has one class only"):
+    with pytest.raises(DataError, match=r"fold_1's val part has one class only"):
         check_splits(table)

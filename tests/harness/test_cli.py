@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import pandas as pd
-import pytest
 
 from bench.cli import main
 
@@ -38,14 +37,18 @@ def test_data_check_lists_every_problem_at_once(monkeypatch, capsys, small_task)
     labels = pd.read_csv(root / "internal" / "labels.csv", dtype=str)
     labels.loc[3, "odx_risk"] = "unknown"
     labels.to_csv(root / "internal" / "labels.csv", index=False)
-    (root / "ext" / "features" / f"{pd.read_csv(root / 'ext' / 'labels.csv', dtype=str).slide_id[0]}.h5").unlink()
+    (
+        root / "ext" / "features" / f"{pd.read_csv(root / 'ext' / 'labels.csv', dtype=str).slide_id[0]}.h5"
+    ).unlink()
     code, _, err = bench(monkeypatch, capsys, "data", "check", "--task", str(small_task))
     assert code == 2
     assert "'unknown'" in err and "no feature file for 1 slide" in err and "Traceback" not in err
 
 
 def test_unknown_method_suggests_names(monkeypatch, capsys, small_task):
-    code, _, err = bench(monkeypatch, capsys, "run", "--methods", "abmi", "--task", str(small_task), "--quiet")
+    code, _, err = bench(
+        monkeypatch, capsys, "run", "--methods", "abmi", "--task", str(small_task), "--quiet"
+    )
     assert code == 2 and "Did you mean abmil" in err and "Traceback" not in err
 
 
@@ -60,10 +63,26 @@ def test_typo_in_task_yaml_is_an_error(monkeypatch, capsys, small_task):
     assert code == 2 and "fodls" in err and str(small_task) in err.replace("\n", "")
 
 
-def test_external_width_mismatch_fails_before_training_and_keeps_results(monkeypatch, capsys, small_task, tmp_path):
+def test_external_width_mismatch_fails_before_training_and_keeps_results(
+    monkeypatch, capsys, small_task, tmp_path
+):
     out = tmp_path / "res"
-    code, stdout, _ = bench(monkeypatch, capsys, "run", "--methods", "abmil", "--task", str(small_task),
-                            "--out", str(out), "--quiet", "--folds", "2", "--epochs", "1")
+    code, stdout, _ = bench(
+        monkeypatch,
+        capsys,
+        "run",
+        "--methods",
+        "abmil",
+        "--task",
+        str(small_task),
+        "--out",
+        str(out),
+        "--quiet",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+    )
     assert code == 0 and "abmil" in stdout
     kept = sorted(p.name for p in (out / "toy" / "abmil").iterdir())
     import h5py
@@ -74,23 +93,53 @@ def test_external_width_mismatch_fails_before_training_and_keeps_results(monkeyp
             n = h["features"].shape[0]
             del h["features"]
             h["features"] = np.ones((n, 8), np.float32)
-    code, _, err = bench(monkeypatch, capsys, "run", "--methods", "abmil", "--task", str(small_task),
-                         "--out", str(out), "--quiet", "--folds", "2", "--epochs", "1")
+    code, _, err = bench(
+        monkeypatch,
+        capsys,
+        "run",
+        "--methods",
+        "abmil",
+        "--task",
+        str(small_task),
+        "--out",
+        str(out),
+        "--quiet",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+    )
     assert code == 2 and "D=8" in err and "D=16" in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "toy" / "abmil").iterdir()) == kept
 
 
 def test_one_class_fold_is_rejected(monkeypatch, capsys, small_task):
     small_task.write_text(small_task.read_text().replace("folds: 3", "folds: 20"))
-    code, _, err = bench(monkeypatch, capsys, "run", "--methods", "abmil", "--task", str(small_task), "--quiet")
+    code, _, err = bench(
+        monkeypatch, capsys, "run", "--methods", "abmil", "--task", str(small_task), "--quiet"
+    )
     assert code == 2 and "at least 20 patients of each class" in err
 
 
 def test_report_writes_tables(monkeypatch, capsys, small_task, tmp_path):
     out = tmp_path / "res"
-    bench(monkeypatch, capsys, "run", "--methods", "abmil,abmil[ilse]", "--task", str(small_task), "--out", str(out),
-          "--quiet", "--folds", "2", "--epochs", "1")
-    code, stdout, _ = bench(monkeypatch, capsys, "report", "--task", str(small_task), "--out", str(out))
+    bench(
+        monkeypatch,
+        capsys,
+        "run",
+        "--methods",
+        "abmil,abmil[ilse]",
+        "--task",
+        str(small_task),
+        "--out",
+        str(out),
+        "--quiet",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+    )
+    code, _, _ = bench(monkeypatch, capsys, "report", "--task", str(small_task), "--out", str(out))
     assert code == 0
     folder = out / "toy" / "report"
     for stem in ("table1_internal", "table2_external"):
