@@ -204,17 +204,21 @@ class MoMKD(MILMethod):
         "paper-run": {"wsi_dim": 512, "omics_embed_dim": 512, "shared_dim": 64, "memory_size": 16},
         "symmetric-graph": {"graph_symmetric": True},
     }
-    ablation: ClassVar[tuple[str, ...]] = (
-        "wsi-baseline",
-        "wsi-align-only",
-        "omics-align-only",
-        "no-recon",
-        "",
-        "fixed-memory",
-        "ema-memory",
-    )
-    #: memory mode -> variant name, for the fixed-vs-momentum table ("" is the default, gradient mode).
-    memory_variants: ClassVar[dict[str, str]] = {"fixed": "fixed-memory", "ema": "ema-memory", "gradient": ""}
+    #: the paper's ablation table and its fixed-vs-momentum memory study (default "" = gradient memory).
+    ablations: ClassVar[dict[str, list[tuple[str, str]]]] = {
+        "ablation": [
+            ("WSI baseline (no distillation)", "wsi-baseline"),
+            ("WSI + WSI alignment only", "wsi-align-only"),
+            ("WSI + omics alignment only", "omics-align-only"),
+            ("No omics reconstruction", "no-recon"),
+            ("MoMKD (full)", ""),
+        ],
+        "memory_modes": [
+            ("Fixed memory (k-means, frozen)", "fixed-memory"),
+            ("EMA memory (momentum)", "ema-memory"),
+            ("Gradient memory (code: AdamW)", ""),
+        ],
+    }
     summary = "genomics->WSI distillation through class-conditional memories, GATv2 encoder (Guo et al. 2026)"
 
     def __init__(self, cfg: MoMKDCfg, in_dim: int, omics_dim: int | None = None) -> None:
