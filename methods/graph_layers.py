@@ -8,7 +8,7 @@ between them (``fast=``) without touching its weights.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,45 +19,133 @@ __all__ = ["GATv2Encoder", "NeighbourTable", "gatv2_padded", "in_neighbour_table
 
 
 class NeighbourTable(NamedTuple):
-    """Incoming neighbours of every node, padded to the largest in-degree.
+    """Incoming neighbours of every node (self loop included), rows sorted by in-degree, padded per block.
+
+    Rows are targets in the order ``order`` (largest in-degree first), so consecutive rows have similar
+    degrees and each block of rows is padded only to its own largest degree.
 
     Attributes:
-        index: source node of each slot, shape ``(N, K)``; padded slots point at the node itself.
+        index: source node of each slot, shape ``(N, K)``, K the largest in-degree; padding points at
+            the row's own node.
         mask: True on real slots, shape ``(N, K)``.
+        order: target node of each row, shape ``(N,)``.
+        blocks: ``(first row, end row, width)`` of each block; ``width`` is the block's largest degree.
     """
 
     index: Tensor
     mask: Tensor
+    order: Tensor
+    blocks: tuple[tuple[int, int, int], ...]
 
 
-def in_neighbour_table(edge_index: Tensor, num_nodes: int, self_loops: bool = True) -> NeighbourTable:
-    """Padded table of the sources aggregated by each target (PyG: row 0 source, row 1 target).
+def in_neighbour_table(edge_index: Tensor, num_nodes: int, block_slots: int = 4096) -> NeighbourTable:
+    """Padded table of the sources each target aggregates (PyG: row 0 source, row 1 target).
 
-    Self loops in ``edge_index`` are dropped and, when ``self_loops``, one is added per node in slot 0,
-    as ``GATv2Conv(add_self_loops=True)`` does. Duplicate edges are kept (PyG counts them twice too).
+    Self loops in ``edge_index`` are dropped and one is added per node, as ``GATv2Conv(add_self_loops=True)``
+    does. Duplicate edges are kept (PyG counts them twice too).
 
     Args:
         edge_index: long tensor of shape ``(2, E)``.
         num_nodes: N.
-        self_loops: add one self loop per node.
+        block_slots: at most this many (row, slot) pairs per block (rows x width), which bounds the
+            temporaries of :func:`gatv2_padded` to ``block_slots x heads x channels`` elements.
     """
-    src, dst = edge_index[0], edge_index[1]
-    keep = src != dst
-    src, dst = src[keep], dst[keep]
-    if self_loops:
-        nodes = torch.arange(num_nodes, device=edge_index.device)
-        src, dst = torch.cat([nodes, src]), torch.cat([nodes, dst])
-    order = torch.argsort(dst, stable=True)
-    src, dst = src[order], dst[order]
+    device = edge_index.device
+    nodes = torch.arange(num_nodes, device=device)
+    keep = edge_index[0] != edge_index[1]
+    src = torch.cat([nodes, edge_index[0][keep]])
+    dst = torch.cat([nodes, edge_index[1][keep]])
     degree = torch.bincount(dst, minlength=num_nodes)
-    start = torch.cumsum(degree, 0) - degree
-    slot = torch.arange(dst.numel(), device=dst.device) - start[dst]
-    width = max(int(degree.max()), 1) if num_nodes else 1
-    index = torch.arange(num_nodes, device=dst.device).unsqueeze(1).repeat(1, width)
-    index[dst, slot] = src
-    mask = torch.zeros(num_nodes, width, dtype=torch.bool, device=dst.device)
-    mask[dst, slot] = True
-    return NeighbourTable(index, mask)
+    order = torch.argsort(degree, descending=True, stable=True)
+    row_of = torch.empty_like(order)
+    row_of[order] = nodes
+    rows = row_of[dst]
+    by_row = torch.argsort(rows, stable=True)  # self loops stay in slot 0
+    src, rows = src[by_row], rows[by_row]
+    sorted_degree = degree[order]
+    start = torch.cumsum(sorted_degree, 0) - sorted_degree
+    slot = torch.arange(rows.numel(), device=device) - start[rows]
+    width = int(sorted_degree[0]) if num_nodes else 0
+    index = order.unsqueeze(1).repeat(1, width)  # padding: the row's own node (no hot row in scatters)
+    index[rows, slot] = src
+    mask = torch.zeros(num_nodes, width, dtype=torch.bool, device=device)
+    mask[rows, slot] = True
+    blocks, first, host_degree = [], 0, sorted_degree.tolist()
+    while first < num_nodes:
+        w = host_degree[first]
+        end = min(num_nodes, first + max(1, block_slots // w))
+        blocks.append((first, end, w))
+        first = end
+    return NeighbourTable(index, mask, order, tuple(blocks))
+
+
+class _PaddedGATv2Attention(torch.autograd.Function):
+    """GATv2 attention and aggregation over a :class:`NeighbourTable`, block by block.
+
+    Nothing of size ``E x heads x channels`` is stored: the backward pass recomputes each block's gathered
+    neighbours from ``x_l``, so memory is the inputs plus ``(N, K, heads)`` attention weights.
+    Inputs: ``x_l``, ``x_r`` of shape ``(N, H, C)``, ``att`` of shape ``(H, C)``; output ``(N, H, C)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_l: Tensor,
+        x_r: Tensor,
+        att: Tensor,
+        table: NeighbourTable,
+        slope: float,
+        p: float,
+        training: bool,
+    ) -> Tensor:
+        n, heads, ch = x_l.shape
+        att_c = att.to(x_l.dtype)
+        out = x_l.new_empty(n, heads, ch)
+        alpha = torch.zeros((*table.index.shape, heads), dtype=torch.float32, device=x_l.device)
+        scale = F.dropout(torch.ones_like(alpha), p) if training and p > 0 else None
+        for first, end, w in table.blocks:
+            idx, targets = table.index[first:end, :w], table.order[first:end]
+            g = x_l.index_select(0, idx.reshape(-1)).view(end - first, w, heads, ch)
+            z = F.leaky_relu_(g + x_r.index_select(0, targets).unsqueeze(1), slope)
+            score = (z * att_c).sum(-1, dtype=torch.float32)  # (B, w, H)
+            a = score.masked_fill_(~table.mask[first:end, :w].unsqueeze(-1), float("-inf")).softmax(dim=1)
+            alpha[first:end, :w] = a
+            if scale is not None:
+                a = a * scale[first:end, :w]
+            out.index_copy_(0, targets, (a.to(g.dtype).unsqueeze(-1) * g).sum(1))
+        ctx.save_for_backward(x_l, x_r, att, alpha, scale)
+        ctx.table, ctx.slope = table, slope
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x_l, x_r, att, alpha, scale = ctx.saved_tensors
+        table, slope = ctx.table, ctx.slope
+        heads, ch = x_l.shape[1:]
+        att_c = att.to(x_l.dtype)
+        grad_out = grad_out.to(x_l.dtype)
+        grad_l = torch.zeros(x_l.shape[0], heads * ch, dtype=x_l.dtype, device=x_l.device)
+        grad_r = torch.empty_like(x_r)
+        grad_att = torch.zeros(heads, ch, dtype=torch.float32, device=att.device)
+        for first, end, w in table.blocks:
+            idx, targets = table.index[first:end, :w], table.order[first:end]
+            g = x_l.index_select(0, idx.reshape(-1)).view(end - first, w, heads, ch)
+            z = F.leaky_relu_(g + x_r.index_select(0, targets).unsqueeze(1), slope)
+            go = grad_out.index_select(0, targets).unsqueeze(1)  # (B, 1, H, C)
+            a = alpha[first:end, :w]
+            a_drop = a if scale is None else a * scale[first:end, :w]
+            grad_a = (g * go).sum(-1, dtype=torch.float32)  # (B, w, H)
+            if scale is not None:
+                grad_a = grad_a * scale[first:end, :w]
+            grad_score = a * (grad_a - (a * grad_a).sum(1, keepdim=True))  # softmax backward; 0 on padding
+            gs = grad_score.to(z.dtype).unsqueeze(-1)
+            grad_att += (gs * z).sum((0, 1), dtype=torch.float32)
+            grad_z = torch.ops.aten.leaky_relu_backward(gs * att_c, z, slope, True)  # (B, w, H, C)
+            grad_r.index_copy_(0, targets, grad_z.sum(1))
+            grad_z.addcmul_(a_drop.to(z.dtype).unsqueeze(-1), go)  # gradient w.r.t. the gathered x_l
+            grad_l.index_add_(0, idx.reshape(-1), grad_z.view(-1, heads * ch))  # 2-D: the fast kernel
+        return grad_l.view_as(x_l), grad_r, grad_att.to(att.dtype), None, None, None, None
 
 
 def gatv2_padded(conv: GATv2Conv, x: Tensor, table: NeighbourTable) -> Tensor:
@@ -65,24 +153,25 @@ def gatv2_padded(conv: GATv2Conv, x: Tensor, table: NeighbourTable) -> Tensor:
 
     .. math::
         e_{ij} = a^\top \mathrm{LeakyReLU}(W_r x_i + W_l x_j),\quad
-        \alpha_{ij} = \mathrm{softmax}_{j \in \mathcal N(i)}(e_{ij}),\quad
-        x'_i = \sum_j \alpha_{ij} W_l x_j + b
+        \alpha_{ij} = \mathrm{softmax}_{j \in \mathcal N(i) \cup \{i\}}(e_{ij}),\quad
+        x'_i = \sum_j \mathrm{Dropout}(\alpha_{ij})\, W_l x_j + b
 
-    Supports what MoMKD uses: a single node set, ``concat=True``, no edge features, no residual.
+    Supports what MoMKD uses: one node set, self loops, ``concat=True``, no edge features, no residual.
 
     Shapes:
-        x ``(N, in_dim)``, table built with the same N -> ``(N, heads * out_channels)``.
+        x ``(N, in_dim)``, a table built for the same N -> ``(N, heads * out_channels)``.
     """
-    if conv.edge_dim is not None or conv.res is not None or not conv.concat:
-        raise ValueError("gatv2_padded supports GATv2Conv(concat=True, edge_dim=None, residual=False) only")
+    if conv.edge_dim is not None or conv.res is not None or not conv.concat or not conv.add_self_loops:
+        raise ValueError(
+            "gatv2_padded supports GATv2Conv(concat=True, add_self_loops=True, edge_dim=None, "
+            "residual=False) only"
+        )
     n, heads, ch = x.shape[0], conv.heads, conv.out_channels
     x_l = conv.lin_l(x).view(n, heads, ch)
     x_r = x_l if conv.share_weights else conv.lin_r(x).view(n, heads, ch)
-    x_j = x_l[table.index]  # (N, K, H, C)
-    score = (F.leaky_relu(x_j + x_r.unsqueeze(1), conv.negative_slope) * conv.att).sum(-1)  # (N, K, H)
-    score = score.masked_fill(~table.mask.unsqueeze(-1), float("-inf"))
-    alpha = F.dropout(score.softmax(dim=1), p=conv.dropout, training=conv.training)  # (N, K, H)
-    out = torch.einsum("nkh,nkhc->nhc", alpha, x_j).reshape(n, heads * ch)
+    att = conv.att.view(heads, ch)
+    out = _PaddedGATv2Attention.apply(x_l, x_r, att, table, conv.negative_slope, conv.dropout, conv.training)
+    out = out.reshape(n, heads * ch)
     return out if conv.bias is None else out + conv.bias
 
 

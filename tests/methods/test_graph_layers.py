@@ -24,11 +24,13 @@ def _grads(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[
 
 def test_neighbour_table_lists_sources_per_target_with_self_loop_first():
     edge_index = torch.tensor([[0, 0, 1, 2, 2], [1, 2, 2, 1, 2]])  # 2->2 is a self loop, dropped
-    table = in_neighbour_table(edge_index, 4)
+    table = in_neighbour_table(edge_index, 4, block_slots=3)
     assert table.index.shape == (4, 3)
-    rows = [sorted(table.index[i][table.mask[i]].tolist()) for i in range(4)]
-    assert rows == [[0], [0, 1, 2], [0, 1, 2], [3]]
-    assert table.index[:, 0].tolist() == [0, 1, 2, 3]
+    assert table.order.tolist()[:2] == [1, 2]  # in-degree 3 first, then the self-loop-only nodes
+    sources = {int(t): sorted(table.index[r][table.mask[r]].tolist()) for r, t in enumerate(table.order)}
+    assert sources == {0: [0], 1: [0, 1, 2], 2: [0, 1, 2], 3: [3]}
+    assert table.index[:, 0].tolist() == table.order.tolist()
+    assert table.blocks == ((0, 1, 3), (1, 2, 3), (2, 4, 1))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
