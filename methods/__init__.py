@@ -2,6 +2,7 @@
 
 from . import abmil as abmil
 from . import momkd as momkd
+from . import wikg as wikg
 from .base import Bag as Bag
 from .base import MethodCfg as MethodCfg
 from .base import MILMethod as MILMethod
