@@ -1,7 +1,10 @@
 """MIL methods behind one interface; importing this package registers them all."""
 
 from . import abmil as abmil
+from . import ghanet as ghanet
+from . import mkd as mkd
 from . import momkd as momkd
+from . import tdc as tdc
 from . import wikg as wikg
 from .base import Bag as Bag
 from .base import MethodCfg as MethodCfg

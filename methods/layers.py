@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GatedAttention"]
+__all__ = ["BilinearFusion", "GatedAttention", "init_linear_normal_fan_in"]
 
 
 class GatedAttention(nn.Module):
@@ -31,3 +33,82 @@ class GatedAttention(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.c(self.a(h) * self.b(h))
+
+
+def init_linear_normal_fan_in(module: nn.Module) -> None:
+    r"""Weights :math:`\mathcal N(0, 1/\sqrt{\mathrm{fan\_in}})`, zero biases, on every plain ``nn.Linear``.
+
+    The ``init_max_weights`` of PathomicFusion, reused by MKD (zqb77/MICCAI25) and Xing et al.; as there,
+    ``nn.Bilinear`` and ``nn.Linear`` subclasses are left at PyTorch's default.
+    """
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            nn.init.normal_(m.weight, 0.0, m.weight.shape[1] ** -0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class BilinearFusion(nn.Module):
+    r"""Gated bilinear fusion of two vectors (PathomicFusion, Chen et al. TMI 2020), as in MKD's reference.
+
+    .. math::
+        o_k = \mathrm{Drop}\big(\mathrm{ReLU}(L^o_k(\sigma(\mathrm{Bil}_k(v_1, v_2))
+              \odot \mathrm{ReLU}(L^h_k v_k)))\big),\quad k \in \{1, 2\}
+
+    .. math::
+        f = \mathrm{Enc}_2\big([\mathrm{Enc}_1(\mathrm{Drop}(\mathrm{vec}([o_1; 1][o_2; 1]^\top)));
+            v_1; v_2]\big)
+
+    with ``Enc`` = Linear–ReLU–Dropout and the skip ``[v_1; v_2]`` only when ``skip``.
+
+    Args:
+        dim1, dim2: widths of the two inputs.
+        scale1, scale2: each gated unit has width ``dim_k // scale_k`` (MKD: 8, so 256 -> 32).
+        hidden_dim: width of the first encoder (PathomicFusion: 256).
+        out_dim: width of the fused vector (``mmhid``).
+        dropout: dropout rate of every dropout layer.
+        skip: append the raw inputs before the second encoder.
+
+    Shapes:
+        ``(B, dim1)``, ``(B, dim2)`` -> ``(B, out_dim)``.
+    """
+
+    def __init__(
+        self,
+        dim1: int,
+        dim2: int,
+        scale1: int = 1,
+        scale2: int = 1,
+        hidden_dim: int = 256,
+        out_dim: int = 256,
+        dropout: float = 0.25,
+        skip: bool = True,
+    ) -> None:
+        super().__init__()
+        g1, g2 = dim1 // scale1, dim2 // scale2
+        self.skip = skip
+        self.h1 = nn.Sequential(nn.Linear(dim1, g1), nn.ReLU())
+        self.z1 = nn.Bilinear(dim1, dim2, g1)
+        self.o1 = nn.Sequential(nn.Linear(g1, g1), nn.ReLU(), nn.Dropout(dropout))
+        self.h2 = nn.Sequential(nn.Linear(dim2, g2), nn.ReLU())
+        self.z2 = nn.Bilinear(dim1, dim2, g2)
+        self.o2 = nn.Sequential(nn.Linear(g2, g2), nn.ReLU(), nn.Dropout(dropout))
+        self.post_dropout = nn.Dropout(dropout)
+        self.encoder1 = nn.Sequential(
+            nn.Linear((g1 + 1) * (g2 + 1), hidden_dim), nn.ReLU(), nn.Dropout(dropout)
+        )
+        skip_dim = dim1 + dim2 if skip else 0
+        self.encoder2 = nn.Sequential(
+            nn.Linear(hidden_dim + skip_dim, out_dim), nn.ReLU(), nn.Dropout(dropout)
+        )
+
+    def forward(self, v1: Tensor, v2: Tensor) -> Tensor:
+        o1 = self.o1(self.z1(v1, v2).sigmoid() * self.h1(v1))  # (B, g1)
+        o2 = self.o2(self.z2(v1, v2).sigmoid() * self.h2(v2))  # (B, g2)
+        o1 = F.pad(o1, (0, 1), value=1.0)
+        o2 = F.pad(o2, (0, 1), value=1.0)
+        outer = (o1.unsqueeze(2) * o2.unsqueeze(1)).flatten(1)  # (B, (g1+1)(g2+1))
+        out = self.encoder1(self.post_dropout(outer))
+        if self.skip:
+            out = torch.cat((out, v1, v2), dim=1)
+        return self.encoder2(out)

@@ -1,0 +1,298 @@
+"""MKD: multi-modal knowledge decomposition with online distillation (Zhang et al., MICCAI 2025).
+
+"Multi-modal Knowledge Decomposition based Online Distillation for Biomarker Prediction in Breast Cancer
+Histopathology". Reference code: zqb77/MICCAI25 at 545555a (``models/online_kd.py``, ``models/snnmil.py``,
+``trainer/online_kd_trainer.py``, ``utils/loss/SP.py``, ``utils/loss/KD.py``, ``utils/MMD_loss.py``,
+``train_kd.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Bag, MethodCfg, MILMethod, MILOutput
+from .layers import BilinearFusion, GatedAttention, init_linear_normal_fan_in
+from .registry import register_method
+
+__all__ = ["MKD", "MKDCfg", "coral", "distill_kl", "orthogonality", "similarity_preserving"]
+
+
+# ---- window losses (each on the stacked window, B rows) -------------------------------------------------
+
+
+def similarity_preserving(f_a: Tensor, f_b: Tensor) -> Tensor:
+    r"""Similarity-preserving KD (Tung & Mori, ICCV 2019) as ``utils/loss/SP.py``:
+    :math:`\lVert \mathrm{rownorm}(F_b F_b^\top) - \mathrm{rownorm}(F_a F_a^\top) \rVert_F^2 / B^2`.
+
+    Shapes: ``(B, d_a)``, ``(B, d_b)`` -> scalar.
+    """
+    g_a = F.normalize(f_a @ f_a.T, dim=1)
+    g_b = F.normalize(f_b @ f_b.T, dim=1)
+    return (g_b - g_a).pow(2).sum() / f_a.shape[0] ** 2
+
+
+def distill_kl(z_s: Tensor, z_t: Tensor, temperature: float) -> Tensor:
+    r"""Hinton KD as ``utils/loss/KD.py``: :math:`T^2\,\mathrm{KL}(\mathrm{softmax}(z_t/T)\,\|\,
+    \mathrm{softmax}(z_s/T))`, averaged over rows (``batchmean``). The caller detaches the target.
+
+    Shapes: ``(B, C)``, ``(B, C)`` -> scalar.
+    """
+    log_p_s = F.log_softmax(z_s / temperature, dim=1)
+    p_t = F.softmax(z_t / temperature, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature**2
+
+
+def orthogonality(f_s: Tensor, f_o: Tensor, f_m: Tensor) -> Tensor:
+    r"""Decomposition term of ``online_kd_trainer.py``: the mean row-wise dot product of each pair of raw
+    features, in absolute value, summed and divided by 6.
+
+    Shapes: three ``(B, d)`` -> scalar.
+    """
+    pairs = ((f_m, f_s), (f_o, f_s), (f_o, f_m))
+    return sum((a * b).sum(1).mean().abs() for a, b in pairs) / 6
+
+
+def coral(x: Tensor, y: Tensor) -> Tensor:
+    r"""CORAL alignment (``MMD_Loss(kernel_type='mean_cov')``): mean squared difference of the means plus mean
+    squared difference of the unbiased covariances.
+
+    Shapes: ``(B, d)``, ``(B, d)`` with B >= 2 -> scalar.
+    """
+    mx, my = x.mean(0, keepdim=True), y.mean(0, keepdim=True)
+    cx, cy = x - mx, y - my
+    cov_x = cx.T @ cx / (x.shape[0] - 1)
+    cov_y = cy.T @ cy / (y.shape[0] - 1)
+    return (mx - my).pow(2).mean() + (cov_x - cov_y).pow(2).mean()
+
+
+# ---- the three models ----------------------------------------------------------------------------------
+
+
+@dataclass
+class MKDCfg(MethodCfg):
+    """Defaults from ``train_kd.py`` and ``utils/core_utils_train.py`` of zqb77/MICCAI25.
+
+    AdamW 2e-4, weight decay 1e-5 (``--reg``), cosine schedule with ``T_max=50`` over up to 100 epochs,
+    dropout 0.25, weighted sampling (README command), ``--gc 16`` (the window), temperature 4. Early stopping:
+    ``EarlyStopping(patience=5, stop_epoch=5, metric='auc')``, which stops only after epoch index 5, i.e.
+    no stop before 7 epochs (``min_epochs=7`` under this trainer's rule).
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    scheduler: str = "cosine"
+    cosine_t_max: int = 50
+    epochs: int = 100
+    patience: int = 5
+    min_epochs: int = 7
+    monitor: str = "auc"
+    balanced_sampling: bool = True
+    accumulation_steps: int = 16  # the window: the trainer steps exactly once per window
+    uses_omics: bool = True
+    hidden_dim: int = 256  # feature_dim of every model
+    attn_dim: int = 128  # gated attention width (Attention_Gated D=128)
+    token_size: int = 512  # genes per omics token
+    fusion_scale: int = 8  # BilinearFusion scale_dim1 = scale_dim2 = 8 -> 32-d gated units
+    temperature: float = 4.0  # --temp
+    sp_weight: float = 1.0  # --intermediate_loss_fn SP (0 = NOT)
+    kl_weight: float = 1.0  # --logits_loss_fn KL (0 = NOT)
+    decomposition_weight: float = 1.0  # --OR: orthogonality + CORAL (0 = NOR)
+
+
+class _Student(nn.Module):
+    """``ABMIL`` of ``models/online_kd.py``: Linear(D->256)-ReLU, gated attention (no dropout), Dropout,
+    Linear(256->C); N(0, 1/sqrt(fan_in)) init."""
+
+    def __init__(self, in_dim: int, cfg: MKDCfg) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(in_dim, cfg.hidden_dim), nn.ReLU())
+        self.attention = GatedAttention(cfg.hidden_dim, cfg.attn_dim)
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden_dim, cfg.num_classes))
+        init_linear_normal_fan_in(self)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(N, D)`` -> logits ``(C,)``, slide feature ``(256,)``, attention ``(N,)``."""
+        h = self.fc(x)  # (N, 256)
+        a = self.attention(h).squeeze(-1).softmax(0)  # (N,)
+        f = a @ h  # (256,)
+        return self.head(f), f, a
+
+
+def _omics_tokens(cfg: MKDCfg) -> nn.Sequential:
+    """Per-token SNN block of both teachers: Linear(512->256)-ELU-AlphaDropout."""
+    return nn.Sequential(nn.Linear(cfg.token_size, cfg.hidden_dim), nn.ELU(), nn.AlphaDropout(cfg.dropout))
+
+
+class _OmicsTeacher(nn.Module):
+    """``SNNMIL`` of ``models/snnmil.py``: tokens -> SNN block -> gated attention pooling -> Dropout ->
+    Linear; N(0, 1/sqrt(fan_in)) init. (The reference also builds an unused ``classifier``; not here.)"""
+
+    def __init__(self, cfg: MKDCfg) -> None:
+        super().__init__()
+        self.tokens = _omics_tokens(cfg)
+        self.attention = GatedAttention(cfg.hidden_dim, cfg.attn_dim)
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden_dim, cfg.num_classes))
+        init_linear_normal_fan_in(self)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(T, 512)`` -> logits ``(C,)``, omics feature ``(256,)``."""
+        h = self.tokens(tokens)  # (T, 256)
+        f = self.attention(h).squeeze(-1).softmax(0) @ h  # (256,)
+        return self.head(f), f
+
+
+class _MultimodalTeacher(nn.Module):
+    """``ABMIL_SNN(fusion='bilinear')`` of ``models/online_kd.py``: pathology branch Linear-ReLU-Dropout with
+    gated pooling, omics token branch with gated pooling, gated bilinear fusion (scale 8, skip), Linear.
+    PyTorch's default init (the reference does not re-initialise this model)."""
+
+    def __init__(self, in_dim: int, cfg: MKDCfg) -> None:
+        super().__init__()
+        d = cfg.hidden_dim
+        self.path_fc = nn.Sequential(nn.Linear(in_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.tokens = _omics_tokens(cfg)
+        self.path_attention = GatedAttention(d, cfg.attn_dim)
+        self.omics_attention = GatedAttention(d, cfg.attn_dim)
+        self.fusion = BilinearFusion(
+            d, d, cfg.fusion_scale, cfg.fusion_scale, hidden_dim=256, out_dim=d, dropout=cfg.dropout
+        )
+        self.classifier = nn.Linear(d, cfg.num_classes)
+
+    def forward(self, x: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, D)``, ``(T, 512)`` -> logits ``(C,)``, fused feature ``(256,)``."""
+        h = self.path_fc(x)  # (N, 256)
+        p = self.path_attention(h).squeeze(-1).softmax(0) @ h  # (256,)
+        o = self.tokens(tokens)  # (T, 256)
+        g = self.omics_attention(o).squeeze(-1).softmax(0) @ o  # (256,)
+        f = self.fusion(p.unsqueeze(0), g.unsqueeze(0)).squeeze(0)  # (256,)
+        return self.classifier(f), f
+
+
+@register_method("mkd")
+class MKD(MILMethod):
+    r"""Online three-model distillation: WSI student, omics teacher, multimodal teacher, trained together.
+
+    Per slide (``online_kd_trainer.py``): :math:`L_{CE} = (CE(z_s) + CE(z_m) + CE(z_o)) / W`, W = 16.
+    Every window of W slides, on the stacked ``(B, 256)`` features F and ``(B, C)`` logits Z:
+
+    .. math::
+        L_{SP} = W\,[SP(F_s, F_m) + SP(F_s, F_o)],\quad
+        L_{KL} = \sum_{t \in \{m, o\}} KD_T(Z_s, sg(Z_t)) + KD_T(Z_t, sg(Z_s)),\ T = 4
+
+    .. math::
+        L_{orth} = \tfrac16 \sum_{(a,b)} \big|\mathrm{mean}_i \langle F_a^i, F_b^i \rangle\big|,\quad
+        L_{CORAL} = \sum_{(a,b)} \lVert \mu_a - \mu_b \rVert^2_{mean} + \lVert C_a - C_b \rVert^2_{mean}
+
+    over the pairs (m, s), (o, s), (o, m). The reference back-propagates each slide's CE at once and the KD
+    terms at the window's end, then steps; the sum of those gradients is the gradient of the window's sum,
+    so here ``loss`` buffers each slide's terms (with their graphs) and returns the whole window's terms on
+    its W-th slide (``{}`` before), with ``accumulation_steps = W``: one optimiser step per window, the same
+    gradient. A partial last window is dropped, as the reference's ``zero_grad`` at epoch end does
+    (``on_epoch_start`` clears the buffer).
+
+    Inference: the student alone (``forward`` never reads omics). The omics vector is cut into tokens of 512
+    genes; a width that is not a multiple of 512 is zero-padded to the next multiple (the reference needs
+    8192). A slide without omics contributes its student CE; the KD terms use only the window's slides with
+    omics (none when fewer than two).
+
+    Model selection: the reference early-stops on the mean validation AUC of the three models; this
+    interface monitors the student (``forward``). :meth:`validation_logits` gives all three models' logits
+    of a bag with omics, for a harness that monitors their mean.
+    """
+
+    cfg_class = MKDCfg
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "no-sp": {"sp_weight": 0.0},
+        "no-kl": {"kl_weight": 0.0},
+        "no-decomposition": {"decomposition_weight": 0.0},
+    }
+    summary = (
+        "Online KD: ABMIL student + omics and bilinear-fusion teachers, SP/KL/orthogonal/CORAL (Zhang 2025)"
+    )
+
+    def __init__(self, cfg: MKDCfg, in_dim: int, omics_dim: int | None = None) -> None:
+        super().__init__(cfg, in_dim, omics_dim)
+        self.student = _Student(in_dim, cfg)
+        self.omics_teacher = _OmicsTeacher(cfg)
+        self.multimodal_teacher = _MultimodalTeacher(in_dim, cfg)
+        self.num_tokens = math.ceil((omics_dim or cfg.token_size) / cfg.token_size)
+        self._window: list[dict[str, Tensor]] = []
+
+    def forward(self, bag: Bag) -> MILOutput:
+        logits, feature, attention = self.student(bag.features)
+        return MILOutput(logits=logits, embedding=feature, attention=attention)
+
+    def _tokens(self, omics: Tensor) -> Tensor:
+        """``(G,)`` -> ``(T, 512)``, zero-padded to ``T * 512`` genes."""
+        pad = self.num_tokens * self.cfg.token_size - omics.shape[0]
+        return F.pad(omics, (0, pad)).view(self.num_tokens, self.cfg.token_size)
+
+    def validation_logits(self, bag: Bag) -> dict[str, Tensor]:
+        """Logits ``(C,)`` of the student and, when the bag has omics, of both teachers (for a monitor of the
+        mean validation AUC of the three, as the reference's early stopping)."""
+        out = {"student": self.student(bag.features)[0]}
+        if bag.omics is not None:
+            tokens = self._tokens(bag.omics)
+            out["omics_teacher"] = self.omics_teacher(tokens)[0]
+            out["multimodal_teacher"] = self.multimodal_teacher(bag.features, tokens)[0]
+        return out
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self._window.clear()
+
+    def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
+        cfg = self.cfg
+        label = bag.label.view(1)
+        ce = F.cross_entropy(out.logits.unsqueeze(0), label)
+        if not self.training:  # e.g. a validation loss: the student's CE, the window untouched
+            return {"ce": ce}
+        entry = {"f_s": out.embedding, "z_s": out.logits}
+        if bag.omics is not None:
+            tokens = self._tokens(bag.omics)
+            entry["z_o"], entry["f_o"] = self.omics_teacher(tokens)
+            entry["z_m"], entry["f_m"] = self.multimodal_teacher(bag.features, tokens)
+            ce = ce + F.cross_entropy(entry["z_o"].unsqueeze(0), label)
+            ce = ce + F.cross_entropy(entry["z_m"].unsqueeze(0), label)
+        entry["ce"] = ce / cfg.accumulation_steps
+        self._window.append(entry)
+        if len(self._window) < cfg.accumulation_steps:
+            return {}
+        window, self._window = self._window, []
+        terms = {"ce": torch.stack([e["ce"] for e in window]).sum()}
+        with_omics = [e for e in window if "f_o" in e]
+        if len(with_omics) >= 2:
+            terms.update(self._window_terms(with_omics))
+        return terms
+
+    def _window_terms(self, window: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The KD terms on the stacked window (float32), each already weighted."""
+        cfg = self.cfg
+
+        def stack(key: str) -> Tensor:
+            return torch.stack([e[key] for e in window]).float()  # (B, .)
+
+        f_s, f_o, f_m = stack("f_s"), stack("f_o"), stack("f_m")
+        terms: dict[str, Tensor] = {}
+        if cfg.sp_weight:
+            sp = similarity_preserving(f_s, f_m) + similarity_preserving(f_s, f_o)
+            terms["sp"] = cfg.sp_weight * cfg.accumulation_steps * sp
+        if cfg.kl_weight:
+            z_s, z_o, z_m = stack("z_s"), stack("z_o"), stack("z_m")
+            t = cfg.temperature
+            kl = sum(distill_kl(z_s, z.detach(), t) + distill_kl(z, z_s.detach(), t) for z in (z_m, z_o))
+            terms["kl"] = cfg.kl_weight * kl
+        if cfg.decomposition_weight:
+            terms["orthogonal"] = cfg.decomposition_weight * orthogonality(f_s, f_o, f_m)
+            terms["coral"] = cfg.decomposition_weight * (coral(f_m, f_s) + coral(f_o, f_s) + coral(f_o, f_m))
+        return terms
+
+    def training_report(self) -> dict[str, Any]:
+        padded = self.num_tokens * self.cfg.token_size - (self.omics_dim or 0)
+        return {"omics_tokens": self.num_tokens, "omics_zero_padded_genes": padded}

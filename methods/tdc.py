@@ -1,0 +1,353 @@
+"""TDC as this benchmark reads it: a frozen multimodal teacher distilled into a WSI-only ABMIL student.
+
+The MoMKD paper lists "TDC" (gradient distillation) as a multimodal KD baseline, but its original could not
+be identified: THIS IS AN ASSUMED SPECIFICATION, NOT A REPRODUCTION. It follows Xing et al., MICCAI 2022,
+"Discrepancy and Gradient-guided Multi-modal Knowledge Distillation for Pathological Glioma Grading",
+reference code CityU-AIM-Group/MultiModal-learning at 99b46b0 (``MICCAI-2022/train_test_MT.py``,
+``train_test_path_multi_distill.py``, ``CL_utils/CRD_loss.py``, ``CL_utils/memory_new.py``,
+``KD_loss.py``, ``networks_new.py``, ``options.py`` and the README's commands), adapted to MIL.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .abmil import ABMIL, ABMILCfg
+from .base import Bag, MethodCfg, MILMethod, MILOutput
+from .layers import BilinearFusion, init_linear_normal_fan_in
+from .registry import register_method
+
+__all__ = ["TDC", "TDCCfg", "discrepancy_contrastive_loss", "gradient_refine_weights", "kd_kl"]
+
+
+def kd_kl(z_s: Tensor, z_t: Tensor, temperature: float) -> Tensor:
+    r"""Logit KD of ``KD_loss.DistillKL``: :math:`T^2\,\mathrm{KL}(\mathrm{softmax}(z_t/T)\,\|\,
+    \mathrm{softmax}(z_s/T))` for one slide. Shapes: ``(C,)``, ``(C,)`` -> scalar."""
+    return F.kl_div(
+        F.log_softmax(z_s / temperature, -1), F.softmax(z_t / temperature, -1), reduction="sum"
+    ) * (temperature**2)
+
+
+def discrepancy_contrastive_loss(q: Tensor, keys: Tensor, num_pos: int, temperature: float) -> Tensor:
+    r"""Supervised InfoNCE of the student query over teacher keys, positives first.
+
+    :math:`L = -\frac{1}{P}\sum_{p<P} \log \frac{\exp(q\cdot k_p/\tau)}{\sum_j \exp(q\cdot k_j/\tau)}`.
+
+    Shapes: ``q`` ``(d,)`` and ``keys`` ``(P + K, d)``, both L2-normalised -> scalar.
+    """
+    log_prob = (keys @ q / temperature).log_softmax(0)
+    return -log_prob[:num_pos].mean()
+
+
+def gradient_refine_weights(kd_grads: Tensor, ce_grad: Tensor, mode: str) -> Tensor:
+    r"""GK-Refine weights of the KD terms from their gradients on the student's slide feature.
+
+    ``mask`` (``AEKD_loss_v2``, per sample): :math:`w_i = [\cos(g_i, g_{CE}) > 0]`.
+    ``aekd`` (``AEKD_loss``, the README's stage-2 run): :math:`w_i = n \sum_{j \in KD \cup \{CE\}}
+    \cos(g_i, g_j)` with n the number of KD terms.
+
+    Shapes: ``kd_grads`` ``(n, d)``, ``ce_grad`` ``(d,)`` -> ``(n,)`` (no gradient).
+    """
+    unit = F.normalize(torch.cat((kd_grads, ce_grad.unsqueeze(0))).float(), dim=1)  # zero stays zero
+    cos = unit[:-1] @ unit.T  # (n, n + 1)
+    if mode == "mask":
+        return (cos[:, -1] > 0).float()
+    if mode == "aekd":
+        return kd_grads.shape[0] * cos.sum(1)
+    raise ValueError(f"unknown refine mode {mode!r}; use 'mask', 'aekd' or 'none'")
+
+
+@dataclass
+class TDCCfg(MethodCfg):
+    """Defaults of Xing et al.'s ``options.py`` and README (stage 2: ``-a 1 -b 0.02 --nce_p2 20 --CE_grads
+    --assign_weights True``; ``kd_T`` 1, ``nce_t`` 0.07, ``nce_m`` 0.5, ``nce_k2`` 512, ``feat_dim`` 128):
+    Adam lr 5e-4 (betas 0.9, 0.999), weight decay 4e-4, linear decay to zero over 30 epochs (``niter 0,
+    niter_decay 30``), no early stop, plain shuffling; omics and fusion dropout 0.1 (``--dropout_rate``).
+    Student and teacher pathology branch: the benchmark's ABMIL (CLAM 512/256, dropout 0.25); omics branch
+    ``MaxNet`` (64-48-32-128); fusion at scale 1, ``mmhid`` 128, no skip. The teacher's stage 1 uses the same
+    optimiser settings (``teacher_*``)."""
+
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    weight_decay: float = 4e-4
+    scheduler: str = "linear"
+    epochs: int = 30
+    patience: int = 30
+    monitor: str = "auc"
+    uses_omics: bool = True
+    hidden_dim: int = 512
+    attn_dim: int = 256
+    omics_hidden: tuple[int, ...] = (64, 48, 32)
+    path_dim: int = 128  # --path_dim: the pathology vector entering the fusion
+    omics_feature_dim: int = 128  # --omic_dim
+    omics_dropout: float = 0.1  # --dropout_rate of MaxNet and the fusion
+    fusion_dim: int = 128  # --mmhid (gated units at scale 1: --path_scale 1 --omic_scale 1)
+    teacher_epochs: int = 30  # stage 1 (capped by ``epochs`` for quick runs)
+    teacher_lr: float = 5e-4
+    teacher_weight_decay: float = 4e-4
+    teacher_seed: int = 0
+    temperature: float = 1.0  # --kd_T
+    alpha: float = 1.0  # logit KD weight (-a)
+    beta: float = 0.02  # feature KD weight (-b)
+    proj_dim: int = 128  # --feat_dim
+    nce_temperature: float = 0.07  # --nce_t
+    bank_momentum: float = 0.5  # --nce_m
+    num_pos: int = 20  # --nce_p2
+    num_neg: int = 512  # --nce_k2
+    refine: str = "mask"  # mask | aekd | none
+
+
+class _Teacher(nn.Module):
+    """Stage-1 ``PathomicNet``: ABMIL pathology branch (its slide vector projected to ``path_dim``, as the
+    reference's ResNet ends in ``path_dim``), ``MaxNet`` omics branch, gated bilinear fusion; the fusion side
+    does not back-propagate into the two branches (``--cut_fuse_grad``); one head per branch."""
+
+    def __init__(self, cfg: TDCCfg, in_dim: int, omics_dim: int) -> None:
+        super().__init__()
+        self.path = ABMIL(
+            ABMILCfg(hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout), in_dim
+        )
+        self.path_proj = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.path_dim), nn.ReLU())
+        layers: list[nn.Module] = []
+        widths = (omics_dim, *cfg.omics_hidden, cfg.omics_feature_dim)
+        for a, b in itertools.pairwise(widths):
+            layers += [nn.Linear(a, b), nn.ELU(), nn.AlphaDropout(cfg.omics_dropout)]
+        self.omics = nn.Sequential(*layers, nn.ReLU())
+        self.omics_head = nn.Linear(cfg.omics_feature_dim, cfg.num_classes)
+        init_linear_normal_fan_in(self.omics)
+        init_linear_normal_fan_in(self.omics_head)
+        self.fusion = BilinearFusion(
+            cfg.path_dim,
+            cfg.omics_feature_dim,
+            hidden_dim=cfg.fusion_dim,
+            out_dim=cfg.fusion_dim,
+            dropout=cfg.omics_dropout,
+            skip=False,
+        )
+        self.head = nn.Linear(cfg.fusion_dim, cfg.num_classes)
+
+    def forward(self, bag: Bag) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> fused logits ``(C,)``, fused feature ``(fusion_dim,)``, pathology and omics logits ``(C,)``."""
+        p = self.path(bag)
+        o = self.omics(bag.omics)  # (omics_dim,)
+        v = self.path_proj(p.embedding.detach())  # (path_dim,)
+        f = self.fusion(v.unsqueeze(0), o.detach().unsqueeze(0)).squeeze(0)
+        return self.head(f), f, p.logits, self.omics_head(o)
+
+
+@register_method("tdc")
+class TDC(MILMethod):
+    r"""TDC, the benchmark's assumed specification (original not identified): frozen multimodal teacher ->
+    WSI-only ABMIL student with logit KD and discrepancy-selected feature KD, weighted by gradient agreement.
+
+    Stage 1 (:meth:`prepare`): the teacher trains ``min(teacher_epochs, epochs)`` epochs on the training bags
+    with omics, one bag per step, seeded by ``teacher_seed``, loss :math:`CE(z_p) + CE(z_o) + CE(z_f)`
+    (Xing's stage 1 without its self-EMA and L1 terms), then is frozen (no gradients, eval mode throughout).
+    Its fused features of those bags form a fixed bank :math:`B_t`; the student's features form a bank
+    :math:`B_s`, momentum-updated as each bag is seen (``ContrastMemory_v3``).
+
+    Stage 2, per slide with omics (student feature f, logits z; teacher fused feature t, logits z_t):
+
+    .. math::
+        L = CE(z) + w_1\,\alpha\,T^2\,KL(\sigma(z_t/T)\,\|\,\sigma(z/T)) + w_2\,\beta\,L_{DC}
+
+    :math:`L_{DC}` (DC-Distill, MIL form): relation discrepancy
+    :math:`\delta_j = \cos(t, B_t^j) - \cos(sg(f), B_s^j)`; positives = the slide's own teacher feature and
+    the ``num_pos`` same-class bank slides of largest :math:`\delta` (close for the teacher, far for the
+    student); negatives = the ``num_neg`` other-class slides of smallest :math:`\delta`; InfoNCE at
+    :math:`\tau = 0.07` of :math:`q = \mathrm{norm}(E_s f)` over keys :math:`\mathrm{norm}(E_t\,\cdot)`
+    (the reference's "hard" ranking and NCE form are replaced by top-k and InfoNCE; MIL banks are small).
+    :math:`w` (GK-Refine) come from the gradients of each KD term and of CE on f
+    (:func:`gradient_refine_weights`): by default a KD term counts only when its gradient agrees with CE's.
+    For two classes the logit-KD weight is then exactly :math:`[p_t(y) > p_s(y)]`: the term is dropped when
+    the teacher is wrong or less confident than the student. Slides without omics train on CE alone (the
+    teacher needs omics) and are left out of the banks.
+    """
+
+    cfg_class = TDCCfg
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "aekd": {"refine": "aekd"},
+        "no-refine": {"refine": "none"},
+        "logit-kd-only": {"beta": 0.0},
+    }
+    summary = (
+        "ASSUMED SPEC (TDC's original not identified): frozen multimodal teacher -> ABMIL student, "
+        "Xing et al. 2022 discrepancy + gradient-guided KD"
+    )
+
+    def __init__(self, cfg: TDCCfg, in_dim: int, omics_dim: int | None = None) -> None:
+        super().__init__(cfg, in_dim, omics_dim)
+        abmil_cfg = ABMILCfg(hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout)
+        self.student = ABMIL(abmil_cfg, in_dim)
+        self.teacher = _Teacher(cfg, in_dim, omics_dim or 1)
+        self.embed_s = nn.Linear(cfg.hidden_dim, cfg.proj_dim)
+        self.embed_t = nn.Linear(cfg.fusion_dim, cfg.proj_dim)
+        # banks over the training slides with omics (rows), filled by ``prepare``; not checkpointed
+        for name, width in (
+            ("bank_t", cfg.fusion_dim),
+            ("bank_z", cfg.num_classes),
+            ("bank_s", cfg.hidden_dim),
+        ):
+            self.register_buffer(name, torch.zeros(0, width), persistent=False)
+        self._rows: dict[str, int] = {}  # slide_id -> row
+        self._row_class: list[int] = []
+        self._class_rows: dict[int, tuple[Tensor, Tensor]] = {}  # class -> (rows of it, rows of the others)
+        self._position: list[int] = []  # row -> its position among the rows of its class
+        self.frozen = False
+
+    def train(self, mode: bool = True) -> TDC:
+        super().train(mode)
+        if self.frozen:
+            self.teacher.eval()
+        return self
+
+    def forward(self, bag: Bag) -> MILOutput:
+        return self.student(bag)
+
+    # ---- stage 1 -----------------------------------------------------------------------------------------
+
+    def prepare(self, train_bags: Sequence[Bag]) -> None:
+        """Train the teacher on the bags with omics (seeded, the global RNG left as it was), freeze it, and
+        fill the banks: teacher features and logits, initial student features."""
+        cfg = self.cfg
+        bags = [b for b in train_bags if b.omics is not None]
+        device = self.embed_s.weight.device
+        epochs = min(cfg.teacher_epochs, cfg.epochs) if bags else 0
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.teacher_seed)
+            order = torch.Generator().manual_seed(cfg.teacher_seed)
+            opt = torch.optim.Adam(
+                self.teacher.parameters(),
+                lr=cfg.teacher_lr,
+                weight_decay=cfg.teacher_weight_decay,
+                fused=True,
+            )
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 - (e + 1) / (epochs + 1))
+            self.teacher.train()
+            for _ in range(epochs):
+                for i in torch.randperm(len(bags), generator=order).tolist():
+                    z_f, _, z_p, z_o = self.teacher(bags[i])
+                    label = bags[i].label.view(1)
+                    loss = sum(F.cross_entropy(z.unsqueeze(0), label) for z in (z_f, z_p, z_o))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sched.step()
+        self.teacher.zero_grad(set_to_none=True)
+        self.teacher.requires_grad_(False)
+        self.frozen = True
+        self.train(self.training)
+        if not bags:
+            return
+        student_mode = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            teacher = [self.teacher(b)[:2] for b in bags]
+            self.bank_z = torch.stack([z for z, _ in teacher]).float()
+            self.bank_t = torch.stack([t for _, t in teacher]).float()
+            self.bank_s = torch.stack([self.student(b).embedding for b in bags]).float()
+        self.student.train(student_mode)
+        self._rows = {b.slide_id: i for i, b in enumerate(bags) if b.slide_id}
+        self._row_class = [int(b.label) for b in bags]
+        classes = torch.tensor(self._row_class)
+        self._class_rows = {
+            c: (
+                torch.nonzero(classes == c).flatten().to(device),
+                torch.nonzero(classes != c).flatten().to(device),
+            )
+            for c in set(self._row_class)
+        }
+        counts: dict[int, int] = {}
+        self._position = []
+        for c in self._row_class:
+            self._position.append(counts.get(c, 0))
+            counts[c] = counts.get(c, 0) + 1
+
+    # ---- stage 2 -----------------------------------------------------------------------------------------
+
+    def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
+        cfg = self.cfg
+        ce = F.cross_entropy(out.logits.unsqueeze(0), bag.label.view(1))
+        terms = {"ce": ce}
+        if bag.omics is None or not self.training or not self.frozen:
+            return terms
+        row = self._rows.get(bag.slide_id)
+        if row is None:
+            with torch.no_grad():
+                z_t, t = self.teacher(bag)[:2]
+        else:  # the frozen teacher's outputs, computed once in ``prepare``
+            z_t, t = self.bank_z[row], self.bank_t[row]
+        f = out.embedding
+        kd: dict[str, Tensor] = {}
+        if cfg.alpha:
+            kd["kd_logit"] = cfg.alpha * kd_kl(out.logits.float(), z_t.float(), cfg.temperature)
+        if cfg.beta and self.bank_t.shape[0]:
+            kd["kd_feature"] = cfg.beta * self._dc_loss(f, t.float(), bag, row)
+        if kd and cfg.refine != "none":
+            grads = [self._grad_on(term, f) for term in (*kd.values(), ce)]
+            w = gradient_refine_weights(torch.stack(grads[:-1]), grads[-1], cfg.refine)
+            kd = {k: w[i] * v for i, (k, v) in enumerate(kd.items())}
+        terms.update(kd)
+        return terms
+
+    @staticmethod
+    def _grad_on(term: Tensor, f: Tensor) -> Tensor:
+        """d term / d f, keeping the graph for the trainer's backward (zeros where the term ignores f)."""
+        (g,) = torch.autograd.grad(term, f, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(f) if g is None else g
+
+    def _dc_loss(self, f: Tensor, t: Tensor, bag: Bag, row: int | None) -> Tensor:
+        """DC-Distill on the banks (see the class docstring); also moves the student bank toward ``f``."""
+        cfg = self.cfg
+        label = self._row_class[row] if row is not None else int(bag.label)
+        if label in self._class_rows:
+            same, other = self._class_rows[label]
+        else:  # a class with no slide in the bank
+            same, other = (
+                self.bank_t.new_zeros(0, dtype=torch.long),
+                torch.arange(len(self._row_class), device=f.device),
+            )
+        with torch.no_grad():
+            fd = f.detach().float()
+            delta = F.cosine_similarity(self.bank_t, t.unsqueeze(0), dim=1) - F.cosine_similarity(
+                self.bank_s, fd.unsqueeze(0), dim=1
+            )  # (rows,)
+            d_same = delta[same]
+            n_same = same.numel()
+            if row is not None:  # the slide itself is the exact positive, not a bank candidate
+                d_same[self._position[row]] = -torch.inf
+                n_same -= 1
+            pos = same[d_same.topk(min(cfg.num_pos, n_same)).indices]
+            neg = other[(-delta[other]).topk(min(cfg.num_neg, other.numel())).indices]
+            if row is not None:
+                m = cfg.bank_momentum
+                self.bank_s[row] = m * self.bank_s[row] + (1 - m) * fd
+        keys = F.normalize(
+            self.embed_t(torch.cat((t.unsqueeze(0), self.bank_t[pos], self.bank_t[neg]))), dim=1
+        )
+        q = F.normalize(self.embed_s(f.float()), dim=0)
+        return discrepancy_contrastive_loss(q, keys, 1 + pos.numel(), cfg.nce_temperature)
+
+    def configure_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """The base optimiser; ``scheduler='linear'`` decays the rate linearly to zero over ``epochs``
+        (Xing's ``lr_policy='linear'``)."""
+        if self.cfg.scheduler != "linear":
+            return super().configure_optimizer()
+        cfg = self.cfg
+        self.cfg = cfg.replace(scheduler="none")
+        try:
+            opt, _ = super().configure_optimizer()
+        finally:
+            self.cfg = cfg
+        epochs = cfg.epochs
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 - (e + 1) / (epochs + 1))
+
+    def training_report(self) -> dict[str, Any]:
+        return {"teacher_bank_slides": int(self.bank_t.shape[0]), "teacher_frozen": self.frozen}
