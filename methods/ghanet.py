@@ -259,7 +259,8 @@ class GHANet(MILMethod):
         return [grp for grp in groups if len(grp)]
 
     def prepare(self, train_bags: Sequence[Bag]) -> None:
-        """Welch t-test gene selection on the training patients with omics (each ``case_id`` once)."""
+        """Welch t-test gene selection on the training patients with omics (each ``case_id`` once); the
+        decoder of a group with no selected gene is frozen (it would get no gradient)."""
         seen: dict[str, Bag] = {}
         for i, b in enumerate(train_bags):
             if b.omics is not None:
@@ -269,9 +270,10 @@ class GHANet(MILMethod):
         omics = torch.stack([b.omics for b in seen.values()]).float().cpu().numpy()
         labels = np.array([int(b.label) for b in seen.values()])
         mask = torch.from_numpy(welch_gene_mask(omics, labels, self.cfg.p_threshold))
-        for i in range(len(self.groups)):
+        for i, decoder in enumerate(self.decoders):
             sel = getattr(self, f"selected_{i}")
             sel.copy_(mask[getattr(self, f"genes_{i}").cpu()].to(sel.device))
+            decoder.requires_grad_(bool(sel.any()))  # nothing to reconstruct: the decoder is unused
 
     def forward(self, bag: Bag) -> MILOutput:
         cfg, x = self.cfg, bag.features
