@@ -1,0 +1,390 @@
+"""Speed and memory of every registered method on synthetic bags, next to the reference code's timings.
+
+For each method (through the registry only) and bag size N: the train step (forward + the method's loss +
+backward + optimiser step, one bag per step; a method that steps every W bags is timed per window and
+reported per bag), inference (``eval()`` + ``no_grad``, no omics), both the median of repeated runs after
+warm-up, and the peak RSS of a fresh subprocess per method x size (so peaks do not mix). Bags are random
+features with tissue-like grid coordinates; the kNN graph (``bench.data.graph``) is attached when the
+method needs it, random omics when it uses them.
+
+    python benchmarks/speed.py --methods abmil,wikg --sizes 1000,4000,16000,64000 --dim 1536
+    python benchmarks/speed.py --gatv2-layer --sizes 4000      # fast GATv2 vs PyG's GATv2Conv, one layer
+
+Writes ``speed.csv`` and ``speed.md`` (or ``gatv2.csv``/``gatv2.md``) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: The authors' own code on this kind of machine (``shared/reference/performance.md``): train step seconds
+#: and peak RSS MB at N = 1k / 4k / 16k, inference seconds at N = 4k. Keyed by the bench method closest to
+#: each reference configuration.
+REFERENCE: dict[str, dict[str, Any]] = {
+    "abmil": {
+        "ref": "CLAM_SB small",
+        "train": {1000: 0.044, 4000: 0.164, 16000: 0.671},
+        "infer": {4000: 0.048},
+        "rss": {1000: 362, 4000: 465, 16000: 843},
+    },
+    "abmil[ilse]": {
+        "ref": "ABMIL (AMLab)",
+        "train": {1000: 0.028, 4000: 0.097, 16000: 0.393},
+        "infer": {4000: 0.040},
+        "rss": {1000: 346, 4000: 394, 16000: 641},
+    },
+    "momkd": {
+        "ref": "MoMKD 256/256/128 K=4",
+        "train": {1000: 0.092, 4000: 0.552, 16000: 2.339},
+        "infer": {4000: 0.243},
+        "rss": {1000: 638, 4000: 935, 16000: 2251},
+    },
+    "wikg": {
+        "ref": "WiKG official",
+        "train": {1000: 0.102, 4000: 0.784, 16000: 7.210},
+        "infer": {4000: 0.307},
+        "rss": {1000: 564, 4000: 896, 16000: 3082},
+    },
+    "mkd": {
+        "ref": "MKD (per bag, 16-bag window)",
+        "train": {1000: 0.065, 4000: 0.178, 16000: 0.696},
+        "infer": {4000: 0.020},
+        "rss": {1000: 793, 4000: 1323, 16000: 3490},
+    },
+    "ghanet": {
+        "ref": "G-HANet",
+        "train": {1000: 0.173, 4000: 0.439, 16000: 1.602},
+        "infer": {4000: 0.137},
+        "rss": {1000: 699, 4000: 848, 16000: 1465},
+    },
+}
+
+COLUMNS = [
+    "method", "n", "status", "train_s", "ref_train_s", "train_ratio", "infer_s", "ref_infer_s",
+    "infer_ratio", "peak_rss_mb", "ref_rss_mb", "graph_s", "prepare_s", "load",
+]  # fmt: skip
+#: short headers for the terminal table
+LABELS = {
+    "train_s": "train s", "ref_train_s": "ref", "train_ratio": "x ref", "infer_s": "infer s",
+    "ref_infer_s": "ref", "infer_ratio": "x ref", "peak_rss_mb": "RSS MB", "ref_rss_mb": "ref",
+    "graph_s": "graph s", "prepare_s": "prep s", "fwd_bwd_s": "fwd+bwd s",
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- bags
+
+
+def tissue_coords(n: int, seed: int = 0, density: float = 0.6) -> np.ndarray:
+    """``n`` distinct grid positions drawn from a square of which they fill ``density`` (a tissue-like layout)."""
+    side = math.ceil(math.sqrt(n / density))
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(side * side, size=n, replace=False)
+    return np.stack([flat % side, flat // side], axis=1).astype(np.float32)
+
+
+def _median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Time one method at one bag size in this (fresh) process; returns the measurements."""
+    import torch
+
+    import methods
+    from bench.data.graph import knn_edge_index
+    from methods.base import Bag
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = methods.resolve_config(args.method)
+    n, omics_dim = args.size, args.omics_dim if cfg.uses_omics else None
+    features = torch.randn(n, args.dim)
+    coords = tissue_coords(n)
+    edge_index, graph_s = None, float("nan")
+    if cfg.needs_graph:
+        start = time.perf_counter()
+        edge_index = torch.from_numpy(knn_edge_index(coords, cfg.graph_k, cfg.graph_symmetric))
+        graph_s = time.perf_counter() - start
+    omics = torch.randn(omics_dim) if omics_dim else None
+    bags = [
+        Bag(features, torch.tensor(y), torch.from_numpy(coords), edge_index, omics, f"s{y}", f"c{y}")
+        for y in (0, 1)
+    ]
+    model = methods.create_method(args.method, in_dim=args.dim, omics_dim=omics_dim, cfg=cfg)
+    start = time.perf_counter()
+    model.prepare(bags)
+    prepare_s = time.perf_counter() - start
+    optimizer, _ = model.configure_optimizer()
+    window = max(1, cfg.accumulation_steps)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+
+    def train_window() -> None:
+        model.train()
+        for i in range(window):
+            bag = bags[i % 2]
+            with autocast:
+                out = model(bag)
+                terms = model.loss(bag, out)
+            if terms:
+                torch.stack([t.float() for t in terms.values()]).sum().backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.after_step()
+
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad(), autocast:
+            model(bags[1].without_omics())
+
+    train_s = _median_time(train_window, args.warmup, args.repeats) / window
+    infer_s = _median_time(infer, 1, args.repeats)
+    return {
+        "train_s": train_s,
+        "infer_s": infer_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "graph_s": graph_s,
+        "prepare_s": prepare_s,
+        "load": os.getloadavg()[0],
+    }
+
+
+def run_gatv2_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One GATv2 layer D -> 2 x 128, forward + backward: PyG's ``GATv2Conv`` vs the padded fast path."""
+    import torch
+
+    from bench.data.graph import knn_edge_index
+    from methods.graph_layers import GATv2Encoder, gatv2_padded, in_neighbour_table
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for n in args.sizes:
+        conv = GATv2Encoder(args.dim, 256).train().gat1
+        x = torch.randn(n, args.dim)
+        edge_index = torch.from_numpy(knn_edge_index(tissue_coords(n), 8))
+
+        def pyg(conv=conv, x=x, edge_index=edge_index) -> None:
+            conv(x, edge_index).sum().backward()
+
+        def fast(conv=conv, x=x, edge_index=edge_index, n=n) -> None:
+            gatv2_padded(conv, x, in_neighbour_table(edge_index, n)).sum().backward()
+
+        def linear_maps(conv=conv, x=x) -> None:
+            (conv.lin_l(x).sum() + conv.lin_r(x).sum()).backward()
+
+        for name, fn in (("pyg GATv2Conv", pyg), ("fast path", fast), ("linear maps only", linear_maps)):
+            seconds = _median_time(fn, args.warmup, args.repeats)
+            rows.append({"n": n, "path": name, "fwd_bwd_s": seconds, "load": os.getloadavg()[0]})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def split_methods(text: str) -> list[str]:
+    """Comma-separated method names; commas inside ``[...]`` belong to the variant."""
+    return [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if m.strip()]
+
+
+def available_mb() -> float:
+    with open("/proc/meminfo") as fh:
+        info = dict(line.split(":", 1) for line in fh)
+    return int(info["MemAvailable"].split()[0]) / 1024
+
+
+def estimate(points: list[tuple[int, float]], n: int) -> float | None:
+    """Extrapolate a cost to size ``n`` from (size, cost) points, with the last two points' exponent in [1, 2]."""
+    if not points:
+        return None
+    (n1, c1), (n2, c2) = points[-2] if len(points) > 1 else points[-1], points[-1]
+    exponent = 1.0
+    if n2 > n1 and c1 > 0 and c2 > 0:
+        exponent = min(2.0, max(1.0, math.log(c2 / c1) / math.log(n2 / n1)))
+    return c2 * (n / n2) ** exponent
+
+
+def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
+    """Run one method x size in a fresh subprocess; a crash or timeout becomes a status."""
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--worker", "--methods", method, "--sizes", str(n),
+        "--dim", str(args.dim), "--omics-dim", str(args.omics_dim), "--threads", str(args.threads),
+        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    if args.bf16:
+        command.append("--bf16")
+    timeout = (args.warmup + 2 * args.repeats + 2) * args.max_seconds * 2 + 120
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        killed = proc.returncode < 0 or proc.returncode == 137
+        tail = proc.stderr.strip().splitlines()[-1:] or [""]
+        return {"status": "killed (out of memory?)" if killed else f"failed: {tail[0][:80]}"}
+    return {"status": "ok", **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def ratio(value: float | None, ref: float | None) -> float | None:
+    return value / ref if value is not None and ref else None
+
+
+def run_methods(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    from rich.progress import Progress
+
+    rows = []
+    with Progress(transient=True, disable=args.quiet) as progress:
+        task = progress.add_task("benchmark", total=len(names) * len(args.sizes))
+        for method in names:
+            ref = REFERENCE.get(method, {})
+            times: list[tuple[int, float]] = []
+            peaks: list[tuple[int, float]] = []
+            for n in sorted(args.sizes):
+                progress.update(task, description=f"{method} N={n}")
+                row: dict[str, Any] = {"method": method, "n": n}
+                slow, big = estimate(times, n), estimate(peaks, n)
+                if slow is not None and slow > args.max_seconds:
+                    row["status"] = f"skipped: ~{slow:.0f} s per step > --max-seconds {args.max_seconds:g}"
+                elif big is not None and big > available_mb():
+                    row["status"] = f"skipped: ~{big:.0f} MB > {available_mb():.0f} MB available"
+                else:
+                    row.update(measure(args, method, n))
+                if row["status"] == "ok":
+                    times.append((n, row["train_s"]))
+                    peaks.append((n, row["peak_rss_mb"]))
+                row["ref_train_s"] = ref.get("train", {}).get(n)
+                row["ref_infer_s"] = ref.get("infer", {}).get(n)
+                row["ref_rss_mb"] = ref.get("rss", {}).get(n)
+                row["train_ratio"] = ratio(row.get("train_s"), row["ref_train_s"])
+                row["infer_ratio"] = ratio(row.get("infer_s"), row["ref_infer_s"])
+                rows.append(row)
+                progress.advance(task)
+    return rows
+
+
+def fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def header(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    return [
+        f"torch {torch.__version__}, {args.threads} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+        f"D = {args.dim}, omics width {args.omics_dim}, median of {args.repeats} after {args.warmup} warm-ups",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average at start {os.getloadavg()[0]:.2f}; reference: shared/reference/performance.md",
+    ]
+
+
+def write_outputs(
+    rows: list[dict[str, Any]], columns: list[str], out: Path, stem: str, notes: list[str]
+) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows).reindex(columns=columns)
+    frame.to_csv(out / f"{stem}.csv", index=False)
+    lines = [f"# {stem}", "", *[f"- {note}" for note in notes], ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(
+            LABELS.get(column, column), justify="left" if column in ("method", "status", "path") else "right"
+        )
+    for r in rows:
+        table.add_row(*(fmt(r.get(c)) for c in columns))
+    Console().print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="all", help="comma-separated registered names, or 'all'")
+    parser.add_argument("--sizes", default="1000,4000,16000,64000", help="bag sizes N, comma-separated")
+    parser.add_argument("--dim", type=int, default=1536, help="patch feature width D (UNI v2: 1536)")
+    parser.add_argument("--omics-dim", type=int, default=768, help="omics width for methods that use it")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and loss")
+    parser.add_argument(
+        "--max-seconds", type=float, default=60.0, help="skip a size whose train step would take longer"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--gatv2-layer", action="store_true", help="time one GATv2 layer, PyG vs fast path")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        args.method, args.size = args.methods, args.sizes[0]
+        print(json.dumps(run_worker(args)))
+        return
+    notes = header(args)
+    if args.gatv2_layer:
+        rows = run_gatv2_layer(args)
+        columns = ["n", "path", "fwd_bwd_s", "load"]
+        print_table(rows, columns, f"One GATv2 layer {args.dim} -> 2 x 128, forward + backward")
+        write_outputs(rows, columns, args.out, "gatv2", notes)
+        return
+    import methods
+
+    names = methods.list_methods() if args.methods == "all" else split_methods(args.methods)
+    for name in names:
+        methods.resolve_config(name)  # an unknown name fails here, before any timing
+    rows = run_methods(args, names)
+    print_table(rows, COLUMNS, "Train step and inference, seconds per bag; peak RSS MB")
+    write_outputs(rows, COLUMNS, args.out, "speed", notes)
+    print(f"wrote {args.out / 'speed.csv'} and {args.out / 'speed.md'}")
+
+
+if __name__ == "__main__":
+    main()
