@@ -102,9 +102,17 @@ class BilinearFusion(nn.Module):
             nn.Linear(hidden_dim + skip_dim, out_dim), nn.ReLU(), nn.Dropout(dropout)
         )
 
+    @staticmethod
+    def _bilinear(bil: nn.Bilinear, v1: Tensor, v2: Tensor) -> Tensor:
+        """``bil(v1, v2)`` as one matrix product and a reduction: the same values, several times faster on
+        CPU than ``F.bilinear`` (whose backward builds large intermediates)."""
+        out, d1, _ = bil.weight.shape
+        t = (bil.weight.view(out * d1, -1) @ v2.T).view(out, d1, -1)  # (out, d1, B)
+        return torch.einsum("bi,oib->bo", v1, t) + bil.bias
+
     def forward(self, v1: Tensor, v2: Tensor) -> Tensor:
-        o1 = self.o1(self.z1(v1, v2).sigmoid() * self.h1(v1))  # (B, g1)
-        o2 = self.o2(self.z2(v1, v2).sigmoid() * self.h2(v2))  # (B, g2)
+        o1 = self.o1(self._bilinear(self.z1, v1, v2).sigmoid() * self.h1(v1))  # (B, g1)
+        o2 = self.o2(self._bilinear(self.z2, v1, v2).sigmoid() * self.h2(v2))  # (B, g2)
         o1 = F.pad(o1, (0, 1), value=1.0)
         o2 = F.pad(o2, (0, 1), value=1.0)
         outer = (o1.unsqueeze(2) * o2.unsqueeze(1)).flatten(1)  # (B, (g1+1)(g2+1))
