@@ -166,10 +166,29 @@ def report_cmd(
     ],
     out: Out = Path("results"),
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
+    vs: Annotated[
+        str | None,
+        typer.Option("--vs", help="Reference method of the paired tests (default: best mean internal AUC)."),
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95 % CIs.", min=1000)
+    ] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap and of the slide samples.")] = 0,
+    loc_slides: Annotated[
+        int,
+        typer.Option(
+            "--loc-slides",
+            help="Test slides per fold scored for localisation (synthetic data; 0: skip).",
+            min=0,
+        ),
+    ] = 12,
+    device: Device = "cpu",
 ) -> None:
-    """Tables from what is on disk; never retrains."""
+    """Tables, figures and <out>/report.md from what is on disk (CIs, paired tests); never retrains."""
+    import shlex
+
     from .config import load_task
-    from .report import table1, table2, write_table
+    from .report import write_report
     from .store import write_summary
 
     names = [load_task(t).name for t in task.split(",") if t.strip()]
@@ -181,11 +200,39 @@ def report_cmd(
         )
     for n in names:
         write_summary(out, n)
-    folder = out / "report" if len(names) > 1 else out / names[0] / "report"
-    for stem, table in (("table1_internal", table1(out, names)), ("table2_external", table2(out, names))):
-        for path in write_table(table, folder, stem, _formats(fmt)):
-            console.print(f"wrote {path}")
-        console.print(table.markdown())
+    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = write_report(
+        out, names, _formats(fmt), vs, bootstrap, seed, loc_slides, device, command, log=console.print
+    )
+    console.print(f"Open {path} for the tables, figures and how they were computed.")
+
+
+@app.command("explain")
+def explain_cmd(
+    method: Annotated[str, typer.Argument(help="A method (or variant) run on the task, e.g. momkd.")],
+    task: TaskOpt,
+    slide: Annotated[str, typer.Option("--slide", help="slide_id of the slide to draw.")],
+    fold: Annotated[
+        int | None,
+        typer.Option("--fold", help="Whose model to use (default: the fold that tested the slide).", min=0),
+    ] = None,
+    out: Out = Path("results"),
+    device: Device = "cpu",
+) -> None:
+    """Draw a slide's patches coloured by a trained model's attention (and MoMKD's memory assignments)."""
+    from .config import load_task
+    from .explain import explain_slide, figure_for
+    from .figures import save_figure
+
+    name = load_task(task).name
+    ex = explain_slide(out, name, method, slide, fold, device)
+    stem = f"explain_{method}_{slide}_fold{ex.fold}".replace("[", "-").replace("]", "")
+    for path in save_figure(figure_for(ex), out / name / "report" / "explain", stem):
+        console.print(f"wrote {path}")
+    line = f"{method} · {slide} · fold {ex.fold} ({ex.part}) · P(positive) {ex.prob:.3f}"
+    if ex.relevance is not None:
+        line += f" · localisation AUC {ex.localisation_auc:.3f} (attention vs ground-truth relevance > 0)"
+    console.print(line)
 
 
 @app.command("methods")

@@ -8,17 +8,36 @@ LaTeX uses ``booktabs`` rules and needs only ``\\usepackage{booktabs}``.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.table import Table as RichTable
 
+from .stats import TaskStats
 from .store import atomic_write_text, collect_metrics
 
-__all__ = ["Table", "fmt", "summary_rich_table", "table1", "table2", "variant_table", "write_table"]
+__all__ = [
+    "Table",
+    "fmt",
+    "fmt_ci",
+    "fmt_p",
+    "headline_table",
+    "localisation_md_table",
+    "summary_rich_table",
+    "table1",
+    "table2",
+    "tests_table",
+    "variant_table",
+    "write_report",
+    "write_table",
+]
 
 METRIC_NAMES = {"auc": "AUC", "acc": "ACC", "balanced_acc": "BACC", "f1": "F1"}
 
@@ -50,6 +69,15 @@ class Table:
     def latex(self) -> str:
         def esc(text: str) -> str:
             for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+                text = text.replace(a, b)
+            for a, b in (
+                ("†", r"\textsuperscript{\dag}"),
+                ("‡", r"\textsuperscript{\ddag}"),
+                ("Δ", r"$\Delta$"),
+                ("<", r"$<$"),
+                (">", r"$>$"),
+                ("−", "-"),
+            ):
                 text = text.replace(a, b)
             return text.replace(" ± ", r" $\pm$ ").replace("[", "{[}").replace("]", "{]}")
 
@@ -201,3 +229,424 @@ def write_table(table: Table, folder: Path, stem: str, formats: Sequence[str]) -
         atomic_write_text(path, table.markdown() if f == "markdown" else table.latex())
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------- statistics tables and the full report
+
+MARK_T, MARK_DELONG, ALPHA = "†", "‡", 0.05
+
+
+def fmt_ci(mean: float, sd: float, lo: float, hi: float) -> str:
+    """``79.6 ± 0.7 [75.2, 84.0]`` (percent); the bracket is omitted when there is no CI."""
+    base = fmt(mean, sd)
+    if lo is None or math.isnan(lo) or base == "–":
+        return base
+    return f"{base} [{lo * 100:.1f}, {hi * 100:.1f}]"
+
+
+def fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _cohort_label(cohort: str) -> str:
+    return "internal" if cohort == "test" else f"ext. {cohort}"
+
+
+def _marks(st: TaskStats, method: str, cohort: str) -> str:
+    """† where the corrected t-test and ‡ where DeLong's test give p < 0.05 against the task's reference."""
+    if method == st.reference:
+        return " (ref)"
+    tests = st.tests[(st.tests.method == method) & (st.tests.cohort == cohort)].set_index("test").p
+    marks = MARK_T if tests.get("corrected t", 1.0) < ALPHA else ""
+    return marks + (MARK_DELONG if tests.get("DeLong", 1.0) < ALPHA else "")
+
+
+def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None = None) -> Table:
+    """Methods × (task, cohort): AUC (%) mean ± SD over folds [95 % bootstrap CI], markers vs the reference."""
+    columns = [(st, c) for st in analyses for c in st.cohorts]
+    all_methods = sorted({m for st in analyses for m in st.summary.method})
+    rows_methods = _method_order(all_methods, methods)
+    header = ["Method"] + [f"{st.task.upper()} {_cohort_label(c)}" for st, c in columns]
+    rows, bold = [[m] for m in rows_methods], [[False] for _ in rows_methods]
+    for st, c in columns:
+        s = st.summary[st.summary.cohort == c].set_index("method")
+        means = [float(s.loc[m, "mean"]) if m in s.index else float("nan") for m in rows_methods]
+        for i, (m, flag) in enumerate(zip(rows_methods, _bold_best(means), strict=True)):
+            if m not in s.index:
+                rows[i].append("–")
+            else:
+                r = s.loc[m]
+                rows[i].append(fmt_ci(r["mean"], r["sd"], r["ci_lo"], r["ci_hi"]) + _marks(st, m, c))
+            bold[i].append(flag)
+    refs = "; ".join(f"{st.task.upper()}: {st.reference}" for st in analyses)
+    n_boot = analyses[0].n_boot if analyses else 0
+    caption = (
+        "Patient-level AUC (%): mean ± SD over the cross-validation folds; in brackets a 95 % percentile "
+        f"bootstrap CI ({n_boot} class-stratified resamples of patients, seeded). Internal: CI of the AUC of the "
+        "pooled out-of-fold test predictions. External: each fold's model predicts the whole cohort; the CI is "
+        "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
+        f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
+        f"{MARK_DELONG}: p < 0.05 in DeLong's test (pooled out-of-fold predictions internally; mean of fold "
+        f"AUCs externally); both two-sided against the reference method (ref) of each task ({refs}), "
+        "uncorrected for multiple comparisons. Best mean per column in bold."
+    )
+    return Table(header, rows, bold, caption, "tab:headline")
+
+
+def tests_table(st: TaskStats) -> Table:
+    """Each method against the task's reference: AUC differences (points of %) and the tests' p-values."""
+    t = st.tests.set_index(["method", "cohort", "test"])
+    methods = sorted(set(st.tests.method))
+    header = ["Method", "Internal ΔAUC (fold mean)", "corrected t p", "Internal ΔAUC (pooled)", "DeLong p"]
+    for c in st.cohorts[1:]:
+        header += [f"{_cohort_label(c)} ΔAUC", f"{_cohort_label(c)} DeLong p"]
+    rows = []
+
+    def get(m: str, c: str, test: str, col: str) -> float:
+        return float(t.loc[(m, c, test), col]) if (m, c, test) in t.index else float("nan")
+
+    for m in methods:
+        row = [
+            m,
+            _fmt_diff(get(m, "test", "corrected t", "diff")),
+            fmt_p(get(m, "test", "corrected t", "p")),
+            _fmt_diff(get(m, "test", "DeLong", "diff")),
+            fmt_p(get(m, "test", "DeLong", "p")),
+        ]
+        for c in st.cohorts[1:]:
+            row += [_fmt_diff(get(m, c, "DeLong", "diff")), fmt_p(get(m, c, "DeLong", "p"))]
+        rows.append(row)
+    bold = [[False] * len(header) for _ in rows]
+    ratio, source = st.test_train_ratio
+    caption = (
+        f"{st.task.upper()}: each method minus the reference {st.reference} (ΔAUC in points of %), on the folds "
+        f"both have. Corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs, variance factor "
+        f"1/k + n_test/n_train with n_test/n_train = {ratio:.3f} ({source}), k − 1 degrees of freedom. "
+        "DeLong's test (fast algorithm of Sun & Xu 2014): on the pooled out-of-fold predictions internally, on "
+        "the difference of the mean fold AUCs externally (all folds' predictions of the same patients). "
+        "Two-sided, uncorrected for multiple comparisons."
+    )
+    return Table(header, rows, bold, caption, f"tab:tests-{st.task}")
+
+
+def _fmt_diff(d: float) -> str:
+    return "–" if math.isnan(d) else f"{d * 100:+.1f}"
+
+
+def localisation_md_table(results: dict[str, pd.DataFrame], methods: Sequence[str] | None = None) -> Table:
+    """Methods × tasks: mean ± SD over folds of the mean localisation AUC of the sampled test slides."""
+    tasks = [t for t, df in results.items() if len(df)]
+    all_methods = sorted({m for t in tasks for m in results[t].method})
+    rows_methods = _method_order(all_methods, methods)
+    rows, bold = [[m] for m in rows_methods], [[False] for _ in rows_methods]
+    for t in tasks:
+        g = results[t].groupby("method").auc.agg(["mean", "std"])
+        means = [float(g.loc[m, "mean"]) if m in g.index else float("nan") for m in rows_methods]
+        for i, (m, flag) in enumerate(zip(rows_methods, _bold_best(means), strict=True)):
+            rows[i].append(fmt(g.loc[m, "mean"], g.loc[m, "std"]) if m in g.index else "–")
+            bold[i].append(flag)
+    slides = int(max(int(results[t].slides.max()) for t in tasks)) if tasks else 0
+    caption = (
+        "Localisation AUC (%) on synthetic slides: AUC of each patch's attention against its ground-truth "
+        "relevance > 0 (the patches that carry the label signal), averaged over up to "
+        f"{slides} seeded test slides per fold, then mean ± SD over folds; 50 is chance."
+    )
+    return Table(["Method"] + [t.upper() for t in tasks], rows, bold, caption, "tab:localisation")
+
+
+# ---------------------------------------------------------------- report.md
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+
+
+def _versions() -> dict[str, str]:
+    """The versions making this report: bench (and its git commit when run from a checkout), Python, libraries."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy as np
+    import sklearn
+    import torch
+
+    try:
+        bench_version = version("bench")
+    except PackageNotFoundError:
+        bench_version = "unknown"
+    repo = Path(__file__).resolve().parents[1]
+    commit = ""
+    if (repo / ".git").exists():
+        try:
+            commit = subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    return {
+        "bench": bench_version + (f" (git {commit})" if commit else ""),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def _synthetic_spec(config: dict) -> dict | None:
+    """The generator settings of a synthetic task (``spec.json`` of its cached cohort), or None."""
+    task = config.get("task", {})
+    if task.get("source") != "synthetic" or not task.get("labels"):
+        return None
+    spec = Path(task["labels"]).parent.parent / "spec.json"
+    return json.loads(spec.read_text()) if spec.is_file() else {}
+
+
+def _runs_table(out: Path, st: TaskStats) -> Table:
+    """What was run for one task: per method, folds, seeds, epoch cap and epochs run, device, versions."""
+    rows = []
+    for method in sorted({r.method for r in st.runs}):
+        runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.fold)
+        epochs_run = []
+        for r in runs:
+            path = Path(out) / st.task / method / f"fold_{r.fold}" / "metrics.json"
+            if path.is_file():
+                epochs_run.append(json.loads(path.read_text()).get("epochs_run"))
+        versions = {
+            f"torch {r.config.get('versions', {}).get('torch', '?')}, numpy {r.config.get('versions', {}).get('numpy', '?')}"
+            for r in runs
+        }
+        cfg = runs[0].config.get("method_config", {})
+        rows.append(
+            [
+                method,
+                f"{len(runs)} of {runs[0].config.get('folds', '?')} ({', '.join(str(r.fold) for r in runs)})",
+                ", ".join(sorted({str(r.config.get("seed")) for r in runs})),
+                str(cfg.get("epochs", "?")),
+                f"{np.mean([e for e in epochs_run if e is not None]):.1f}" if epochs_run else "–",
+                ", ".join(sorted({str(r.config.get("device")) for r in runs})),
+                "; ".join(sorted(versions)),
+            ]
+        )
+    header = ["Method", "Folds done", "Seed", "Epoch cap", "Epochs run (mean)", "Device", "Versions"]
+    caption = f"{st.task.upper()}: runs found on disk (from each fold's config.yaml and metrics.json)."
+    return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.task}")
+
+
+def _data_lines(st: TaskStats) -> list[str]:
+    """Markdown lines describing a task's cohorts: source, patients, positives, synthetic settings."""
+    config = st.runs[0].config
+    task = config.get("task", {})
+    spec = _synthetic_spec(config)
+    s = st.summary
+    lines = []
+    if spec is not None:
+        settings = spec.get("spec", {})
+        keys = (
+            "seed",
+            "n_patients",
+            "feature_dim",
+            "signal_strength",
+            "max_informative_fraction",
+            "label_noise",
+        )
+        shown = ", ".join(f"{k} = {settings[k]}" for k in keys if k in settings)
+        lines.append(
+            f"- **SYNTHETIC data** (not patients): generated by `bench.data.synthetic` "
+            f"(generator version {spec.get('generator_version', '?')}, spec hash {spec.get('hash', '?')}; {shown}). "
+            "Patch features carry a planted signal in known patches (`relevance`), so localisation can be scored."
+        )
+    else:
+        lines.append(f"- Data from files: labels `{task.get('labels')}`, features `{task.get('features')}`.")
+    lines.append(
+        f"- Label `{task.get('label_col')}`, positive class {task.get('positive')}; slides aggregated to patients "
+        f"by the **{st.aggregation}** of their probabilities; every metric is patient-level."
+    )
+    for c in st.cohorts:
+        rows = s[s.cohort == c]
+        if rows.empty:
+            continue
+        n, pos = int(rows.patients.max()), int(rows.positives.max())
+        name = "internal cohort (cross-validated)" if c == "test" else f"external cohort `{c}`"
+        lines.append(f"- {name}: {n} patients, {pos} positive ({pos / max(n, 1):.0%}).")
+    return lines
+
+
+def write_report(
+    out: Path,
+    tasks: Sequence[str],
+    formats: Sequence[str],
+    reference: str | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    loc_slides: int = 12,
+    device: str = "cpu",
+    command: str = "bench report",
+    log: Callable[[str], Any] = print,
+) -> Path:
+    """Tables, figures and ``<out>/report.md`` for ``tasks`` from what is on disk; returns report.md's path.
+
+    Tables and figures go to ``<out>/<task>/report/`` (one task) or ``<out>/report/`` (several).
+    """
+    from datetime import UTC, datetime
+
+    from .explain import explain_slide, figure_for, localisation_table
+    from .figures import calibration_figure, fold_auc_figure, method_colors, roc_figure, save_figure
+    from .stats import analyse_task
+
+    out = Path(out)
+    folder = out / "report" if len(tasks) > 1 else out / tasks[0] / "report"
+    analyses = [analyse_task(out, t, reference, n_boot, seed) for t in tasks]
+    all_methods = sorted({m for st in analyses for m in st.summary.method})
+    colors = method_colors(all_methods)
+    rel = folder.relative_to(out)
+    md: list[str] = []
+
+    def table_block(table: Table, stem: str) -> None:
+        for path in write_table(table, folder, stem, formats):
+            log(f"wrote {path}")
+        md.extend([table.markdown(), ""])
+
+    def figure_block(fig: Any, stem: str, caption: str) -> None:
+        paths = save_figure(fig, folder, stem)
+        log(f"wrote {paths[0]} (+ .svg)")
+        md.extend(
+            [f"![{caption}]({rel / paths[0].name})", "", f"*{caption}* ([SVG]({rel / paths[1].name}))", ""]
+        )
+
+    versions = _versions()
+    md += [
+        f"# Benchmark report: {', '.join(t.upper() for t in tasks)}",
+        "",
+        f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} by `{command}` from the fold "
+        f"results under `{out}`; nothing was retrained. Report made with "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ".",
+        "",
+        "## What was run",
+        "",
+    ]
+    for st in analyses:
+        md += [f"### {st.task.upper()}", "", *_data_lines(st), ""]
+        table_block(_runs_table(out, st), f"runs_{st.task}")
+
+    md += ["## Headline: AUC with 95 % confidence intervals and paired tests", ""]
+    table_block(headline_table(analyses, all_methods), "table_headline")
+    md += ["## Paired comparisons with the reference method", ""]
+    for st in analyses:
+        if len(st.tests):
+            table_block(tests_table(st), f"tests_{st.task}")
+
+    md += ["## Figures", ""]
+    for st in analyses:
+        md += [f"### {st.task.upper()}", ""]
+        order = [m for m in all_methods if m in set(st.summary.method)]
+        figure_block(
+            fold_auc_figure(st.fold_auc, f"{st.task.upper()}: AUC of each fold", order, st.reference),
+            f"fold_auc_{st.task}",
+            f"{st.task.upper()}: patient-level AUC of every fold, per method and cohort (reference {st.reference} in bold).",
+        )
+        for cohort in st.cohorts:
+            curves, calib = _curves(st, cohort)
+            where = "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"
+            how = "" if cohort == "test" else " (mean of the folds' ROC curves; legend: mean fold AUC)"
+            stem = f"{st.task}_{'internal' if cohort == 'test' else _safe(cohort)}"
+            figure_block(
+                roc_figure(curves, f"{st.task.upper()}: {where}", colors),
+                f"roc_{stem}",
+                f"{st.task.upper()}: ROC curves on the {where}{how}.",
+            )
+            figure_block(
+                calibration_figure(calib, f"{st.task.upper()}: calibration, {where}", colors),
+                f"calibration_{stem}",
+                f"{st.task.upper()}: calibration on the {where} (quantile bins"
+                + ("" if cohort == "test" else "; every fold model's predictions pooled")
+                + ").",
+            )
+
+    if loc_slides > 0:
+        loc = {t: localisation_table(out, t, loc_slides, seed, device) for t in tasks}
+        if any(len(df) for df in loc.values()):
+            md += ["## Does the model look where the signal is? (synthetic tasks)", ""]
+            table_block(localisation_md_table(loc, all_methods), "table_localisation")
+            for st in analyses:
+                if not len(loc[st.task]):
+                    continue
+                slide, fold = _example_slide(st, loc[st.task])
+                for method in sorted(set(loc[st.task].method[loc[st.task].fold == fold])):
+                    ex = explain_slide(out, st.task, method, slide, fold, device)
+                    figure_block(
+                        figure_for(ex),
+                        f"explain_{st.task}_{_safe(method)}",
+                        f"{st.task.upper()}, {method}: patches of test slide {slide} (fold {fold}) coloured by "
+                        "attention percentile"
+                        + (", nearest memory bank and component" if ex.memory_size else "")
+                        + f", beside the ground-truth relevance; localisation AUC {ex.localisation_auc:.2f}.",
+                    )
+
+    md += ["## Tables in the paper's form", ""]
+    table_block(table1(out, tasks), "table1_internal")
+    table_block(table2(out, tasks), "table2_external")
+    md += [
+        "## How the numbers were computed",
+        "",
+        "- Every number comes from the saved per-slide predictions (`predictions.csv` of each fold); slides are "
+        "aggregated to patients first, and patients are what is resampled and ranked.",
+        "- Internal cohort: the test parts of the folds partition the patients; their out-of-fold predictions are "
+        "pooled (one prediction per patient) for the ROC curve, the bootstrap CI and DeLong's test. Mean ± SD is over "
+        "the fold AUCs.",
+        "- External cohorts: every fold's model predicts the whole cohort. The table reports the mean ± SD of the "
+        "fold AUCs; its CI applies each bootstrap resample of patients to every fold and averages the fold AUCs; "
+        "DeLong's test compares the two methods' mean fold AUCs (a linear contrast of correlated AUCs).",
+        f"- Bootstrap: {n_boot} resamples, stratified by class, percentile interval, seed {seed}.",
+        "- Reference method per task: "
+        + ("given by `--vs`" if reference else "the best mean internal AUC")
+        + f" ({'; '.join(f'{st.task.upper()}: {st.reference}' for st in analyses)}).",
+        "- The corrected resampled t-test (Nadeau & Bengio 2003) widens the paired t-test's variance by "
+        "1/k + n_test/n_train for the overlap of the folds' training sets; p-values are not corrected for "
+        "multiple comparisons.",
+        "",
+    ]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    log(f"wrote {path}")
+    return path
+
+
+def _curves(st: TaskStats, cohort: str) -> tuple[dict, dict]:
+    """Per method: (labels, score rows) for the ROC figure and (labels, probabilities) for calibration."""
+    curves, calib = {}, {}
+    pat = st.patients[st.patients.cohort == cohort]
+    for method, g in pat.groupby("method", sort=True):
+        wide = g.pivot(index="case_id", columns="fold", values="prob")
+        labels = g.drop_duplicates("case_id").set_index("case_id").label
+        if cohort == "test":
+            y = labels.loc[wide.index].to_numpy()
+            pooled = wide.mean(axis=1).to_numpy()  # one fold per patient: the mean is that fold's value
+            curves[method] = (y, pooled[None, :])
+            calib[method] = (y, pooled)
+        else:
+            wide = wide.dropna()
+            y = labels.loc[wide.index].to_numpy()
+            curves[method] = (y, wide.to_numpy().T)
+            calib[method] = (np.tile(y, wide.shape[1]), wide.to_numpy().T.ravel())
+        if len(np.unique(y)) < 2:
+            curves.pop(method)
+            calib.pop(method)
+    return curves, calib
+
+
+def _example_slide(st: TaskStats, loc: pd.DataFrame) -> tuple[str, int]:
+    """A positive test slide of the first fold with weights (reference method's predictions), sorted by id."""
+    fold = int(loc.fold.min())
+    runs = [r for r in st.runs if r.fold == fold and r.method in set(loc.method)]
+    run = next((r for r in runs if r.method == st.reference), runs[0])
+    test = run.predictions[run.predictions.cohort == "test"].sort_values("slide_id")
+    positive = test[test.label == 1]
+    return str((positive if len(positive) else test).slide_id.iloc[0]), fold

@@ -245,7 +245,7 @@ def run_job(
         "method_report": result.model.training_report(),
     }
     predictions = pd.concat([cohorts[k] for k in cohorts if k != "val"], ignore_index=True)
-    write_fold(path, predictions, metrics, config, hash_)
+    write_fold(path, predictions, metrics, config, hash_, result.model.state_dict())
     return "trained"
 
 

@@ -4,6 +4,7 @@
 <out>/<task>/<method>/fold_<k>/predictions.csv   slide_id, case_id, label, prob, cohort
 <out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold, n
 <out>/<task>/<method>/fold_<k>/config.yaml       the fully resolved configuration (+ its hash)
+<out>/<task>/<method>/fold_<k>/model.pt          the kept weights (state_dict; optional, for `bench explain`)
 <out>/<task>/summary.csv                         task, method, cohort, metric, mean, std, n
 ```
 A fold folder is complete when its three files exist; it is reused when its configuration hash matches.
@@ -26,6 +27,7 @@ import yaml
 
 __all__ = [
     "FOLD_FILES",
+    "MODEL_FILE",
     "atomic_write_text",
     "collect_metrics",
     "config_hash",
@@ -37,6 +39,7 @@ __all__ = [
 ]
 
 FOLD_FILES = ("predictions.csv", "metrics.json", "config.yaml")
+MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `bench explain`
 METRICS = ("auc", "acc", "balanced_acc", "f1")
 
 
@@ -83,12 +86,22 @@ def fold_status(path: Path, expected_hash: str) -> str:
 
 
 def write_fold(
-    path: Path, predictions: pd.DataFrame, metrics: dict[str, Any], config: dict[str, Any], hash_: str
+    path: Path,
+    predictions: pd.DataFrame,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    hash_: str,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
-    """Write a fold's three files into a temporary folder, then rename it into place."""
+    """Write a fold's three files (and ``model.pt``, the kept weights, when ``state_dict`` is given) into a
+    temporary folder, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        if state_dict is not None:
+            import torch
+
+            torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp / MODEL_FILE)
         predictions.to_csv(tmp / "predictions.csv", index=False)
         (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=True))
         (tmp / "config.yaml").write_text(

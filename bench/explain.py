@@ -1,0 +1,325 @@
+"""Where does a trained model look? Patch maps of one slide, and the localisation AUC on synthetic data.
+
+``bench explain M --task T --slide S`` loads the weights a fold of ``bench run`` kept (``model.pt``), predicts the
+slide from its H&E features alone, and draws its patches at their coordinates coloured by:
+
+- the method's patch attention (``MILOutput.attention``), as a percentile rank within the slide (softmax
+  attention spans orders of magnitude; ranks show where the top patches are, as CLAM's heatmaps do);
+- for a method with two class memories (MoMKD: ``MILOutput.extras["sim"]``, the cosines ``(N, 2, K)`` of each
+  patch embedding to the K components of C− and C+), the class bank and the component nearest to each patch;
+- the ground-truth relevance of each patch when the feature file stores it (synthetic cohorts: ``relevance``).
+
+The localisation AUC of a slide is the AUC of attention against ``relevance > 0`` (patches that carry the
+label signal): 0.5 is chance, 1 means every signal patch gets more attention than every other patch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from methods import create_method, get_method_class
+from methods.base import Bag, MILMethod
+
+from .config import cache_root
+from .data.formats import feature_path, read_slide
+from .data.graph import load_or_build_graph
+from .errors import BenchError
+from .figures import PatchPanel, explain_figure
+from .store import MODEL_FILE, fold_dir
+
+__all__ = [
+    "SlideExplanation",
+    "explain_slide",
+    "figure_for",
+    "load_fold_model",
+    "localisation_auc",
+    "localisation_table",
+]
+
+
+@dataclass
+class SlideExplanation:
+    """A slide as one fold's model sees it.
+
+    Attributes:
+        coords: grid coordinates ``(N, 2)``.
+        attention: patch attention ``(N,)``.
+        relevance: ground-truth patch relevance ``(N,)``, or None (real data).
+        memory_bank: nearest class memory of each patch ``(N,)`` (1 = C+, the positive class; 0 = C−), or None.
+        memory_component: index of the nearest component within that bank ``(N,)``, or None.
+        memory_size: K, components per bank (0 without memories).
+        part: where the slide was in that fold: ``test``, ``train``, ``val`` or the external cohort's name.
+    """
+
+    method: str
+    task: str
+    fold: int
+    slide_id: str
+    case_id: str
+    label: int
+    prob: float
+    part: str
+    coords: np.ndarray
+    attention: np.ndarray
+    relevance: np.ndarray | None
+    memory_bank: np.ndarray | None
+    memory_component: np.ndarray | None
+    memory_size: int
+
+    @property
+    def localisation_auc(self) -> float:
+        return localisation_auc(self.attention, self.relevance)
+
+
+def localisation_auc(attention: np.ndarray, relevance: np.ndarray | None) -> float:
+    """AUC of attention against ``relevance > 0``; NaN without relevance or when one class is empty."""
+    if relevance is None:
+        return float("nan")
+    truth = np.asarray(relevance) > 0
+    if truth.all() or not truth.any():
+        return float("nan")
+    return float(roc_auc_score(truth, attention))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not (path / "config.yaml").is_file():
+        raise BenchError(f"{path}: no finished fold here. Run `bench run` for this method and task first.")
+    return yaml.safe_load((path / "config.yaml").read_text()) or {}
+
+
+def load_fold_model(path: Path, device: torch.device) -> tuple[MILMethod, dict[str, Any]]:
+    """The model a fold kept (its ``model.pt``), built from the fold's ``config.yaml``, in eval mode."""
+    config = _read_config(path)
+    weights = path / MODEL_FILE
+    if not weights.is_file():
+        raise BenchError(
+            f"{path}: this fold has no {MODEL_FILE} (it was trained before `bench run` saved weights). "
+            f"Delete the folder {path} and rerun `bench run` for this method to retrain it."
+        )
+    method = config["method"]
+    cls = get_method_class(method)
+    names = {f.name for f in dataclasses.fields(cls.cfg_class)}
+    saved = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in config["method_config"].items() if k in names
+    }
+    cfg = cls.cfg_class(**saved)
+    model = create_method(method, in_dim=config["in_dim"], omics_dim=config.get("omics_dim"), cfg=cfg)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.to(device).eval(), config
+
+
+def _locate_slide(config: dict[str, Any], slide_id: str) -> tuple[str, Path, str, int]:
+    """(cohort, feature file, case_id, label) of ``slide_id`` in the cohorts the fold was run on."""
+    task = config["task"]
+    cohorts = [("internal", task.get("labels"), task.get("features"))]
+    cohorts += [(e["name"], e.get("labels"), e.get("features")) for e in task.get("external", [])]
+    positive = {str(v) for v in task.get("positive", [])}
+    for name, labels, features in cohorts:
+        if not labels or not Path(labels).is_file():
+            continue
+        df = pd.read_csv(labels, dtype=str, keep_default_na=False)
+        row = df[df.slide_id == slide_id]
+        if row.empty:
+            continue
+        path = feature_path(Path(features), slide_id)
+        if path is None:
+            raise BenchError(
+                f"slide {slide_id!r} is listed in {labels} but has no feature file in {features}."
+            )
+        return name, path, str(row.case_id.iloc[0]), int(row[task["label_col"]].iloc[0] in positive)
+    raise BenchError(
+        f"slide {slide_id!r} is not in the labels of task {task.get('name')!r} (internal or external cohorts)."
+    )
+
+
+def _part(out: Path, task: str, cohort: str, slide_id: str, fold: int) -> str:
+    if cohort != "internal":
+        return cohort
+    splits = Path(out) / task / "splits.tsv"
+    if splits.is_file():
+        table = pd.read_csv(splits, sep="\t", dtype=str, keep_default_na=False)
+        row = table[table.slide_id == slide_id]
+        if not row.empty and f"fold_{fold}" in table.columns:
+            return str(row[f"fold_{fold}"].iloc[0])
+    return "unknown"
+
+
+def _test_fold(out: Path, task: str, slide_id: str) -> int | None:
+    """The fold whose test part holds ``slide_id`` (from ``splits.tsv``), or None."""
+    splits = Path(out) / task / "splits.tsv"
+    if not splits.is_file():
+        return None
+    table = pd.read_csv(splits, sep="\t", dtype=str, keep_default_na=False)
+    row = table[table.slide_id == slide_id]
+    for col in (c for c in table.columns if c.startswith("fold_")):
+        if not row.empty and row[col].iloc[0] == "test":
+            return int(col.split("_")[1])
+    return None
+
+
+def _bag(path: Path, cfg: Any, slide_id: str, case_id: str, label: int) -> tuple[Bag, np.ndarray | None]:
+    sf = read_slide(path)
+    if sf.coords is None:
+        raise BenchError(f"{path}: the feature file has no coordinates, so its patches cannot be drawn.")
+    edge_index = None
+    if cfg.needs_graph:
+        edge_index = load_or_build_graph(
+            path, sf.coords, cfg.graph_k, cfg.graph_symmetric, cache_root() / "graphs"
+        )
+    bag = Bag(
+        features=torch.from_numpy(sf.features),
+        label=torch.tensor(label),
+        coords=torch.from_numpy(sf.coords),
+        edge_index=edge_index,
+        slide_id=slide_id,
+        case_id=case_id,
+    )
+    relevance = sf.extras.get("relevance")
+    return bag, None if relevance is None else np.asarray(relevance, dtype=np.float64)
+
+
+@torch.inference_mode()
+def _patch_maps(model: MILMethod, bag: Bag, device: torch.device) -> dict[str, Any]:
+    out = model(bag.to(device))
+    if out.attention is None:
+        raise BenchError(f"method {model.name!r} gives no patch attention, so there is nothing to draw.")
+    maps: dict[str, Any] = {
+        "prob": float(out.logits.float().softmax(-1)[1]),
+        "attention": out.attention.float().cpu().numpy(),
+        "bank": None,
+        "component": None,
+        "memory_size": 0,
+    }
+    sim = out.extras.get("sim")
+    if isinstance(sim, torch.Tensor) and sim.ndim == 3 and sim.shape[1] == 2 and hasattr(model, "memory"):
+        k = sim.shape[2]
+        nearest = sim.float().reshape(sim.shape[0], 2 * k).argmax(dim=1).cpu().numpy()  # (N,) index into 2K
+        maps.update(bank=nearest // k, component=nearest % k, memory_size=k)
+    return maps
+
+
+def explain_slide(
+    out: Path, task: str, method: str, slide_id: str, fold: int | None = None, device: str = "cpu"
+) -> SlideExplanation:
+    """Patch maps of ``slide_id`` under one fold's model of ``method`` (default: the fold that tested it)."""
+    if fold is None:
+        fold = _test_fold(out, task, slide_id)
+    if fold is None:  # an external slide, or no splits on disk: the first fold with weights
+        kept = sorted(fold_dir(out, task, method, 0).parent.glob(f"fold_*/{MODEL_FILE}"))
+        fold = int(kept[0].parent.name.split("_")[1]) if kept else 0
+    model, config = load_fold_model(fold_dir(out, task, method, fold), torch.device(device))
+    cohort, path, case_id, label = _locate_slide(config, slide_id)
+    bag, relevance = _bag(path, model.cfg, slide_id, case_id, label)
+    maps = _patch_maps(model, bag, torch.device(device))
+    return SlideExplanation(
+        method=method,
+        task=task,
+        fold=fold,
+        slide_id=slide_id,
+        case_id=case_id,
+        label=label,
+        prob=maps["prob"],
+        part=_part(out, task, cohort, slide_id, fold),
+        coords=bag.coords.numpy(),
+        attention=maps["attention"],
+        relevance=relevance,
+        memory_bank=maps["bank"],
+        memory_component=maps["component"],
+        memory_size=maps["memory_size"],
+    )
+
+
+def _percentile(values: np.ndarray) -> np.ndarray:
+    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
+    return ranks / max(1, len(values) - 1)
+
+
+def figure_for(ex: SlideExplanation):
+    """The explain figure: attention (percentile), MoMKD's nearest bank and component, ground truth."""
+    import seaborn as sns
+
+    panels = [PatchPanel("attention (percentile rank)", _percentile(ex.attention), cmap="magma")]
+    if ex.memory_bank is not None:
+        panels.append(
+            PatchPanel(
+                "nearest class memory bank",
+                ex.memory_bank.astype(float),
+                categories=["C− (negative)", "C+ (positive)"],
+                colors=[sns.color_palette("colorblind")[0], sns.color_palette("colorblind")[3]],
+            )
+        )
+        k = ex.memory_size
+        codes = np.where(ex.memory_bank == 1, k + ex.memory_component, ex.memory_component)
+        panels.append(
+            PatchPanel(
+                "nearest memory component",
+                codes.astype(float),
+                categories=[f"C−{i}" for i in range(k)] + [f"C+{i}" for i in range(k)],
+                colors=list(sns.color_palette("Blues_r", k + 1)[:k])
+                + list(sns.color_palette("Reds_r", k + 1)[:k]),
+            )
+        )
+    if ex.relevance is not None:
+        panels.append(PatchPanel("ground-truth relevance", ex.relevance, cmap="Greens"))
+    truth = "positive" if ex.label == 1 else "negative"
+    loc = ex.localisation_auc
+    title = (
+        f"{ex.method} · {ex.task} · {ex.slide_id} ({truth}) · fold {ex.fold} ({ex.part})\n"
+        f"P(positive) = {ex.prob:.2f} · {len(ex.attention)} patches"
+        + ("" if np.isnan(loc) else f" · localisation AUC {loc:.2f}")
+    )
+    return explain_figure(ex.coords, panels, title)
+
+
+def localisation_table(
+    out: Path, task: str, n_slides: int = 12, seed: int = 0, device: str = "cpu"
+) -> pd.DataFrame:
+    """Mean localisation AUC over (a seeded sample of) each fold's test slides, per method and fold.
+
+    Only folds with kept weights, methods with attention, and slides whose files store ``relevance`` count.
+    Returns columns method, fold, slides, auc (empty when the task's slides have no ground truth).
+    """
+    rows = []
+    task_dir = Path(out) / task
+    for weights in sorted(task_dir.glob(f"*/fold_*/{MODEL_FILE}")):
+        fd = weights.parent
+        if not fd.name.split("_")[1].isdigit():
+            continue
+        pred = pd.read_csv(fd / "predictions.csv", dtype={"slide_id": str, "case_id": str})
+        slides = np.sort(pred.slide_id[pred.cohort == "test"].to_numpy())
+        if len(slides) > n_slides:  # the same sample for every method of a fold
+            slides = np.random.default_rng([seed, int(fd.name.split("_")[1])]).choice(
+                slides, n_slides, replace=False
+            )
+        model, config = load_fold_model(fd, torch.device(device))
+        aucs = []
+        for slide_id in slides:
+            _, path, case_id, label = _locate_slide(config, str(slide_id))
+            bag, relevance = _bag(path, model.cfg, str(slide_id), case_id, label)
+            if relevance is None:
+                return pd.DataFrame(columns=["method", "fold", "slides", "auc"])
+            try:
+                attention = _patch_maps(model, bag, torch.device(device))["attention"]
+            except BenchError:
+                break
+            aucs.append(localisation_auc(attention, relevance))
+        valid = [a for a in aucs if not np.isnan(a)]
+        if valid:
+            rows.append(
+                {
+                    "method": fd.parent.name,
+                    "fold": int(fd.name.split("_")[1]),
+                    "slides": len(valid),
+                    "auc": float(np.mean(valid)),
+                }
+            )
+    return pd.DataFrame(rows, columns=["method", "fold", "slides", "auc"])
