@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import BenchError
 
@@ -91,7 +92,9 @@ def run_cmd(
     task: TaskOpt,
     methods: Annotated[
         str,
-        typer.Option("--methods", help="'all' or a comma-separated list, e.g. abmil,momkd[fixed-memory]."),
+        typer.Option(
+            "--methods", help="'all' or a comma-separated list, e.g. abmil,momkd[fixed-memory],momkd[best]."
+        ),
     ] = "all",
     out: Out = Path("results"),
     folds: Folds = None,
@@ -100,12 +103,138 @@ def run_cmd(
     device: Device = "auto",
     workers: Workers = 1,
     quiet: Quiet = False,
+    executor: Annotated[
+        str, typer.Option("--executor", help="local (this machine) | slurm (a job array via submitit).")
+    ] = "local",
+    slurm_partition: Annotated[str | None, typer.Option("--slurm-partition", help="Slurm partition.")] = None,
+    slurm_gpus: Annotated[int, typer.Option("--slurm-gpus", help="GPUs per job.", min=0)] = 1,
+    slurm_time: Annotated[
+        int, typer.Option("--slurm-time", help="Time limit per job, minutes.", min=1)
+    ] = 240,
+    slurm_mem: Annotated[int, typer.Option("--slurm-mem", help="Memory per job, GB.", min=1)] = 32,
+    slurm_cpus: Annotated[int, typer.Option("--slurm-cpus", help="CPU cores per job.", min=1)] = 8,
+    slurm_account: Annotated[str | None, typer.Option("--slurm-account", help="Slurm account.")] = None,
+    slurm_parallel: Annotated[
+        int, typer.Option("--slurm-parallel", help="Array tasks running at once.", min=1)
+    ] = 64,
+    slurm_extra: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--slurm-extra", help="Any other sbatch option as KEY=VALUE (repeatable), e.g. qos=high."
+        ),
+    ] = None,
 ) -> None:
     """K-fold CV of each method on a task, plus every external cohort; resumable."""
     from .runner import parse_methods
 
     opts = _options(out, folds, seed, epochs, device, workers, quiet)
-    _run_and_print(task, parse_methods(methods), opts)
+    names = parse_methods(methods)
+    if executor == "local":
+        _run_and_print(task, names, opts)
+        return
+    if executor != "slurm":
+        raise BenchError(f"--executor {executor!r}: choose local or slurm.")
+    from .executors import SlurmOptions, submit_slurm
+    from .runner import expand_jobs, method_config, prepare_task
+
+    extra = dict(kv.split("=", 1) for kv in slurm_extra or [] if "=" in kv)
+    if len(extra) != len(slurm_extra or []):
+        raise BenchError("--slurm-extra takes KEY=VALUE, e.g. --slurm-extra qos=high.")
+    slurm = SlurmOptions(
+        slurm_partition, slurm_gpus, slurm_time, slurm_mem, slurm_cpus, slurm_account, slurm_parallel, extra
+    )
+    data = prepare_task(task, opts)
+    for name in names:
+        method_config(data, name, opts)
+    submitted = submit_slurm(data, expand_jobs(task, names, data.folds), opts, slurm)
+    if not submitted:
+        console.print(f"Every job of {', '.join(names)} on {data.task.name} is already in {out}.")
+        return
+    console.print(f"Submitted {len(submitted)} job(s): {' '.join(j.job_id for j in submitted)}")
+    console.print(
+        f"Logs in {out / data.task.name / 'slurm'}. When they are done: "
+        f"bench report --task {task} --out {out}"
+    )
+
+
+@app.command("sweep")
+def sweep_cmd(
+    method: Annotated[str, typer.Argument(help="The method to tune, e.g. momkd.")],
+    task: TaskOpt,
+    params: Annotated[
+        str | None,
+        typer.Option("--params", help="Comma-separated names to search (default: the method's whole space)."),
+    ] = None,
+    trials: Annotated[
+        int, typer.Option("--trials", help="Trials to run (all workers together).", min=0)
+    ] = 20,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Stop starting trials after this many seconds.")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Optuna storage URL (sqlite:///x.db, postgresql://user:pw@host/db) or journal file "
+            "(journal:PATH or PATH.journal). Default: <out>/<task>/sweeps/<method>.db.",
+        ),
+    ] = None,
+    study_name: Annotated[
+        str | None, typer.Option("--study-name", help="Study name (default: <task>-<method>).")
+    ] = None,
+    sampler_seed: Annotated[
+        int | None,
+        typer.Option(
+            "--sampler-seed", help="TPE seed (default: the task seed); differ per separate process."
+        ),
+    ] = None,
+    pruning: Annotated[
+        bool, typer.Option("--pruning/--no-pruning", help="Median pruning after the first fold.")
+    ] = True,
+    run_best: Annotated[
+        bool,
+        typer.Option(
+            "--run-best/--no-run-best", help="Then run <method>[best] on the folds (test, external)."
+        ),
+    ] = True,
+    out: Out = Path("results"),
+    folds: Folds = None,
+    seed: Seed = None,
+    epochs: Epochs = None,
+    device: Device = "auto",
+    workers: Workers = 1,
+    quiet: Quiet = False,
+    fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
+) -> None:
+    """Optuna search on the validation folds (mean validation AUC); then <method>[best] on the usual folds."""
+    from .config import load_task
+    from .sweep import SweepOptions, search, storage_url, write_best, write_sweep_report
+
+    formats = _formats(fmt)
+    opts = _options(out, folds, seed, epochs, device, workers, quiet)
+    sw = SweepOptions(
+        method=method,
+        params=None if params is None else tuple(p.strip() for p in params.split(",") if p.strip()),
+        trials=trials,
+        timeout=timeout,
+        storage=storage,
+        study_name=study_name,
+        sampler_seed=sampler_seed,
+        pruning=pruning,
+    )
+    progress = _progress(quiet)
+    if progress is None:
+        study = search(task, sw, opts)
+    else:
+        with progress:
+            study = search(task, sw, opts, progress)
+    task_name = load_task(task).name
+    best = write_best(study, out, task_name, method, storage_url(storage, out, task_name, method))
+    console.print(f"wrote {best}")
+    for path in write_sweep_report(study, out, task_name, method, formats):
+        console.print(f"wrote {path}")
+    if run_best:
+        _run_and_print(task, [f"{method}[best]"], opts)
 
 
 @app.command("ablate")
@@ -323,7 +452,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except BenchError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; finished folds are kept and a rerun resumes from them.")

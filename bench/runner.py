@@ -3,7 +3,8 @@
 Each job trains one method on one fold's training patients, selects its checkpoint and threshold on the
 fold's validation patients, and predicts the fold's test patients and every external cohort. Jobs are
 idempotent: a job whose fold folder is complete with the same configuration hash is skipped, so a killed
-run resumes where it stopped.
+run resumes where it stopped. Where jobs execute (this process, a process pool, Slurm) and how processes
+sharing an output folder avoid running one job twice is bench/executors.py's and bench/locks.py's business.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from methods import get_method_class, resolve_config
-from methods.base import MethodCfg
+from methods.base import Bag, MethodCfg
 from methods.registry import UnknownMethodError, parse_method_name
 
 from .config import TaskConfig, cache_root, load_task
@@ -30,9 +31,24 @@ from .data.splits import check_splits, fold_parts, make_splits, membership_diges
 from .errors import BenchError, DataError
 from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict, slide_predictions
 from .store import atomic_write_text, config_hash, fold_dir, fold_status, write_fold, write_summary
-from .train import fit
+from .train import TrainResult, fit
 
-__all__ = ["Job", "RunOptions", "TaskData", "expand_jobs", "prepare_task", "resolve_device", "run", "run_job"]
+__all__ = [
+    "FoldFit",
+    "Job",
+    "JobPlan",
+    "RunOptions",
+    "TaskData",
+    "expand_jobs",
+    "method_config",
+    "plan_job",
+    "prepare_task",
+    "resolve_device",
+    "run",
+    "run_job",
+    "stage_bags",
+    "train_fold",
+]
 
 
 @dataclass(frozen=True)
@@ -127,7 +143,10 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
 def method_config(
     data: TaskData, method: str, opts: RunOptions, overrides: dict[str, Any] | None = None
 ) -> MethodCfg:
-    """The method's config with the task's training overrides, the --epochs cap and data-given settings."""
+    """The method's config with the task's training overrides, the --epochs cap and data-given settings.
+
+    ``M[best]`` is method ``M`` with the overrides of its sweep's best trial (``<out>/<task>/sweeps/M/best.yaml``).
+    """
     base_fields = {f.name for f in dataclasses.fields(MethodCfg)}
     unknown = sorted(set(data.task.train) - base_fields)
     if unknown:
@@ -136,7 +155,14 @@ def method_config(
             f"({', '.join(sorted(base_fields))})."
         )
     try:
-        cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
+        base, variant = parse_method_name(method)
+        if variant == "best":
+            from .sweep import load_best
+
+            best = load_best(opts.out, data.task.name, base)
+            cfg = resolve_config(base, {**data.task.train, **best, **(overrides or {})})
+        else:
+            cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
     except UnknownMethodError as exc:
         raise BenchError(str(exc)) from exc
     if opts.epochs is not None:
@@ -183,6 +209,92 @@ def _bags(cohort: Cohort, slide_ids: Sequence[str], cfg: MethodCfg, omics: pd.Da
     return cohort.bags(slide_ids, omics=omics, graph=graph)
 
 
+def stage_bags(groups: Sequence[Sequence[Bag]], device: torch.device) -> list[list[Bag]]:
+    """Put the bags a job reads every epoch where the device reads them fast.
+
+    On a GPU: all of them are copied there once when they fit in half its free memory, else their features
+    are pinned in host memory so the per-step copies are asynchronous. On the CPU: unchanged.
+    """
+    if device.type != "cuda":
+        return [list(g) for g in groups]
+    tensors = [
+        t for g in groups for b in g for t in (b.features, b.coords, b.edge_index, b.omics) if t is not None
+    ]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes < free // 2:
+        return [[b.to(device, non_blocking=True) for b in g] for g in groups]
+    return [[dataclasses.replace(b, features=b.features.pin_memory()) for b in g] for g in groups]
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A job resolved: its config, where its results go, and the hash that says whether they are current."""
+
+    cfg: MethodCfg
+    device: torch.device
+    config: dict[str, Any]
+    hash: str
+    path: Path
+
+
+def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, Any] | None = None) -> JobPlan:
+    device = resolve_device(opts.device)
+    cfg = method_config(data, job.method, opts, overrides)
+    config, hash_ = job_config(data, job, cfg, device)
+    return JobPlan(cfg, device, config, hash_, fold_dir(opts.out, data.task.name, job.method, job.fold))
+
+
+@dataclass
+class FoldFit:
+    """A model trained on one fold and selected on its validation patients, with its validation predictions."""
+
+    result: TrainResult
+    val: pd.DataFrame  # slide_id, case_id, label, prob, cohort="val"
+
+    def val_auc(self, aggregation: str) -> float:
+        pat = patient_level(self.val, aggregation)
+        return binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"]
+
+
+def train_fold(
+    data: TaskData,
+    fold: int,
+    method: str,
+    cfg: MethodCfg,
+    device: torch.device,
+    on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+) -> FoldFit:
+    """Train ``method`` on fold ``fold``'s training patients and select it on the fold's validation patients.
+
+    Reads and predicts the training and validation slides only, never the fold's test part or an external
+    cohort: a sweep's objective is built on this.
+    """
+    parts = fold_parts(data.splits, fold)
+    internal = data.internal
+    omics = None
+    if internal.omics is not None and cfg.uses_omics:
+        train_cases = internal.slides.case_id[internal.slides.slide_id.isin(parts["train"])].unique()
+        omics = OmicsScaler(data.task.omics_log1p).fit(internal.omics, train_cases).transform(internal.omics)
+    train_bags, val_bags = stage_bags(
+        [_bags(internal, parts["train"], cfg, omics), _bags(internal, parts["val"], cfg, None)], device
+    )
+    result = fit(
+        method,
+        cfg,
+        internal.dim,
+        None if internal.omics is None else internal.omics.shape[1],
+        train_bags,
+        val_bags,
+        device,
+        seed=data.seed * 1000 + fold,
+        aggregation=data.task.patient_aggregation,
+        on_epoch=on_epoch,
+    )
+    val = slide_predictions(val_bags, predict(result.model, val_bags, device), "val")
+    return FoldFit(result, val)
+
+
 def run_job(
     data: TaskData,
     job: Job,
@@ -191,61 +303,39 @@ def run_job(
     on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
 ) -> str:
     """Run one job unless its results are already on disk; returns ``skipped`` or ``trained``."""
-    device = resolve_device(opts.device)
-    cfg = method_config(data, job.method, opts, overrides)
-    config, hash_ = job_config(data, job, cfg, device)
-    path = fold_dir(opts.out, data.task.name, job.method, job.fold)
-    if fold_status(path, hash_) == "done":
+    plan = plan_job(data, job, opts, overrides)
+    if fold_status(plan.path, plan.hash) == "done":
         return "skipped"
     started = time.time()
-    parts = fold_parts(data.splits, job.fold)
-    internal = data.internal
-    omics = None
-    if internal.omics is not None and cfg.uses_omics:
-        train_cases = internal.slides.case_id[internal.slides.slide_id.isin(parts["train"])].unique()
-        omics = OmicsScaler(data.task.omics_log1p).fit(internal.omics, train_cases).transform(internal.omics)
-    train_bags = _bags(internal, parts["train"], cfg, omics)
-    val_bags = _bags(internal, parts["val"], cfg, None)
-    omics_dim = None if internal.omics is None else internal.omics.shape[1]
-    result = fit(
-        job.method,
-        cfg,
-        internal.dim,
-        omics_dim,
-        train_bags,
-        val_bags,
-        device,
-        seed=data.seed * 1000 + job.fold,
-        aggregation=data.task.patient_aggregation,
-        on_epoch=on_epoch,
-    )
+    cfg, device = plan.cfg, plan.device
+    fitted = train_fold(data, job.fold, job.method, cfg, device, on_epoch)
     agg = data.task.patient_aggregation
-    val_pred = slide_predictions(val_bags, predict(result.model, val_bags, device), "val")
-    val_pat = patient_level(val_pred, agg)
+    val_pat = patient_level(fitted.val, agg)
     threshold = best_f1_threshold(val_pat.label.to_numpy(), val_pat.prob.to_numpy())
-    test_bags = _bags(internal, parts["test"], cfg, None)
+    model = fitted.result.model
+    test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None)
     cohorts = {
-        "val": val_pred,
-        "test": slide_predictions(test_bags, predict(result.model, test_bags, device), "test"),
+        "val": fitted.val,
+        "test": slide_predictions(test_bags, predict(model, test_bags, device), "test"),
     }
     for name, cohort in data.externals.items():
         bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None)
-        cohorts[name] = slide_predictions(bags, predict(result.model, bags, device), name)
+        cohorts[name] = slide_predictions(bags, predict(model, bags, device), name)
     metrics = {
         "cohorts": {
             name: binary_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)
             for name, pred in cohorts.items()
             for p in [patient_level(pred, agg)]
         },
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
+        "best_epoch": fitted.result.best_epoch,
+        "epochs_run": fitted.result.epochs_run,
         "monitor": cfg.monitor,
-        "history": result.history,
+        "history": fitted.result.history,
         "train_seconds": round(time.time() - started, 2),
-        "method_report": result.model.training_report(),
+        "method_report": model.training_report(),
     }
     predictions = pd.concat([cohorts[k] for k in cohorts if k != "val"], ignore_index=True)
-    write_fold(path, predictions, metrics, config, hash_, result.model.state_dict())
+    write_fold(plan.path, predictions, metrics, plan.config, plan.hash, model.state_dict())
     return "trained"
 
 
@@ -268,31 +358,22 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
-def _epoch_reporter(progress: Any, handle: Any, label: str) -> Callable[[int, int, dict[str, float]], None]:
-    def on_epoch(epoch: int, total: int, record: dict[str, float]) -> None:
-        progress.update(
-            handle, total=total, completed=epoch + 1, description=f"{label} · val AUC {record['val_auc']:.3f}"
-        )
-
-    return on_epoch
-
-
 def run(
     task_ref: str,
     methods: Sequence[str],
     opts: RunOptions,
     progress: Any | None = None,
 ) -> pd.DataFrame:
-    """Run every (method, fold) job of a task in this process, then rebuild and return ``summary.csv``."""
+    """Run every (method, fold) job of a task not yet on disk (in this process, or ``opts.workers``
+    processes), then rebuild and return ``summary.csv``.
+
+    Each job runs under a claim (bench/locks.py), so several ``bench run`` processes can share ``opts.out``.
+    """
+    from .executors import run_jobs
+
     data = prepare_task(task_ref, opts)
-    jobs = expand_jobs(task_ref, methods, data.folds)
-    for job in jobs:
-        label = f"{data.task.name} · {job.method} · fold {job.fold}"
-        if progress is None:
-            run_job(data, job, opts)
-            continue
-        handle = progress.add_task(label, total=None)
-        status = run_job(data, job, opts, on_epoch=_epoch_reporter(progress, handle, label))
-        progress.update(handle, total=1, completed=1, description=f"{label} · {status}")
+    for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
+        method_config(data, method, opts)
+    run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
     summary = write_summary(opts.out, data.task.name)
     return summary[summary.method.isin(methods)]

@@ -1,0 +1,487 @@
+"""``bench sweep M --task T``: Optuna search of a method's hyper-parameters on the validation folds; the best
+configuration is then run as method ``M[best]`` on the usual folds and reported like any method.
+
+- Objective: the mean validation AUC (patient level) over the CV folds. A trial trains each fold's model on
+  the fold's training patients and selects it on its validation patients (``runner.train_fold``), which
+  reads and predicts nothing else: no test part and no external cohort is seen while searching. Trial
+  results live in the study's storage only; no fold folder is written.
+- Search space: the method's ``search_space(trial)`` (names = config fields). ``params`` restricts it: a
+  name left out is never suggested, so it keeps its default and is neither sampled nor recorded.
+- Sampler: TPE, seeded from the task seed (or ``sampler_seed``), the trials already in the study and the
+  worker index; its first ``min(10, max(2, trials // 2))`` trials are random. Pruning: MedianPruner on the
+  running mean of the folds' AUCs (reported after each fold), from the second fold on.
+- Storage: ``<out>/<task>/sweeps/<M>.db`` (SQLite) by default; ``storage`` takes any Optuna RDB URL, e.g.
+  ``postgresql://user:pw@host/db`` for workers on many machines (heartbeats mark a dead worker's trial
+  failed and retry it), or an Optuna journal file, ``journal:<path>`` or any path ending in ``.journal``
+  (for a shared file system, where SQLite's locking breaks). ``postgresql://`` URLs use psycopg 3 (the
+  ``postgres`` extra). Workers share a study through its storage and name: ``--workers N`` here (the trials
+  are split among them), or separate processes on any machines given the same ``--storage`` and
+  ``--study-name`` (each runs its own ``--trials``; give each its own ``--sampler-seed``).
+- Output: ``<out>/<task>/sweeps/<M>/best.yaml`` (read by the runner for ``M[best]``), and in
+  ``<out>/<task>/report/``: ``sweep_<M>.{md,tex}`` (best trial, top trials) and the figures
+  ``sweep_<M>_history.png`` (optimisation history) and ``sweep_<M>_<param>.png`` (AUC against each
+  searched parameter: the sensitivity analysis, e.g. margin and memory size for MoMKD).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from methods import get_method_class
+from methods.registry import UnknownMethodError, parse_method_name
+
+from .errors import BenchError
+from .locks import HOST
+from .runner import RunOptions, TaskData, method_config, prepare_task, resolve_device, train_fold
+from .store import atomic_write_text
+
+__all__ = [
+    "SweepOptions",
+    "best_path",
+    "load_best",
+    "make_storage",
+    "restricted_overrides",
+    "search",
+    "space_names",
+    "storage_url",
+    "write_best",
+    "write_sweep_report",
+]
+
+TOP_TRIALS = 10
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What ``bench sweep`` searches and where the study lives (``--workers`` etc. are in RunOptions)."""
+
+    method: str
+    params: tuple[str, ...] | None = None  # None: the method's whole search space
+    trials: int = 20
+    timeout: float | None = None  # seconds, per worker
+    storage: str | None = None  # None: SQLite file in the output folder
+    study_name: str | None = None  # None: "<task>-<method>"
+    sampler_seed: int | None = None  # None: the task seed
+    pruning: bool = True
+
+
+def best_path(out: Path, task: str, method: str) -> Path:
+    return Path(out) / task / "sweeps" / method / "best.yaml"
+
+
+def load_best(out: Path, task: str, method: str) -> dict[str, Any]:
+    """The config overrides of ``method``'s best sweep trial on ``task`` (what ``method[best]`` runs)."""
+    path = best_path(out, task, method)
+    if not path.is_file():
+        raise BenchError(
+            f"{path}: no sweep result for {method!r} on task {task!r}, so '{method}[best]' is undefined. "
+            f"Run `bench sweep {method} --task <task> --out {out}` first."
+        )
+    return dict((yaml.safe_load(path.read_text()) or {}).get("overrides") or {})
+
+
+# ----------------------------------------------------------------------------------------------- search space
+
+
+class _Restricted:
+    """A trial whose ``suggest_*`` answers None for parameter names outside ``allowed`` (None: all names)."""
+
+    def __init__(self, trial: Any, allowed: set[str] | None) -> None:
+        self._trial, self._allowed = trial, allowed
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._trial, name)
+        if not name.startswith("suggest_") or self._allowed is None:
+            return attr
+
+        def suggest(param: str, *args: Any, **kwargs: Any) -> Any:
+            return attr(param, *args, **kwargs) if param in self._allowed else None
+
+        return suggest
+
+
+def restricted_overrides(cls: type, trial: Any, allowed: Sequence[str] | None) -> dict[str, Any]:
+    """The config overrides ``cls.search_space`` draws from ``trial``, only for names in ``allowed``."""
+    space = cls.search_space(_Restricted(trial, None if allowed is None else set(allowed)))
+    return {k: v for k, v in space.items() if v is not None}
+
+
+def space_names(cls: type) -> list[str]:
+    """The names a method's search space declares (each must be the config field its suggestion sets)."""
+    import optuna
+
+    trial = optuna.create_study().ask()
+    keys = set(cls.search_space(trial))
+    if keys != set(trial.params):
+        raise ValueError(
+            f"{cls.__name__}.search_space must name each suggestion after the config field it sets "
+            f"(keys {sorted(keys)}, suggested {sorted(trial.params)})."
+        )
+    return sorted(keys)
+
+
+# ------------------------------------------------------------------------------------------------- storage
+
+
+def storage_url(spec: str | None, out: Path, task: str, method: str) -> str:
+    """The study's storage as a string workers can rebuild it from (paths made absolute)."""
+    if spec is None:
+        path = (Path(out) / task / "sweeps" / f"{method}.db").resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if spec.startswith("journal:") or spec.endswith(".journal"):
+        return "journal:" + str(Path(spec.removeprefix("journal:")).expanduser().resolve())
+    if spec.startswith(("postgresql://", "postgres://")):  # psycopg 3 whatever SQLAlchemy's default driver
+        return "postgresql+psycopg://" + spec.split("://", 1)[1]
+    if "://" not in spec:
+        raise BenchError(
+            f"--storage {spec!r}: give an Optuna storage URL (sqlite:///path.db, postgresql://user:pw@host/db, "
+            "mysql://...) or a journal file (journal:<path> or a path ending in .journal)."
+        )
+    return spec
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def make_storage(url: str) -> Any:
+    """An Optuna storage for ``url``: a journal file, or an RDB with heartbeats (a dead worker's trial is
+    marked failed after two missed minutes and retried up to twice)."""
+    import optuna
+
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=60,
+                grace_period=120,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+    except ImportError as exc:
+        raise BenchError(
+            f"--storage {_redact(url)}: its database driver is not installed ({exc}). For PostgreSQL: "
+            "pip install -e '.[postgres]'."
+        ) from exc
+    except Exception as exc:  # sqlalchemy's connection and URL errors
+        raise BenchError(f"--storage {_redact(url)}: cannot open the study storage ({exc}).") from exc
+
+
+def _study(url: str, name: str, seed: int, trials: int, pruning: bool) -> Any:
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 2)))
+    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if pruning else optuna.pruners.NopPruner()
+    return optuna.create_study(
+        study_name=name,
+        storage=make_storage(url),
+        sampler=sampler,
+        pruner=pruner,
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- search
+
+
+def _objective(data: TaskData, sw: SweepOptions, opts: RunOptions, device: Any) -> Any:
+    import optuna
+
+    cls = get_method_class(sw.method)
+    aggregation = data.task.patient_aggregation
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = restricted_overrides(cls, trial, sw.params)
+        cfg = method_config(data, sw.method, opts, overrides)
+        trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
+        aucs: list[float] = []
+        for fold in range(data.folds):
+            fitted = train_fold(data, fold, sw.method, cfg, device)
+            aucs.append(fitted.val_auc(aggregation))
+            trial.set_user_attr("fold_val_auc", aucs)
+            trial.report(float(np.nanmean(aucs)), fold)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return float(np.nanmean(aucs))
+
+    return objective
+
+
+def _seed(base: int, existing: int, worker: int) -> int:
+    return int(np.random.SeedSequence([base, existing, worker]).generate_state(1)[0])
+
+
+def _optimize(
+    data: TaskData,
+    sw: SweepOptions,
+    opts: RunOptions,
+    url: str,
+    name: str,
+    n_trials: int,
+    seed: int,
+    device: Any,
+    callbacks: Sequence[Any] = (),
+) -> None:
+    study = _study(url, name, seed, sw.trials, sw.pruning)
+    study.optimize(
+        _objective(data, sw, opts, device), n_trials=n_trials, timeout=sw.timeout, callbacks=list(callbacks)
+    )
+
+
+def _worker(
+    data: TaskData,
+    sw: SweepOptions,
+    opts: RunOptions,
+    url: str,
+    name: str,
+    n_trials: int,
+    seed: int,
+    slot: int,
+    workers: int,
+) -> None:
+    """One sweep worker process: its own device and thread share, the study rebuilt from its URL."""
+    import optuna
+    import torch
+
+    from .executors import worker_device, worker_threads
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    device = worker_device(opts.device, slot)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(worker_threads(workers))
+    _optimize(data, sw, opts, url, name, n_trials, seed, device)
+
+
+def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | None = None) -> Any:
+    """Run ``sw.trials`` more trials of the study (split over ``opts.workers`` processes); returns the study.
+
+    Separate processes given the same storage and study name each run their own ``sw.trials``.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        _, variant = parse_method_name(sw.method)
+        cls = get_method_class(sw.method)
+    except UnknownMethodError as exc:
+        raise BenchError(str(exc)) from exc
+    if variant:
+        raise BenchError(f"bench sweep takes a method name without a variant, not {sw.method!r}.")
+    names = space_names(cls)
+    unknown = sorted(set(sw.params or ()) - set(names))
+    if unknown:
+        raise BenchError(
+            f"--params {','.join(unknown)}: not in the search space of {sw.method!r}, which declares "
+            f"{', '.join(names)} (see its search_space)."
+        )
+    data = prepare_task(task_ref, opts)
+    method_config(data, sw.method, opts)  # a bad task/method combination fails before any trial
+    url = storage_url(sw.storage, opts.out, data.task.name, sw.method)
+    name = sw.study_name or f"{data.task.name}-{sw.method}"
+    base_seed = data.seed if sw.sampler_seed is None else sw.sampler_seed
+    monitor = _study(url, name, 0, sw.trials, sw.pruning)
+    existing = len(monitor.trials)
+    bar = None
+    if progress is not None:
+        bar = progress.add_task(f"{data.task.name} · sweep {sw.method}", total=sw.trials)
+
+    def advance(study: Any, trial: Any = None) -> None:
+        if bar is None:
+            return
+        done = len([t for t in study.trials if t.state.is_finished()]) - existing
+        best = _best_value(study)
+        text = f"{data.task.name} · sweep {sw.method} · best val AUC {best:.3f}" if best is not None else None
+        progress.update(bar, completed=min(done, sw.trials), description=text)
+
+    workers = min(opts.workers, sw.trials)
+    if workers <= 1:
+        seed = _seed(base_seed, existing, 0)
+        _optimize(data, sw, opts, url, name, sw.trials, seed, resolve_device(opts.device), [advance])
+        return monitor
+    shares = [sw.trials // workers + (i < sw.trials % workers) for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_worker, data, sw, opts, url, name, n, _seed(base_seed, existing, i), i, workers)
+            for i, n in enumerate(shares)
+        ]
+        while True:
+            finished, running = wait(futures, timeout=2.0, return_when=FIRST_EXCEPTION)
+            advance(monitor)
+            for future in finished:
+                future.result()
+            if not running:
+                break
+    return monitor
+
+
+def _best_value(study: Any) -> float | None:
+    complete = _complete(study)
+    return max(t.value for t in complete) if complete else None
+
+
+def _complete(study: Any) -> list[Any]:
+    import optuna
+
+    return [
+        t
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and not math.isnan(t.value)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+def write_best(study: Any, out: Path, task: str, method: str, url: str | None = None) -> Path:
+    """Write the best complete trial's overrides to ``<out>/<task>/sweeps/<M>/best.yaml``."""
+    import optuna
+
+    complete = _complete(study)
+    if not complete:
+        raise BenchError(
+            f"study {study.study_name!r} has no complete trial of {method!r} yet (all pruned or failed?); "
+            "run more trials."
+        )
+    best = max(complete, key=lambda t: t.value)
+    overrides = restricted_overrides(
+        get_method_class(method), optuna.trial.FixedTrial(best.params, best.number), list(best.params)
+    )
+    record = {
+        "method": method,
+        "task": task,
+        "study": study.study_name,
+        "storage": None if url is None else _redact(url),
+        "trial": best.number,
+        "mean_val_auc": best.value,
+        "fold_val_auc": best.user_attrs.get("fold_val_auc"),
+        "trials_complete": len(complete),
+        "overrides": overrides,
+    }
+    path = best_path(out, task, method)
+    atomic_write_text(path, yaml.safe_dump(_plain(record), sort_keys=False))
+    return path
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _value_text(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: Sequence[str]) -> list[Path]:
+    """``sweep_<M>.{md,tex}`` (best trial, top trials) and the figures, in ``<out>/<task>/report/``."""
+    import optuna
+
+    from .report import Table, fmt, write_table
+
+    folder = Path(out) / task / "report"
+    complete = sorted(_complete(study), key=lambda t: -t.value)
+    if not complete:
+        raise BenchError(f"study {study.study_name!r} has no complete trial to report.")
+    states = [t.state for t in study.trials]
+    params = sorted({p for t in study.trials for p in t.params})
+    top = complete[:TOP_TRIALS]
+    rows, bold = [], []
+    for rank, t in enumerate(top, 1):
+        folds = [a for a in t.user_attrs.get("fold_val_auc", []) if a is not None and not math.isnan(a)]
+        sd = float(np.std(folds, ddof=1)) if len(folds) > 1 else float("nan")
+        rows.append(
+            [str(rank), str(t.number), fmt(t.value, sd), *(_value_text(t.params.get(p, "–")) for p in params)]
+        )
+        bold.append([False, False, rank == 1, *([False] * len(params))])
+    best = complete[0]
+    caption = (
+        f"Optuna sweep of {method} on {task} (study {study.study_name}): "
+        f"{states.count(optuna.trial.TrialState.COMPLETE)} complete, "
+        f"{states.count(optuna.trial.TrialState.PRUNED)} pruned, "
+        f"{states.count(optuna.trial.TrialState.FAIL)} failed trials. Best: trial {best.number}, "
+        f"mean validation AUC {best.value * 100:.1f} % with "
+        f"{', '.join(f'{k} = {_value_text(v)}' for k, v in sorted(best.params.items())) or 'the defaults'}. "
+        f"Top {len(top)} trials by validation AUC (%), mean ± SD over folds; test and external cohorts "
+        "were not used."
+    )
+    table = Table(["Rank", "Trial", "Val AUC", *params], rows, bold, caption, f"tab:sweep-{method}")
+    written = write_table(table, folder, f"sweep_{method}", formats)
+    return written + _figures(study, folder, method, params)
+
+
+def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    folder.mkdir(parents=True, exist_ok=True)
+    complete = sorted(_complete(study), key=lambda t: t.number)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete trial")
+    if pruned:
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        ax.plot([t.number for t in pruned], last, "x", color="grey", label="pruned (last running mean)")
+    ax.step(
+        [t.number for t in complete],
+        np.maximum.accumulate([t.value for t in complete]),
+        where="post",
+        label="best so far",
+    )
+    ax.set(xlabel="trial", ylabel="mean validation AUC", title=f"{method}: optimisation history")
+    ax.legend(fontsize="small")
+    written.append(_save(fig, folder / f"sweep_{method}_history.png"))
+
+    for p in params:
+        points = [(t.params[p], t.value) for t in complete if p in t.params]
+        if not points or not all(isinstance(x, int | float) for x, _ in points):
+            continue
+        xs, ys = np.array([x for x, _ in points], dtype=float), np.array([y for _, y in points])
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(xs, ys, "o", alpha=0.7, label="trial")
+        levels = np.unique(xs)
+        if len(levels) <= 12:  # a categorical or small integer grid: mean per level
+            ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
+        dist = next(t.distributions[p] for t in complete if p in t.params)
+        if getattr(dist, "log", False) or (xs.min() > 0 and xs.max() / xs.min() >= 8 and len(levels) <= 12):
+            ax.set_xscale("log", base=2 if np.allclose(np.log2(levels), np.round(np.log2(levels))) else 10)
+        ax.set(xlabel=p, ylabel="mean validation AUC", title=f"{method}: validation AUC against {p}")
+        ax.legend(fontsize="small")
+        written.append(_save(fig, folder / f"sweep_{method}_{p}.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
