@@ -80,26 +80,45 @@ class _KnowledgeAttention(torch.autograd.Function):
     ``w_j = <e_h[i] * scale, nb_j>``, ``p = softmax(w)``, ``g_j = tanh((2 - p_j) e_h[i] + p_j nb_j)``
     (that is ``tanh(e_h + r)`` with ``r = p nb + (1 - p) e_h``), knowledge score ``s_j`` (``code``:
     ``sum(nb_j) sum(g_j)``; ``dot``: ``<nb_j, g_j>``), ``a = softmax(s)``, output ``Σ_j a_j nb_j``.
+    Nothing of size ``N x k x C`` is kept: every block works in a few block-sized buffers (``out=`` and
+    in-place ops, no large temporaries), and the backward pass recomputes the block's forward.
     """
 
     @staticmethod
-    def _block(eh: Tensor, nb: Tensor, scale: float, dot: bool) -> tuple[Tensor, ...]:
-        w = ((eh * scale).unsqueeze(1) * nb).sum(-1)  # (B, k)
-        p = w.softmax(-1)
-        g = torch.tanh((2 - p).unsqueeze(-1) * eh.unsqueeze(1) + p.unsqueeze(-1) * nb)  # (B, k, C)
-        score = (nb * g).sum(-1) if dot else nb.sum(-1) * g.sum(-1)
-        return p, g, score.softmax(-1)
+    def _block(
+        eh: Tensor,
+        idx: Tensor,
+        e_t: Tensor,
+        scale: float,
+        dot: bool,
+        nb_buf: Tensor,
+        g_buf: Tensor,
+        tmp: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+        """Forward of one block of B rows: ``(nb, p, g, sum(nb), sum(g), a)`` (sums only for ``code``)."""
+        b, k = idx.shape
+        nb = torch.index_select(e_t, 0, idx.reshape(-1), out=nb_buf[:b].view(b * k, -1)).view(b, k, -1)
+        p = torch.mul(nb, (eh * scale).unsqueeze(1), out=tmp[:b]).sum(-1).softmax(-1)  # (B, k)
+        g = torch.mul(nb, p.unsqueeze(-1), out=g_buf[:b])
+        g = g.addcmul_(eh.unsqueeze(1), (2 - p).unsqueeze(-1)).tanh_()  # (B, k, C)
+        if dot:
+            nb_sum = g_sum = None
+            score = torch.mul(nb, g, out=tmp[:b]).sum(-1)
+        else:
+            nb_sum, g_sum = nb.sum(-1), g.sum(-1)
+            score = nb_sum * g_sum
+        return nb, p, g, nb_sum, g_sum, score.softmax(-1)
 
     @staticmethod
     def forward(
         ctx: Any, e_h: Tensor, e_t: Tensor, index: Tensor, scale: float, dot: bool, rows: int
     ) -> Tensor:
         out = torch.empty_like(e_h)
+        nb_buf, g_buf, tmp = (e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(3))
         for first in range(0, e_h.shape[0], rows):
-            idx = index[first : first + rows]
-            nb = e_t[idx]  # (B, k, C)
-            _, _, a = _KnowledgeAttention._block(e_h[first : first + rows], nb, scale, dot)
-            out[first : first + rows] = (a.unsqueeze(-1) * nb).sum(1)
+            eh, idx = e_h[first : first + rows], index[first : first + rows]
+            nb, _, _, _, _, a = _KnowledgeAttention._block(eh, idx, e_t, scale, dot, nb_buf, g_buf, tmp)
+            torch.sum(torch.mul(nb, a.unsqueeze(-1), out=tmp[: len(idx)]), 1, out=out[first : first + rows])
         ctx.save_for_backward(e_h, e_t, index)
         ctx.scale, ctx.dot, ctx.rows = scale, dot, rows
         return out
@@ -109,35 +128,44 @@ class _KnowledgeAttention(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         e_h, e_t, index = ctx.saved_tensors
         scale, dot, rows = ctx.scale, ctx.dot, ctx.rows
+        grad_out = grad_out.to(e_h.dtype)
         grad_h = torch.empty_like(e_h)
         grad_t = torch.zeros_like(e_t)
+        one = torch.ones((), dtype=e_h.dtype, device=e_h.device)
+        nb_buf, g_buf, tmp, gn_buf = (e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(4))
         for first in range(0, e_h.shape[0], rows):
-            idx = index[first : first + rows]
-            eh, nb, go = e_h[first : first + rows], e_t[idx], grad_out[first : first + rows]
-            p, g, a = _KnowledgeAttention._block(eh, nb, scale, dot)
-            grad_a = (nb * go.unsqueeze(1)).sum(-1)  # (B, k)
-            grad_s = a * (grad_a - (a * grad_a).sum(-1, keepdim=True))
-            grad_nb = a.unsqueeze(-1) * go.unsqueeze(1)  # (B, k, C)
+            eh, idx, go = (
+                e_h[first : first + rows],
+                index[first : first + rows],
+                grad_out[first : first + rows],
+            )
+            b = len(idx)
+            nb, p, g, nb_sum, g_sum, a = _KnowledgeAttention._block(
+                eh, idx, e_t, scale, dot, nb_buf, g_buf, tmp
+            )
+            grad_a = torch.mul(nb, go.unsqueeze(1), out=tmp[:b]).sum(-1)  # (B, k)
+            grad_s = a * (grad_a - (a * grad_a).sum(-1, keepdim=True))  # through the softmax over k
+            grad_nb = torch.mul(go.unsqueeze(1), a.unsqueeze(-1), out=gn_buf[:b])  # (B, k, C)
+            grad_u = torch.addcmul(one, g, g, value=-1, out=tmp[:b])  # tanh' = 1 - g^2
             if dot:
-                grad_nb += grad_s.unsqueeze(-1) * g
-                grad_g = grad_s.unsqueeze(-1) * nb
+                grad_nb.addcmul_(g, grad_s.unsqueeze(-1))
+                grad_u.mul_(nb).mul_(grad_s.unsqueeze(-1))
             else:
-                grad_nb += (grad_s * g.sum(-1)).unsqueeze(-1)
-                grad_g = (grad_s * nb.sum(-1)).unsqueeze(-1)
-            grad_u = grad_g * (1 - g * g)  # through tanh
-            grad_nb += p.unsqueeze(-1) * grad_u
-            grad_p = (grad_u * (nb - eh.unsqueeze(1))).sum(-1)
-            grad_w = p * (grad_p - (p * grad_p).sum(-1, keepdim=True))
-            grad_nb += (scale * grad_w).unsqueeze(-1) * eh.unsqueeze(1)
-            grad_h[first : first + rows] = ((2 - p).unsqueeze(-1) * grad_u).sum(1) + scale * (
-                grad_w.unsqueeze(-1) * nb
-            ).sum(1)
-            grad_t.index_add_(0, idx.reshape(-1), grad_nb.reshape(-1, nb.shape[-1]))
+                grad_nb.add_((grad_s * g_sum).unsqueeze(-1))
+                grad_u.mul_((grad_s * nb_sum).unsqueeze(-1))
+            grad_nb.addcmul_(grad_u, p.unsqueeze(-1))
+            grad_p = torch.sub(nb, eh.unsqueeze(1), out=g).mul_(grad_u).sum(-1)  # g is spent
+            grad_w = p * (grad_p - (p * grad_p).sum(-1, keepdim=True))  # through the softmax over k
+            through_u = torch.mul(grad_u, (2 - p).unsqueeze(-1), out=g).sum(1)
+            through_w = torch.mul(nb, grad_w.unsqueeze(-1), out=g).sum(1)
+            grad_h[first : first + rows] = through_u + scale * through_w
+            grad_nb.addcmul_(eh.unsqueeze(1), (scale * grad_w).unsqueeze(-1))
+            grad_t.index_add_(0, idx.reshape(-1), grad_nb.view(-1, grad_nb.shape[-1]))
         return grad_h, grad_t, None, None, None, None
 
 
 def knowledge_attention(
-    e_h: Tensor, e_t: Tensor, index: Tensor, scale: float, score: str = "code", block_elements: int = 1 << 20
+    e_h: Tensor, e_t: Tensor, index: Tensor, scale: float, score: str = "code", block_elements: int = 1 << 18
 ) -> Tensor:
     """WiKG's knowledge-aware neighbour embedding ``e_N`` for top-k ``index``, differentiable in e_h, e_t.
 
