@@ -231,7 +231,14 @@ class MoMKD(MILMethod):
         if cfg.memory_mode not in MEMORY_MODES:
             raise ValueError(f"unknown memory_mode {cfg.memory_mode!r}; use one of {', '.join(MEMORY_MODES)}")
         dw, s, k = cfg.wsi_dim, cfg.shared_dim, cfg.memory_size
-        self.encoder = GATv2Encoder(in_dim, dw, cfg.heads, cfg.dropout, cfg.attn_dropout, fast=cfg.fast_graph)
+        self.encoder = GATv2Encoder(
+            in_dim,
+            dw,
+            heads=cfg.heads,
+            dropout=cfg.dropout,
+            attn_dropout=cfg.attn_dropout,
+            fast=cfg.fast_graph,
+        )
         self.patch_proj = nn.Linear(dw, s)
         self.pool_proj = nn.Linear(dw, s)
         self.head = nn.Sequential(
