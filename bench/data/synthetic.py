@@ -1,0 +1,648 @@
+"""Synthetic TCGA-BRCA-like cohorts with known ground truth: the embedded default data of her2, pr and odx.
+
+One internal cohort carries all three labels (as TCGA-BRCA does), plus any number of external cohorts.
+The generative model (full description and measured calibration in ``docs/synthetic.md``):
+
+1. Each patient has six latent molecular programs ``z ~ N(shift, Σ)`` (:data:`PROGRAMS`, correlated as
+   :data:`_PROGRAM_CORR` says). Each label is a thresholded noisy linear score ``w·z + e``, with
+   ``sd(e) = label_noise · sd(w·z)`` and the threshold at the internal population quantile that gives the
+   stated prevalence. External cohorts shift the latent mean, so the same rule gives other prevalences.
+2. Omics (internal cohort, a fraction of patients): negative-binomial counts whose log-mean is a gene
+   baseline spanning four orders of magnitude plus a gene loading on the programs plus a library-size term.
+3. Slides (1 per patient, a second one for a fraction of patients): an irregular tissue mask on a patch grid
+   cut into Voronoi regions of tumour, stroma, adipose, normal duct and immune tissue, with background
+   patches on the rim. Features are tissue prototype + spatially smooth within-type structure + isotropic
+   noise + a slide-level stain offset; only tumour and tumour–stroma interface patches (capped at
+   ``max_informative_fraction`` of the bag) add ``signal_strength · relevance · U z``, a weak projection of
+   the programs. The ``.h5`` files store that ``relevance`` and the ``tissue`` type of each patch.
+4. External cohorts pass every feature through a scanner-like affine map (channel scale, offset, mixing),
+   have their own slide-level stain directions, and their own bag sizes.
+
+Everything is drawn from ``numpy`` generators seeded by ``(seed, cohort, patient, slide)``, so a cohort is
+identical whatever order it is generated in. Nothing here is tuned for any method: it is a known truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import typing
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import binary_dilation, gaussian_filter
+from scipy.special import ndtri
+
+from .formats import write_trident_h5
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "LABEL_VALUES",
+    "PROGRAMS",
+    "TISSUES",
+    "ExternalSpec",
+    "SyntheticSpec",
+    "materialise",
+    "spec_hash",
+]
+
+#: bump whenever a change alters generated files: it is part of the cache key.
+GENERATOR_VERSION = 1
+
+#: latent molecular programs, in the column order of ``latent.csv``.
+PROGRAMS = ("erbb2", "luminal", "proliferation", "immune", "stromal", "basal")
+#: tissue codes stored in each slide's ``tissue`` dataset (index = code).
+TISSUES = ("background", "tumour", "stroma", "adipose", "normal_duct", "immune")
+#: label column -> (positive value, negative value).
+LABEL_VALUES = {"her2": ("positive", "negative"), "pr": ("positive", "negative"), "odx_risk": ("high", "low")}
+
+# Program correlations (symmetric, positive definite): luminal tumours proliferate less and are rarely basal,
+# basal tumours proliferate more, proliferation draws some immune infiltrate.
+_PROGRAM_CORR = np.array(
+    [
+        [1.0, -0.1, 0.1, 0.0, 0.0, -0.1],
+        [-0.1, 1.0, -0.3, 0.0, 0.0, -0.5],
+        [0.1, -0.3, 1.0, 0.2, 0.0, 0.3],
+        [0.0, 0.0, 0.2, 1.0, 0.1, 0.1],
+        [0.0, 0.0, 0.0, 0.1, 1.0, 0.0],
+        [-0.1, -0.5, 0.3, 0.1, 0.0, 1.0],
+    ]
+)
+# Label scores as weights on the programs: HER2 follows the ERBB2 amplicon, PR the luminal (hormone) program,
+# ODX high risk a high proliferation and a low luminal program (as the Oncotype DX recurrence score does).
+_TASK_WEIGHTS = {
+    "her2": np.array([1.0, 0.0, 0.25, 0.0, 0.0, 0.0]),
+    "pr": np.array([0.0, 1.0, 0.0, 0.0, 0.0, -0.25]),
+    "odx_risk": np.array([0.0, -0.6, 0.8, 0.0, 0.0, 0.0]),
+}
+# Tissue composition of a slide: Dirichlet around these proportions of the region types
+# (tumour, stroma, adipose, normal duct, immune); the immune share rises with the immune program.
+_REGION_TYPES = np.array([1, 2, 3, 4, 5])
+_REGION_BASE = np.array([0.15, 0.38, 0.22, 0.10, 0.15])
+_REGION_CONCENTRATION = 10.0
+_IMMUNE_PROGRAM_EFFECT = 0.6
+_PATCHES_PER_REGION = 40  # mean Voronoi region size, in patches
+_TISSUE_FILL = 0.45  # share of the grid's bounding box covered by tissue
+_STRUCTURE_RANK = 8  # rank of the within-type structured noise
+_STAIN_RANK = 4  # rank of the slide-level stain offset
+_INTERFACE_RELEVANCE = 0.5  # relevance of stroma patches touching tumour (tumour patches: 1.0)
+_NOISE_GENE_FRACTION = 0.15  # genes with no primary program
+_PATCH_SIZE, _PATCH_SIZE_LEVEL0 = 256, 512  # 20x patches of a 40x slide, as TRIDENT names them
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+def _known(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """``d`` as keyword arguments of ``cls``; unknown keys raise a ValueError that lists the valid ones."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} settings must be a mapping, got {d!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}; valid: {', '.join(names)}")
+    return dict(d)
+
+
+def _check(spec: SyntheticSpec | ExternalSpec) -> None:
+    """Types and the checks shared by both specs (sizes positive, bag range ordered)."""
+    hints = typing.get_type_hints(type(spec))
+    for f in dataclasses.fields(spec):
+        value, hint = getattr(spec, f.name), hints[f.name]
+        if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{f.name} must be an integer, got {value!r}")
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            object.__setattr__(spec, f.name, float(value))
+    for name in ("n_patients", "n_genes", "feature_dim", "bag_min"):
+        if getattr(spec, name, 1) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")
+    if spec.bag_max < spec.bag_min:
+        raise ValueError(f"bag_max ({spec.bag_max}) must be >= bag_min ({spec.bag_min})")
+
+
+@dataclass(frozen=True)
+class ExternalSpec:
+    """One external cohort: other patients, shifted biology and a scanner/stain-like feature shift.
+
+    Attributes:
+        name: folder name and case-id prefix (``<NAME>-0001``); not ``internal``.
+        n_patients: number of patients (one slide each, a second for ``second_slide_fraction`` of them).
+        bag_min, bag_max: bag sizes are log-uniform in this range (patches).
+        latent_shift: mean of the latent programs, one value per :data:`PROGRAMS` entry; the default
+            (more ERBB2 and proliferation, less luminal) raises HER2 and ODX high-risk, lowers PR prevalence.
+        feature_shift: strength of the affine feature map ``x -> s ⊙ (M x) + o`` (0 = none): log channel
+            scales ``~ N(0, (0.2 f)^2)``, offsets ``~ N(0, (0.5 f)^2)``, mixing ``M = I + 0.2 f G / sqrt(D)``.
+        stain_scale: per-dimension sd of the slide-level stain offsets, along this site's own directions
+            (a new scanner brings slide-to-slide variation the internal data never showed).
+    """
+
+    name: str = "external"
+    n_patients: int = 150
+    bag_min: int = 150
+    bag_max: int = 1000
+    latent_shift: tuple[float, ...] = (0.3, -0.3, 0.3, 0.0, 0.0, 0.0)
+    feature_shift: float = 1.5
+    stain_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latent_shift", tuple(float(v) for v in self.latent_shift))
+        _check(self)
+        if not _NAME.match(self.name) or self.name == "internal":
+            raise ValueError(
+                f"external cohort name {self.name!r} must be letters, digits, '_' or '-' and not 'internal'"
+            )
+        if len(self.latent_shift) != len(PROGRAMS):
+            raise ValueError(
+                f"latent_shift of {self.name!r} needs {len(PROGRAMS)} values ({', '.join(PROGRAMS)}), "
+                f"got {len(self.latent_shift)}"
+            )
+        for name in ("feature_shift", "stain_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} of {self.name!r} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExternalSpec:
+        return cls(**_known(cls, d, "external cohort"))
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Every setting of the generator; the defaults are the built-in tasks' data.
+
+    Attributes:
+        seed: seeds every draw (the world: prototypes, gene parameters, shifts; and each patient and slide).
+        n_patients: internal patients.
+        n_genes: omics width (768, as the gene set of MoMKD).
+        feature_dim: patch feature width D.
+        bag_min, bag_max: internal bag sizes, log-uniform in this range (patches).
+        second_slide_fraction: share of patients with a second slide (a new layout of the same tumour).
+        omics_fraction: share of internal patients with an omics row (missing completely at random).
+        prevalence_her2, prevalence_pr, prevalence_odx: internal population prevalence of the positive class.
+        label_noise: sd of the label-score noise relative to the sd of its latent part (caps any predictor's
+            AUC: ~0.96 at 0.4).
+        gene_loading: log-fold change per program SD of a gene on its primary program.
+        gene_dispersion: median negative-binomial dispersion (variance = mean + dispersion · mean²).
+        signal_strength: per-patch amplitude of the program projection ``U z`` in a fully relevant patch,
+            in units of the isotropic noise sd; the WSI signal knob.
+        max_informative_fraction: cap on the share of a bag's patches that carry the signal.
+        noise_scale: per-dimension sd of isotropic patch noise.
+        structure_scale: per-dimension sd of the spatially smooth, tissue-specific low-rank structure.
+        stain_scale: per-dimension sd of the slide-level stain/batch offset.
+        feature_dtype: ``float16`` (half the disk) or ``float32``.
+        external: the external cohorts.
+    """
+
+    seed: int = 0
+    n_patients: int = 300
+    n_genes: int = 768
+    feature_dim: int = 512
+    bag_min: int = 200
+    bag_max: int = 1500
+    second_slide_fraction: float = 0.10
+    omics_fraction: float = 0.85
+    prevalence_her2: float = 0.20
+    prevalence_pr: float = 0.65
+    prevalence_odx: float = 0.25
+    label_noise: float = 0.35
+    gene_loading: float = 0.6
+    gene_dispersion: float = 0.2
+    signal_strength: float = 2.0
+    max_informative_fraction: float = 0.20
+    noise_scale: float = 1.0
+    structure_scale: float = 1.0
+    stain_scale: float = 0.3
+    feature_dtype: str = "float16"
+    external: tuple[ExternalSpec, ...] = (ExternalSpec(),)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "external",
+            tuple(e if isinstance(e, ExternalSpec) else ExternalSpec.from_dict(e) for e in self.external),
+        )
+        _check(self)
+        for name in ("second_slide_fraction", "omics_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("prevalence_her2", "prevalence_pr", "prevalence_odx", "max_informative_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        for name in (
+            "label_noise",
+            "gene_loading",
+            "gene_dispersion",
+            "signal_strength",
+            "noise_scale",
+            "structure_scale",
+            "stain_scale",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.gene_dispersion <= 0:
+            raise ValueError(f"gene_dispersion must be > 0, got {self.gene_dispersion}")
+        if self.feature_dtype not in ("float16", "float32"):
+            raise ValueError(f"feature_dtype must be 'float16' or 'float32', got {self.feature_dtype!r}")
+        names = [e.name for e in self.external]
+        if len(set(names)) != len(names):
+            raise ValueError(f"external cohort names must be unique, got {names}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SyntheticSpec:
+        """Build from a plain mapping (a task YAML's generator settings); unknown keys are an error."""
+        kwargs = _known(cls, d, "synthetic")
+        if "external" in kwargs:
+            ext = kwargs["external"]
+            if not isinstance(ext, list | tuple):
+                raise ValueError(f"synthetic setting 'external' must be a list of cohorts, got {ext!r}")
+            kwargs["external"] = tuple(
+                e if isinstance(e, ExternalSpec) else ExternalSpec.from_dict(e) for e in ext
+            )
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings (the cache key and ``spec.json``)."""
+        d = dataclasses.asdict(self)
+        d["external"] = [dict(e, latent_shift=list(e["latent_shift"])) for e in d["external"]]
+        return d
+
+    @property
+    def prevalences(self) -> dict[str, float]:
+        """Positive-class prevalence per label column."""
+        return {"her2": self.prevalence_her2, "pr": self.prevalence_pr, "odx_risk": self.prevalence_odx}
+
+
+def spec_hash(spec: SyntheticSpec) -> str:
+    """Cache key: a hash of the settings and :data:`GENERATOR_VERSION`."""
+    blob = json.dumps({"version": GENERATOR_VERSION, "spec": spec.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def materialise(spec: SyntheticSpec, cache_root: Path) -> Path:
+    """Generate (once; cached by a hash of the spec and :data:`GENERATOR_VERSION`); return the cohort root.
+
+    The cohort is written into a hidden temporary folder next to its final place and renamed when complete,
+    so an interrupted generation never leaves a folder that looks finished; leftovers of dead generations on
+    this host are removed on the next call.
+
+    Layout under the returned root::
+
+        spec.json                          the settings, generator version and hash
+        internal/labels.csv                case_id, slide_id, her2, pr, odx_risk
+        internal/omics.csv                 case_id + one count column per gene (some patients absent)
+        internal/latent.csv                case_id, the latent programs and label scores (ground truth)
+        internal/features/<slide_id>.h5    TRIDENT format + ``relevance`` (N,) float32, ``tissue`` (N,) int8
+        <external>/labels.csv, latent.csv, features/
+    """
+    cache_root = Path(cache_root)
+    digest = spec_hash(spec)
+    root = cache_root / f"synthetic-{digest}"
+    if root.is_dir():
+        return root
+    cache_root.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(cache_root, digest)
+    tmp = cache_root / f".synthetic-{digest}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _generate(spec, tmp)
+        (tmp / "spec.json").write_text(
+            json.dumps(
+                {"generator_version": GENERATOR_VERSION, "hash": digest, "spec": spec.to_dict()}, indent=2
+            )
+            + "\n"
+        )
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not root.is_dir():  # a concurrent generation that finished first is fine
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _remove_dead_temporaries(cache_root: Path, digest: str) -> None:
+    """Delete temporary folders of this spec left by processes of this host that no longer run."""
+    host = socket.gethostname()
+    for p in cache_root.glob(f".synthetic-{digest}.tmp-{host}-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+# ---------------------------------------------------------------------------------------------- the world
+
+
+@dataclass
+class _World:
+    """Parameters shared by every cohort of one seed: the biology and the feature extractor."""
+
+    corr_chol: np.ndarray  # (K, K) Cholesky factor of the program correlation
+    thresholds: dict[str, float]  # label column -> score threshold
+    score_noise: dict[str, float]  # label column -> sd of the score noise
+    gene_base: np.ndarray  # (G,) log-mean baselines
+    gene_loadings: np.ndarray  # (G, K)
+    gene_dispersion: np.ndarray  # (G,)
+    basis: np.ndarray  # (T + T·R, D) float32: tissue prototypes, then each tissue's R structure directions
+    stain: np.ndarray  # (S, D) internal stain-offset directions, unit per-dimension variance
+    signal: np.ndarray  # (K, D) orthonormal program directions U^T
+
+
+def _draw_world(spec: SyntheticSpec) -> _World:
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0]))
+    k, g, d, t = len(PROGRAMS), spec.n_genes, spec.feature_dim, len(TISSUES)
+    chol = np.linalg.cholesky(_PROGRAM_CORR)
+    thresholds, score_noise = {}, {}
+    for col, w in _TASK_WEIGHTS.items():
+        latent_sd = math.sqrt(w @ _PROGRAM_CORR @ w)
+        score_noise[col] = spec.label_noise * latent_sd
+        total_sd = latent_sd * math.sqrt(1.0 + spec.label_noise**2)
+        thresholds[col] = total_sd * float(ndtri(1.0 - spec.prevalences[col]))
+
+    gene_base = rng.uniform(math.log(0.5), math.log(5000.0), size=g)
+    primary = rng.integers(0, k, size=g)
+    has_primary = rng.random(g) >= _NOISE_GENE_FRACTION
+    loadings = rng.normal(0.0, 0.15 * spec.gene_loading, size=(g, k))
+    strength = spec.gene_loading * rng.uniform(0.5, 1.5, size=g) * rng.choice([-1.0, 1.0], size=g)
+    loadings[np.arange(g), primary] += np.where(has_primary, strength, 0.0)
+    dispersion = spec.gene_dispersion * np.exp(rng.normal(0.0, 0.5, size=g))
+
+    prototypes = rng.standard_normal((t, d))
+    structure = np.stack([_orthonormal_rows(rng, _STRUCTURE_RANK, d) for _ in range(t)])
+    structure *= spec.structure_scale * math.sqrt(d / _STRUCTURE_RANK)
+    stain = _orthonormal_rows(rng, _STAIN_RANK, d) * math.sqrt(d / _STAIN_RANK)
+    signal = _orthonormal_rows(rng, k, d)
+    basis = np.concatenate([prototypes, structure.reshape(t * _STRUCTURE_RANK, d)]).astype(np.float32)
+    return _World(chol, thresholds, score_noise, gene_base, loadings, dispersion, basis, stain, signal)
+
+
+def _orthonormal_rows(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    """``rows`` random orthonormal vectors of length ``dim`` (shape ``(rows, dim)``; rows <= dim)."""
+    q, _ = np.linalg.qr(rng.standard_normal((dim, min(rows, dim))))
+    out = np.zeros((rows, dim))
+    out[: q.shape[1]] = q.T
+    return out
+
+
+@dataclass
+class _Scanner:
+    """How a cohort's slides were scanned: per-slide stain offsets and, for external sites, an affine map."""
+
+    stain: np.ndarray  # (S, D) stain-offset directions, scaled: a slide adds N(0, I_S) coefficients @ stain
+    mixing_t: np.ndarray | None = None  # (D, D) transposed mixing M^T
+    scale: np.ndarray | None = None  # (D,) channel scales
+    offset: np.ndarray | None = None  # (D,) channel offsets
+
+    def apply(self, feats: np.ndarray) -> np.ndarray:
+        """``s ⊙ (M x) + o`` on ``(N, D)`` features (identity for the internal scanner)."""
+        if self.mixing_t is None:
+            return feats
+        return (feats @ self.mixing_t) * self.scale + self.offset
+
+
+def _external_scanner(spec: SyntheticSpec, ext: ExternalSpec, index: int) -> _Scanner:
+    """Scanner of external cohort ``index``: its own stain directions and the affine feature map."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0, index]))
+    d, f = spec.feature_dim, ext.feature_shift
+    stain = _orthonormal_rows(rng, _STAIN_RANK, d) * ext.stain_scale * math.sqrt(d / _STAIN_RANK)
+    mixing = np.eye(d) + 0.2 * f * rng.standard_normal((d, d)) / math.sqrt(d)
+    scale = np.exp(rng.normal(0.0, 0.2 * f, size=d))
+    offset = rng.normal(0.0, 0.5 * f, size=d)
+    return _Scanner(stain, *(a.astype(np.float32) for a in (mixing.T, scale, offset)))
+
+
+# ------------------------------------------------------------------------------------------------ cohorts
+
+
+@dataclass
+class _Cohort:
+    folder: str
+    prefix: str  # case ids are <prefix>-0001
+    n_patients: int
+    bag_min: int
+    bag_max: int
+    latent_shift: np.ndarray  # (K,)
+    with_omics: bool
+    scanner: _Scanner
+    index: int  # 0 internal, i for the i-th external cohort (part of every seed)
+
+
+def _generate(spec: SyntheticSpec, out: Path) -> None:
+    world = _draw_world(spec)
+    no_shift = np.zeros(len(PROGRAMS))
+    cohorts = [
+        _Cohort(
+            "internal",
+            "SYN",
+            spec.n_patients,
+            spec.bag_min,
+            spec.bag_max,
+            no_shift,
+            True,
+            _Scanner(world.stain * spec.stain_scale),
+            0,
+        )
+    ]
+    for i, ext in enumerate(spec.external, start=1):
+        cohorts.append(
+            _Cohort(
+                ext.name,
+                ext.name.upper(),
+                ext.n_patients,
+                ext.bag_min,
+                ext.bag_max,
+                np.asarray(ext.latent_shift),
+                False,
+                _external_scanner(spec, ext, i),
+                i,
+            )
+        )
+    for cohort in cohorts:
+        _write_cohort(spec, world, cohort, out / cohort.folder)
+
+
+def _write_cohort(spec: SyntheticSpec, world: _World, cohort: _Cohort, out: Path) -> None:
+    """Patients (latent programs, labels, omics) and their slides of one cohort."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1, cohort.index]))
+    n, k = cohort.n_patients, len(PROGRAMS)
+    z = rng.standard_normal((n, k)) @ world.corr_chol.T + cohort.latent_shift  # (n, K)
+    scores = {c: z @ w + world.score_noise[c] * rng.standard_normal(n) for c, w in _TASK_WEIGHTS.items()}
+    n_slides = 1 + (rng.random(n) < spec.second_slide_fraction)
+    case_ids = [f"{cohort.prefix}-{i + 1:04d}" for i in range(n)]
+
+    (out / "features").mkdir(parents=True)
+    rows = []
+    for i, case_id in enumerate(case_ids):
+        labels = [LABEL_VALUES[c][0 if scores[c][i] > world.thresholds[c] else 1] for c in _TASK_WEIGHTS]
+        for j in range(n_slides[i]):
+            slide_id = f"{case_id}-{j + 1:02d}"
+            slide_rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 2, cohort.index, i, j]))
+            _write_slide(spec, world, cohort, z[i], slide_rng, out / "features" / f"{slide_id}.h5")
+            rows.append([case_id, slide_id, *labels])
+    _write_csv(out / "labels.csv", ["case_id", "slide_id", *_TASK_WEIGHTS], rows)
+    _write_csv(
+        out / "latent.csv",
+        ["case_id", *PROGRAMS, *(f"score_{c}" for c in _TASK_WEIGHTS)],
+        [
+            [cid, *(f"{v:.6f}" for v in z[i]), *(f"{scores[c][i]:.6f}" for c in _TASK_WEIGHTS)]
+            for i, cid in enumerate(case_ids)
+        ],
+    )
+    if cohort.with_omics:
+        counts = _omics(spec, world, z, rng)
+        keep = np.flatnonzero(rng.random(n) < spec.omics_fraction)
+        genes = [f"gene_{g + 1:04d}" for g in range(spec.n_genes)]
+        _write_csv(out / "omics.csv", ["case_id", *genes], [[case_ids[i], *counts[i].tolist()] for i in keep])
+
+
+def _omics(spec: SyntheticSpec, world: _World, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Negative-binomial (gamma-Poisson) counts ``(n, G)`` with log-mean = baseline + loadings·z + library."""
+    library = rng.normal(0.0, 0.25, size=(len(z), 1))
+    mean = np.exp(world.gene_base + z @ world.gene_loadings.T + library)
+    shape = 1.0 / world.gene_dispersion
+    return rng.poisson(rng.gamma(shape, mean / shape)).astype(np.int64)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- slides
+
+
+def _write_slide(
+    spec: SyntheticSpec,
+    world: _World,
+    cohort: _Cohort,
+    z: np.ndarray,
+    rng: np.random.Generator,
+    path: Path,
+) -> None:
+    n = round(math.exp(rng.uniform(math.log(cohort.bag_min), math.log(cohort.bag_max))))
+    composition = _composition(z, rng)
+    layout = _layout(n, composition, spec.max_informative_fraction, rng)
+    feats = cohort.scanner.apply(_features(spec, world, cohort.scanner, layout, z, rng))
+    write_trident_h5(
+        path,
+        feats.astype(spec.feature_dtype),
+        layout.coords * _PATCH_SIZE_LEVEL0,
+        patch_size=_PATCH_SIZE,
+        patch_size_level0=_PATCH_SIZE_LEVEL0,
+        encoder=f"synthetic-v{GENERATOR_VERSION}",
+        extras={"relevance": layout.relevance, "tissue": layout.tissue},
+    )
+
+
+def _composition(z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Region-type proportions of one slide ``(5,)``; the immune share rises with the immune program."""
+    logits = np.log(_REGION_BASE)
+    logits[-1] += _IMMUNE_PROGRAM_EFFECT * z[PROGRAMS.index("immune")]
+    mean = np.exp(logits) / np.exp(logits).sum()
+    return rng.dirichlet(_REGION_CONCENTRATION * mean)
+
+
+@dataclass
+class _Layout:
+    coords: np.ndarray  # (N, 2) int64 grid (x, y)
+    tissue: np.ndarray  # (N,) int8 codes into TISSUES
+    relevance: np.ndarray  # (N,) float32 in {0, 0.5, 1}
+    coef: np.ndarray  # (N, R) spatially smooth structured-noise coefficients
+
+
+def _smooth_fields(
+    rng: np.random.Generator, shape: tuple[int, int], channels: int, sigma: float
+) -> np.ndarray:
+    """``channels`` Gaussian random fields of unit sd, smoothed over ``sigma`` cells, shape ``(H, W, C)``."""
+    f = gaussian_filter(rng.standard_normal((*shape, channels)), sigma=(sigma, sigma, 0), mode="wrap")
+    return f / np.maximum(f.std(axis=(0, 1), keepdims=True), 1e-8)
+
+
+def _layout(n: int, composition: np.ndarray, max_informative: float, rng: np.random.Generator) -> _Layout:
+    """Irregular tissue of ``n`` patches on a grid: background rim, Voronoi regions, informative tumour."""
+    aspect = math.exp(rng.uniform(-0.4, 0.4))
+    area = n / _TISSUE_FILL
+    h = max(math.ceil(math.sqrt(area / aspect)), 3)
+    w = max(math.ceil(area / h), 3)
+    while h * w < n:
+        w += 1
+    # Tissue: the n highest cells of a smooth random field plus a central envelope (fragments, ragged edges).
+    fields = _smooth_fields(rng, (h, w), 3 + _STRUCTURE_RANK, sigma=max(h, w) / 10)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    height = fields[..., 0] - 1.5 * (yy**2 + xx**2)
+    order = np.argsort(-height.ravel(), kind="stable")[:n]
+    ys, xs = np.unravel_index(order, (h, w))
+    tissue = np.zeros(n, dtype=np.int8)
+
+    # Background: the lowest cells of the tissue (its rim), 2-8 % of the bag.
+    n_bg = round(rng.uniform(0.02, 0.08) * n)
+    fg = np.arange(n - n_bg)  # ``order`` is sorted by height, so the rim is the tail
+
+    # Regions: Voronoi cells around seeds on warped coordinates, each seed's type from the composition.
+    n_seeds = int(np.clip(len(fg) // _PATCHES_PER_REGION, 1, 48)) if len(fg) else 0
+    if n_seeds:
+        seeds = rng.choice(fg, size=n_seeds, replace=False)
+        seed_types = _REGION_TYPES[rng.choice(len(_REGION_TYPES), size=n_seeds, p=composition)]
+        if not (seed_types == TISSUES.index("tumour")).any():
+            seed_types[rng.integers(n_seeds)] = TISSUES.index("tumour")
+        warp = 0.3 * math.sqrt(_PATCHES_PER_REGION) * fields[ys, xs, 1:3]  # (n, 2)
+        pos = np.stack([ys, xs], axis=1) + warp
+        dist = ((pos[fg, None, :] - pos[None, seeds, :]) ** 2).sum(-1)  # (n_fg, n_seeds)
+        tissue[fg] = seed_types[dist.argmin(axis=1)]
+        tissue[seeds] = seed_types
+
+    # Informative patches: tumour (1.0) and stroma touching tumour (0.5), at most max_informative of the bag,
+    # kept as the ones nearest a hotspot when there are more.
+    grid = np.full((h, w), -1, dtype=np.int8)
+    grid[ys, xs] = tissue
+    tumour_grid = grid == TISSUES.index("tumour")
+    near_tumour = binary_dilation(tumour_grid, structure=np.ones((3, 3), dtype=bool))[ys, xs]
+    relevance = np.zeros(n, dtype=np.float32)
+    relevance[tissue == TISSUES.index("tumour")] = 1.0
+    relevance[(tissue == TISSUES.index("stroma")) & near_tumour] = _INTERFACE_RELEVANCE
+    informative = np.flatnonzero(relevance > 0)
+    cap = max(1, math.floor(max_informative * n))
+    if len(informative) > cap:
+        hot = informative[rng.integers(len(informative))]
+        d2 = (ys[informative] - ys[hot]) ** 2 + (xs[informative] - xs[hot]) ** 2
+        drop = informative[np.argsort(d2, kind="stable")[cap:]]
+        relevance[drop] = 0.0
+
+    coords = np.stack([xs, ys], axis=1).astype(np.int64)
+    return _Layout(coords, tissue, relevance, fields[ys, xs, 3:])
+
+
+def _features(
+    spec: SyntheticSpec,
+    world: _World,
+    scanner: _Scanner,
+    layout: _Layout,
+    z: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Patch features ``(N, D)`` float32: prototype + structure + noise + stain + relevance · signal."""
+    n, t, r = len(layout.tissue), len(TISSUES), _STRUCTURE_RANK
+    rows = np.arange(n)[:, None]
+    design = np.zeros((n, t + t * r), dtype=np.float32)  # one-hot tissue | its structure coefficients
+    design[rows[:, 0], layout.tissue] = 1.0
+    design[rows, t + layout.tissue[:, None] * r + np.arange(r)] = layout.coef
+    feats = rng.standard_normal((n, spec.feature_dim), dtype=np.float32)
+    feats *= spec.noise_scale
+    feats += design @ world.basis
+    stain = rng.standard_normal(_STAIN_RANK) @ scanner.stain  # (D,)
+    program = spec.signal_strength * (z @ world.signal)  # (D,)
+    feats += stain.astype(np.float32)
+    feats += layout.relevance[:, None] * program.astype(np.float32)
+    return feats

@@ -1,0 +1,232 @@
+"""The synthetic cohort generator: layout, determinism, caching, atomicity, and the calibrated properties."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+from bench.data import synthetic
+from bench.data.formats import read_slide
+from bench.data.synthetic import LABEL_VALUES, TISSUES, ExternalSpec, SyntheticSpec, materialise
+
+TINY = SyntheticSpec(
+    n_patients=60,
+    n_genes=24,
+    feature_dim=32,
+    bag_min=20,
+    bag_max=50,
+    external=(ExternalSpec(n_patients=20, bag_min=15, bag_max=40),),
+)
+# Moderate draw for the statistical properties: many patients, small bags, and a control external cohort
+# with the same biology as the internal one and no feature shift.
+MODERATE = SyntheticSpec(
+    seed=3,
+    n_patients=500,
+    n_genes=200,
+    feature_dim=16,
+    bag_min=10,
+    bag_max=40,
+    external=(
+        ExternalSpec(name="shifted", n_patients=150, bag_min=10, bag_max=40),
+        ExternalSpec(
+            name="same", n_patients=150, bag_min=10, bag_max=40, latent_shift=(0,) * 6, feature_shift=0.0
+        ),
+    ),
+)
+POSITIVE = {col: values[0] for col, values in LABEL_VALUES.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return materialise(TINY, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def moderate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return materialise(MODERATE, tmp_path_factory.mktemp("moderate"))
+
+
+def _slides(root: Path, cohort: str) -> dict[str, dict[str, np.ndarray]]:
+    """Every dataset of every slide of a cohort, read raw with h5py."""
+    out = {}
+    for path in sorted((root / cohort / "features").glob("*.h5")):
+        with h5py.File(path) as f:
+            out[path.stem] = {k: f[k][()] for k in f}
+    return out
+
+
+def test_layout_and_readback(tiny: Path) -> None:
+    labels = pd.read_csv(tiny / "internal" / "labels.csv", dtype=str)
+    assert list(labels.columns) == ["case_id", "slide_id", "her2", "pr", "odx_risk"]
+    assert labels.case_id.nunique() == 60 and labels.slide_id.is_unique
+    assert labels.case_id.iloc[0] == "SYN-0001" and labels.slide_id.iloc[0] == "SYN-0001-01"
+    for col, values in LABEL_VALUES.items():
+        assert set(labels[col]) <= set(values)
+
+    omics = pd.read_csv(tiny / "internal" / "omics.csv", dtype={"case_id": str})
+    assert omics.shape[1] == 1 + 24 and 0 < len(omics) < 60
+    assert set(omics.case_id) <= set(labels.case_id)
+    counts = omics.drop(columns="case_id").to_numpy()
+    assert np.issubdtype(counts.dtype, np.integer) and counts.min() >= 0
+
+    for slide_id in labels.slide_id:
+        s = read_slide(tiny / "internal" / "features" / f"{slide_id}.h5")
+        n = len(s.features)
+        assert s.features.shape == (n, 32) and s.features.dtype == np.float32 and 20 <= n <= 50
+        assert s.step_level0 == 512 and np.allclose(s.coords, s.coords.round())
+        assert len(np.unique(s.coords, axis=0)) == n
+        assert s.extras["relevance"].dtype == np.float32 and s.extras["relevance"].shape == (n,)
+        assert s.extras["tissue"].dtype == np.int8 and set(s.extras["tissue"]) <= set(range(len(TISSUES)))
+
+    external = pd.read_csv(tiny / "external" / "labels.csv", dtype=str)
+    assert external.case_id.nunique() == 20 and external.case_id.iloc[0] == "EXTERNAL-0001"
+    assert not (tiny / "external" / "omics.csv").exists()
+    for slide_id in external.slide_id:
+        assert read_slide(tiny / "external" / "features" / f"{slide_id}.h5").features.shape[1] == 32
+    assert (tiny / "spec.json").is_file()
+
+
+def test_same_seed_same_files_other_seed_different(tiny: Path, tmp_path: Path) -> None:
+    again = materialise(TINY, tmp_path / "a")
+    for name in ("internal/labels.csv", "internal/omics.csv", "external/labels.csv"):
+        assert (again / name).read_bytes() == (tiny / name).read_bytes()
+    for cohort in ("internal", "external"):
+        a, b = _slides(tiny, cohort), _slides(again, cohort)
+        assert a.keys() == b.keys()
+        for sid in a:
+            for key in a[sid]:
+                np.testing.assert_array_equal(a[sid][key], b[sid][key])
+
+    other = materialise(dataclasses.replace(TINY, seed=1), tmp_path / "b")
+    assert (other / "internal/omics.csv").read_bytes() != (tiny / "internal/omics.csv").read_bytes()
+    first = "SYN-0001-01"
+    assert not np.array_equal(
+        _slides(other, "internal")[first]["features"], _slides(tiny, "internal")[first]["features"]
+    )
+
+
+def test_cache_hit_does_not_regenerate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = SyntheticSpec(n_patients=8, n_genes=8, feature_dim=8, bag_min=10, bag_max=12, external=())
+    root = materialise(spec, tmp_path)
+
+    def fail(*args: object) -> None:
+        raise AssertionError("regenerated a cached cohort")
+
+    monkeypatch.setattr(synthetic, "_generate", fail)
+    assert materialise(spec, tmp_path) == root
+    assert materialise(SyntheticSpec.from_dict(spec.to_dict()), tmp_path) == root
+
+
+def test_interrupted_generation_leaves_no_cohort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = SyntheticSpec(n_patients=8, n_genes=8, feature_dim=8, bag_min=10, bag_max=12, external=())
+    real, calls = synthetic._write_slide, []
+
+    def dies_on_fifth(*args: object) -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(synthetic, "_write_slide", dies_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        materialise(spec, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    # A generation killed outright leaves its temporary folder; the next call on this host removes it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / f".synthetic-{synthetic.spec_hash(spec)}.tmp-{socket.gethostname()}-{dead.pid}-0"
+    (leftover / "internal").mkdir(parents=True)
+    monkeypatch.setattr(synthetic, "_write_slide", real)
+    root = materialise(spec, tmp_path)
+    assert len(list((root / "internal" / "features").glob("*.h5"))) == len(
+        pd.read_csv(root / "internal" / "labels.csv")
+    )
+    assert not leftover.exists()
+
+
+def test_spec_from_dict_and_validation() -> None:
+    spec = SyntheticSpec.from_dict(
+        {"n_patients": 10, "external": [{"name": "site_b", "latent_shift": [0, 0, 1, 0, 0, 0]}]}
+    )
+    assert spec.external[0].latent_shift == (0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+    assert SyntheticSpec.from_dict(spec.to_dict()) == spec
+    assert synthetic.spec_hash(spec) != synthetic.spec_hash(SyntheticSpec.from_dict({"n_patients": 11}))
+    with pytest.raises(ValueError, match=r"unknown synthetic setting.*n_patient"):
+        SyntheticSpec.from_dict({"n_patient": 10})
+    with pytest.raises(ValueError, match=r"unknown external cohort setting.*scanner"):
+        SyntheticSpec.from_dict({"external": [{"scanner": 1}]})
+    bad = [
+        {"prevalence_her2": 1.5},
+        {"bag_min": 50, "bag_max": 10},
+        {"n_patients": 2.5},
+        {"feature_dtype": "int8"},
+        {"external": [{"name": "a"}, {"name": "a"}]},
+        {"external": [{"name": "internal"}]},
+        {"external": [{"latent_shift": [0, 1]}]},
+    ]
+    for d in bad:
+        with pytest.raises(ValueError):
+            SyntheticSpec.from_dict(d)
+
+
+def test_prevalence_close_to_target(moderate: Path) -> None:
+    patients = pd.read_csv(moderate / "internal" / "labels.csv", dtype=str).drop_duplicates("case_id")
+    for col, target in MODERATE.prevalences.items():
+        assert abs((patients[col] == POSITIVE[col]).mean() - target) < 0.06, col
+    # The external cohort's latent shift (more ERBB2 and proliferation, less luminal) moves prevalences.
+    shifted = pd.read_csv(moderate / "shifted" / "labels.csv", dtype=str).drop_duplicates("case_id")
+    assert (shifted.her2 == "positive").mean() > MODERATE.prevalence_her2
+    assert (shifted.odx_risk == "high").mean() > MODERATE.prevalence_odx
+    assert (shifted.pr == "positive").mean() < MODERATE.prevalence_pr
+
+
+def test_omics_alone_predict_every_label(moderate: Path) -> None:
+    labels = pd.read_csv(moderate / "internal" / "labels.csv", dtype=str).drop_duplicates("case_id")
+    omics = pd.read_csv(moderate / "internal" / "omics.csv", dtype={"case_id": str}).set_index("case_id")
+    labels = labels.set_index("case_id").loc[omics.index]
+    model = make_pipeline(
+        FunctionTransformer(lambda x: np.log2(x + 1.0)), StandardScaler(), LogisticRegression(max_iter=2000)
+    )
+    cv = StratifiedKFold(5, shuffle=True, random_state=0)
+    for col, positive in POSITIVE.items():
+        y = (labels[col] == positive).to_numpy()
+        prob = cross_val_predict(model, omics.to_numpy(float), y, cv=cv, method="predict_proba")[:, 1]
+        assert roc_auc_score(y, prob) >= 0.9, col
+
+
+def test_informative_patches_are_a_minority_of_tumour_and_interface(moderate: Path) -> None:
+    tumour, stroma = TISSUES.index("tumour"), TISSUES.index("stroma")
+    for cohort in ("internal", "shifted"):
+        for sid, s in _slides(moderate, cohort).items():
+            rel, tissue = s["relevance"], s["tissue"]
+            informative = rel > 0
+            assert 0 < informative.mean() <= MODERATE.max_informative_fraction, sid
+            assert np.isin(tissue[informative], [tumour, stroma]).all()
+            assert set(np.unique(rel)) <= {0.0, 0.5, 1.0}
+
+
+def test_external_feature_shift(moderate: Path) -> None:
+    def slide_means(cohort: str) -> np.ndarray:
+        return np.stack(
+            [s["features"].astype(np.float64).mean(0) for s in _slides(moderate, cohort).values()]
+        )
+
+    internal, shifted, same = slide_means("internal"), slide_means("shifted"), slide_means("same")
+    spread = internal.std(0)
+
+    def distance(other: np.ndarray) -> float:
+        return float(np.mean(np.abs(other.mean(0) - internal.mean(0)) / spread))
+
+    assert distance(shifted) > 3 * distance(same)
