@@ -216,10 +216,13 @@ def explain_slide(
     if fold is None:  # an external slide, or no splits on disk: the first fold with weights
         kept = sorted(fold_dir(out, task, method, 0).parent.glob(f"fold_*/{MODEL_FILE}"))
         fold = int(kept[0].parent.name.split("_")[1]) if kept else 0
-    model, config = load_fold_model(fold_dir(out, task, method, fold), torch.device(device))
+    from .runner import resolve_device
+
+    dev = resolve_device(device)
+    model, config = load_fold_model(fold_dir(out, task, method, fold), dev)
     cohort, path, case_id, label = _locate_slide(config, slide_id)
     bag, relevance = _bag(path, model.cfg, slide_id, case_id, label)
-    maps = _patch_maps(model, bag, torch.device(device))
+    maps = _patch_maps(model, bag, dev)
     return SlideExplanation(
         method=method,
         task=task,
@@ -288,6 +291,9 @@ def localisation_table(
     Only folds with kept weights, methods with attention, and slides whose files store ``relevance`` count.
     Returns columns method, fold, slides, auc (empty when the task's slides have no ground truth).
     """
+    from .runner import resolve_device
+
+    dev = resolve_device(device)
     rows = []
     task_dir = Path(out) / task
     for weights in sorted(task_dir.glob(f"*/fold_*/{MODEL_FILE}")):
@@ -300,7 +306,7 @@ def localisation_table(
             slides = np.random.default_rng([seed, int(fd.name.split("_")[1])]).choice(
                 slides, n_slides, replace=False
             )
-        model, config = load_fold_model(fd, torch.device(device))
+        model, config = load_fold_model(fd, dev)
         aucs = []
         for slide_id in slides:
             _, path, case_id, label = _locate_slide(config, str(slide_id))
@@ -308,7 +314,7 @@ def localisation_table(
             if relevance is None:
                 return pd.DataFrame(columns=["method", "fold", "slides", "auc"])
             try:
-                attention = _patch_maps(model, bag, torch.device(device))["attention"]
+                attention = _patch_maps(model, bag, dev)["attention"]
             except BenchError:
                 break
             aucs.append(localisation_auc(attention, relevance))

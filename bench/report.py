@@ -473,8 +473,15 @@ def _data_lines(st: TaskStats) -> list[str]:
         if rows.empty:
             continue
         n, pos = int(rows.patients.max()), int(rows.positives.max())
-        name = "internal cohort (cross-validated)" if c == "test" else f"external cohort `{c}`"
-        lines.append(f"- {name}: {n} patients, {pos} positive ({pos / max(n, 1):.0%}).")
+        if c == "test":
+            total = st.internal_patients
+            where = f" (of {total}; the other folds' results are missing)" if total and total > n else ""
+            lines.append(
+                f"- internal cohort, cross-validated: {n} patients in the test parts of the folds on disk{where}, "
+                f"{pos} positive ({pos / max(n, 1):.0%})."
+            )
+        else:
+            lines.append(f"- external cohort `{c}`: {n} patients, {pos} positive ({pos / max(n, 1):.0%}).")
     return lines
 
 
@@ -535,6 +542,7 @@ def write_report(
     for st in analyses:
         md += [f"### {st.task.upper()}", "", *_data_lines(st), ""]
         table_block(_runs_table(out, st), f"runs_{st.task}")
+        md += [f"- Left out: {note}." for note in st.notes] + ([""] if st.notes else [])
 
     md += ["## Headline: AUC with 95 % confidence intervals and paired tests", ""]
     table_block(headline_table(analyses, all_methods), "table_headline")
@@ -542,6 +550,11 @@ def write_report(
     for st in analyses:
         if len(st.tests):
             table_block(tests_table(st), f"tests_{st.task}")
+        else:
+            md += [
+                f"{st.task.upper()}: no other method shares folds with {st.reference}; nothing to compare.",
+                "",
+            ]
 
     md += ["## Figures", ""]
     for st in analyses:

@@ -261,6 +261,7 @@ class TaskStats:
         patients: patient-level predictions: method, fold, cohort, case_id, label, prob.
         aggregation: the slide-to-patient aggregation used.
         test_train_ratio: n_test / n_train of the corrected t-test, and where it came from.
+        runs: the fold folders used; notes: the ones left out, and why.
     """
 
     task: str
@@ -275,6 +276,8 @@ class TaskStats:
     n_boot: int
     seed: int
     runs: list[FoldRun]
+    notes: list[str]
+    internal_patients: int | None = None
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -292,21 +295,29 @@ def _patients(runs: list[FoldRun], aggregation: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
-def _test_train_ratio(out: Path, task: str, runs: list[FoldRun]) -> tuple[float, str]:
-    """Mean n_test / n_train over the folds, from ``splits.tsv`` when it is the one the folds were run on."""
+def _splits(out: Path, task: str, runs: list[FoldRun]) -> pd.DataFrame | None:
+    """``splits.tsv`` of the task when it is the one every fold on disk was run on, else None."""
     path = Path(out) / task / "splits.tsv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    digests = {(r.fold, r.config.get("split")) for r in runs}
+    if all(f"fold_{f}" in table.columns and membership_digest(table, f) == d for f, d in digests):
+        return table
+    return None
+
+
+def _test_train_ratio(table: pd.DataFrame | None, runs: list[FoldRun]) -> tuple[float, str]:
+    """Mean n_test / n_train over the folds, from the splits when they are known."""
     folds = sorted({r.fold for r in runs})
-    if path.is_file():
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-        digests = {(r.fold, r.config.get("split")) for r in runs}
-        if all(f"fold_{f}" in table.columns and membership_digest(table, f) == d for f, d in digests):
-            ratios = []
-            for f in folds:
-                parts = table.groupby(f"fold_{f}").case_id.nunique()
-                ratios.append(parts.get("test", 0) / max(1, parts.get("train", 0) + parts.get("val", 0)))
-            return float(
-                np.mean(ratios)
-            ), "splits.tsv (patients in each fold's test vs training + validation parts)"
+    if table is not None:
+        ratios = []
+        for f in folds:
+            parts = table.groupby(f"fold_{f}").case_id.nunique()
+            ratios.append(parts.get("test", 0) / max(1, parts.get("train", 0) + parts.get("val", 0)))
+        return float(
+            np.mean(ratios)
+        ), "splits.tsv (patients in each fold's test vs training + validation parts)"
     k = max(int(r.config.get("folds", len(folds))) for r in runs)
     return 1.0 / (k - 1), f"1/(k − 1) with k = {k} (splits.tsv absent or from another run)"
 
@@ -334,6 +345,7 @@ def analyse_task(
     runs = collect_runs(out, task)
     if not runs:
         raise BenchError(f"no fold results for task {task!r} under {out}. Run `bench run --task ...` first.")
+    runs, notes = _one_design(runs)
     aggregations = {r.config.get("task", {}).get("patient_aggregation", "mean") for r in runs}
     if len(aggregations) > 1:
         raise BenchError(
@@ -341,15 +353,17 @@ def analyse_task(
         )
     aggregation = aggregations.pop()
     patients = _patients(runs, aggregation)
-    fold_auc = (
-        patients.groupby(["method", "fold", "cohort"], sort=True)
-        .apply(lambda g: _auc(g.label.to_numpy(), g.prob.to_numpy()), include_groups=False)
-        .rename("auc")
-        .reset_index()
+    fold_auc = pd.DataFrame(
+        [
+            (m, f, c, _auc(g.label.to_numpy(), g.prob.to_numpy()))
+            for (m, f, c), g in patients.groupby(["method", "fold", "cohort"], sort=True)
+        ],
+        columns=["method", "fold", "cohort", "auc"],
     )
     cohorts = ["test", *sorted(set(patients.cohort) - {"test"})]
     ref = _reference(fold_auc, reference, task)
-    ratio = _test_train_ratio(out, task, runs)
+    splits = _splits(out, task, runs)
+    ratio = _test_train_ratio(splits, runs)
     split_of = {(r.method, r.fold): r.config.get("split") for r in runs}
 
     rows = []
@@ -419,7 +433,27 @@ def analyse_task(
         n_boot=n_boot,
         seed=seed,
         runs=runs,
+        notes=notes,
+        internal_patients=None if splits is None else splits.case_id.nunique(),
     )
+
+
+def _one_design(runs: list[FoldRun]) -> tuple[list[FoldRun], list[str]]:
+    """Keep the folds of the most common (number of folds, seed) design; say what was left out and why.
+
+    Folds of another design (an earlier ``--folds 2`` run left ``fold_2`` … of a 5-fold run, say) come from
+    other splits: pooling them would count patients twice and pair folds that do not match.
+    """
+    designs = pd.Series([(r.config.get("folds"), r.config.get("seed")) for r in runs])
+    keep = designs.mode().iloc[0] if designs.nunique() > 1 else designs.iloc[0]
+    kept = [r for r, d in zip(runs, designs, strict=True) if d == keep]
+    notes = [
+        f"ignored {r.method}/fold_{r.fold}: from a {r.config.get('folds')}-fold run with seed "
+        f"{r.config.get('seed')}, not the {keep[0]}-fold, seed {keep[1]} design of the other folds"
+        for r, d in zip(runs, designs, strict=True)
+        if d != keep
+    ]
+    return kept, notes
 
 
 def _test_row(method: str, cohort: str, name: str, t: PairedTest, folds: int) -> dict[str, Any]:

@@ -233,6 +233,19 @@ def test_analysis_resamples_patients_and_pools_as_documented(saved_results):
     assert tests.loc[("ext", "DeLong"), "diff"] == pytest.approx(d_ext)
 
 
+def test_folds_of_another_design_are_left_out_with_a_note(saved_results):
+    stray = pd.DataFrame(
+        [("P00-0", "P00", 1, 0.9, "test"), ("P01-0", "P01", 0, 0.1, "test")],
+        columns=["slide_id", "case_id", "label", "prob", "cohort"],
+    )
+    _write_fold(saved_results, "weak", 4, stray, "other", folds=5)  # left behind by an earlier 5-fold run
+    st = analyse_task(saved_results, "toy", n_boot=200)
+    assert sorted(st.fold_auc.fold.unique()) == [0, 1, 2]
+    assert st.notes == [
+        "ignored weak/fold_4: from a 5-fold run with seed 0, not the 3-fold, seed 0 design of the other folds"
+    ]
+
+
 def test_unknown_reference_is_a_clear_error(saved_results):
     from bench.errors import BenchError
 
