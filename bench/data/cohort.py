@@ -67,7 +67,7 @@ class Cohort:
             sf = read_slide_cached(r.path)
             omics_vec = None
             if omics is not None and r.case_id in omics.index:
-                omics_vec = torch.from_numpy(omics.loc[r.case_id].to_numpy(np.float32))
+                omics_vec = torch.tensor(omics.loc[r.case_id].to_numpy(np.float32))
             edge_index = None
             if graph is not None:
                 from .graph import load_or_build_graph
