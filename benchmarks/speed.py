@@ -120,7 +120,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import methods
-    from bench.data.graph import knn_edge_index
     from methods.base import Bag
 
     torch.set_num_threads(args.threads)
@@ -131,6 +130,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     coords = tissue_coords(n)
     edge_index, graph_s = None, float("nan")
     if cfg.needs_graph:
+        from bench.data.graph import knn_edge_index
+
         start = time.perf_counter()
         edge_index = torch.from_numpy(knn_edge_index(coords, cfg.graph_k, cfg.graph_symmetric))
         graph_s = time.perf_counter() - start

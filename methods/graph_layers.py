@@ -8,12 +8,14 @@ between them (``fast=``) without touching its weights.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import GATv2Conv
+
+if TYPE_CHECKING:
+    from torch_geometric.nn import GATv2Conv
 
 __all__ = ["GATv2Encoder", "NeighbourTable", "gatv2_padded", "in_neighbour_table"]
 
@@ -83,7 +85,8 @@ class _PaddedGATv2Attention(torch.autograd.Function):
     """GATv2 attention and aggregation over a :class:`NeighbourTable`, block by block.
 
     Nothing of size ``E x heads x channels`` is stored: the backward pass recomputes each block's gathered
-    neighbours from ``x_l``, so memory is the inputs plus ``(N, K, heads)`` attention weights.
+    neighbours from ``x_l``, so memory is the inputs plus ``(N, K, heads)`` attention weights. Each pass
+    works in two block-sized buffers (``out=`` and in-place ops), so no large temporary is allocated per block.
     Inputs: ``x_l``, ``x_r`` of shape ``(N, H, C)``, ``att`` of shape ``(H, C)``; output ``(N, H, C)``.
     """
 
@@ -99,53 +102,72 @@ class _PaddedGATv2Attention(torch.autograd.Function):
         training: bool,
     ) -> Tensor:
         n, heads, ch = x_l.shape
-        att_c = att.to(x_l.dtype)
-        out = x_l.new_empty(n, heads, ch)
+        dtype, hc = x_l.dtype, heads * ch
+        x_l2, x_r2, att_c = x_l.reshape(n, hc), x_r.reshape(n, hc).to(dtype), att.to(dtype)
+        out = x_l.new_empty(n, hc)
         alpha = torch.zeros((*table.index.shape, heads), dtype=torch.float32, device=x_l.device)
         scale = F.dropout(torch.ones_like(alpha), p) if training and p > 0 else None
+        gathered, work = _block_buffers(x_l, table, hc)
         for first, end, w in table.blocks:
-            idx, targets = table.index[first:end, :w], table.order[first:end]
-            g = x_l.index_select(0, idx.reshape(-1)).view(end - first, w, heads, ch)
-            z = F.leaky_relu_(g + x_r.index_select(0, targets).unsqueeze(1), slope)
-            score = (z * att_c).sum(-1, dtype=torch.float32)  # (B, w, H)
-            a = score.masked_fill_(~table.mask[first:end, :w].unsqueeze(-1), float("-inf")).softmax(dim=1)
+            b, slots = end - first, (end - first) * w
+            idx, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
+            g = torch.index_select(x_l2, 0, idx, out=gathered[:slots])  # (S, H*C) neighbours' W_l x_j
+            z = torch.add(g.view(b, w, hc), x_r2[targets].unsqueeze(1), out=work[:slots].view(b, w, hc))
+            z = F.leaky_relu_(z, slope).view(slots, heads, ch)
+            score = torch.stack([torch.mv(z[:, h], att_c[h]) for h in range(heads)], -1).float()
+            a = score.view(b, w, heads).masked_fill_(~table.mask[first:end, :w].unsqueeze(-1), float("-inf"))
+            a = a.softmax(dim=1)  # (B, w, H)
             alpha[first:end, :w] = a
             if scale is not None:
                 a = a * scale[first:end, :w]
-            out.index_copy_(0, targets, (a.to(g.dtype).unsqueeze(-1) * g).sum(1))
+            weighted = torch.mul(
+                a.to(dtype).unsqueeze(-1), g.view(b, w, heads, ch), out=work[:slots].view(b, w, heads, ch)
+            )
+            out.index_copy_(0, targets, weighted.sum(1).view(b, hc))
         ctx.save_for_backward(x_l, x_r, att, alpha, scale)
         ctx.table, ctx.slope = table, slope
-        return out
+        return out.view(n, heads, ch)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_l, x_r, att, alpha, scale = ctx.saved_tensors
         table, slope = ctx.table, ctx.slope
-        heads, ch = x_l.shape[1:]
-        att_c = att.to(x_l.dtype)
-        grad_out = grad_out.to(x_l.dtype)
-        grad_l = torch.zeros(x_l.shape[0], heads * ch, dtype=x_l.dtype, device=x_l.device)
-        grad_r = torch.empty_like(x_r)
+        n, heads, ch = x_l.shape
+        dtype, hc = x_l.dtype, heads * ch
+        x_l2, x_r2, att_c = x_l.reshape(n, hc), x_r.reshape(n, hc).to(dtype), att.to(dtype)
+        grad_out = grad_out.reshape(n, hc).to(dtype)
+        grad_l = torch.zeros(n, hc, dtype=dtype, device=x_l.device)
+        grad_r = torch.empty(n, hc, dtype=dtype, device=x_l.device)
         grad_att = torch.zeros(heads, ch, dtype=torch.float32, device=att.device)
+        gathered, work = _block_buffers(x_l, table, hc)
         for first, end, w in table.blocks:
-            idx, targets = table.index[first:end, :w], table.order[first:end]
-            g = x_l.index_select(0, idx.reshape(-1)).view(end - first, w, heads, ch)
-            z = F.leaky_relu_(g + x_r.index_select(0, targets).unsqueeze(1), slope)
-            go = grad_out.index_select(0, targets).unsqueeze(1)  # (B, 1, H, C)
+            b, slots = end - first, (end - first) * w
+            idx, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
+            g = torch.index_select(x_l2, 0, idx, out=gathered[:slots])
+            z = torch.add(g.view(b, w, hc), x_r2[targets].unsqueeze(1), out=work[:slots].view(b, w, hc))
+            z = F.leaky_relu_(z, slope).view(slots, heads, ch)
+            go = grad_out[targets].view(b, 1, heads, ch)
             a = alpha[first:end, :w]
             a_drop = a if scale is None else a * scale[first:end, :w]
-            grad_a = (g * go).sum(-1, dtype=torch.float32)  # (B, w, H)
+            grad_a = g.view(b, w, heads, ch).mul_(go).sum(-1, dtype=torch.float32)  # (B, w, H); g is spent
             if scale is not None:
                 grad_a = grad_a * scale[first:end, :w]
             grad_score = a * (grad_a - (a * grad_a).sum(1, keepdim=True))  # softmax backward; 0 on padding
-            gs = grad_score.to(z.dtype).unsqueeze(-1)
-            grad_att += (gs * z).sum((0, 1), dtype=torch.float32)
-            grad_z = torch.ops.aten.leaky_relu_backward(gs * att_c, z, slope, True)  # (B, w, H, C)
-            grad_r.index_copy_(0, targets, grad_z.sum(1))
-            grad_z.addcmul_(a_drop.to(z.dtype).unsqueeze(-1), go)  # gradient w.r.t. the gathered x_l
-            grad_l.index_add_(0, idx.reshape(-1), grad_z.view(-1, heads * ch))  # 2-D: the fast kernel
-        return grad_l.view_as(x_l), grad_r, grad_att.to(att.dtype), None, None, None, None
+            gs = grad_score.to(dtype).view(slots, heads)
+            grad_att += torch.einsum("sh,shc->hc", gs, z).float()
+            grad_z = torch.mul(gs.unsqueeze(-1), att_c, out=gathered[:slots].view(slots, heads, ch))
+            torch.ops.aten.leaky_relu_backward.grad_input(grad_z, z, slope, True, grad_input=grad_z)
+            grad_r.index_copy_(0, targets, grad_z.view(b, w, hc).sum(1))
+            grad_z.view(b, w, heads, ch).addcmul_(a_drop.to(dtype).unsqueeze(-1), go)  # w.r.t. gathered x_l
+            grad_l.index_add_(0, idx, grad_z.view(slots, hc))
+        return grad_l.view_as(x_l), grad_r.view_as(x_r), grad_att.to(att.dtype), None, None, None, None
+
+
+def _block_buffers(like: Tensor, table: NeighbourTable, width: int) -> tuple[Tensor, Tensor]:
+    """Two ``(largest block's slots, width)`` work buffers shared by all blocks of one pass."""
+    slots = max(((end - first) * w for first, end, w in table.blocks), default=0)
+    return like.new_empty(slots, width), like.new_empty(slots, width)
 
 
 def gatv2_padded(conv: GATv2Conv, x: Tensor, table: NeighbourTable) -> Tensor:
@@ -210,6 +232,10 @@ class GATv2Encoder(nn.Module):
         attn_dropout: float = 0.5,
         fast: bool = True,
     ) -> None:
+        from torch_geometric.nn import (
+            GATv2Conv,
+        )  # deferred: ~130 MB and seconds, needed by graph methods only
+
         super().__init__()
         if hidden_dim % heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by heads ({heads})")
