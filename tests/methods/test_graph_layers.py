@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.data.graph import knn_edge_index
-from methods.graph_layers import GATv2Encoder, gatv2_padded, in_neighbour_table
+from methods.graph_layers import GATv2Encoder, _dropout, _Maximum, gatv2_padded, in_neighbour_table
 
 
 def _graph(n: int, k: int = 4, symmetric: bool = False, seed: int = 0) -> torch.Tensor:
@@ -79,3 +79,25 @@ def test_encoder_dropout_is_active_in_training_only():
 def test_encoder_rejects_heads_not_dividing_width():
     with pytest.raises(ValueError, match="divisible"):
         GATv2Encoder(16, 9, heads=2)
+
+
+def test_fast_maximum_has_torch_maximum_gradients_including_ties():
+    a = torch.tensor([1.0, 2.0, 3.0, -1.0], requires_grad=True)
+    b = torch.tensor([0.0, 2.0, 4.0, -1.0], requires_grad=True)
+    grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = _Maximum.apply(a, b)
+    grads = torch.autograd.grad(out, (a, b), grad)
+    a2, b2 = a.detach().requires_grad_(), b.detach().requires_grad_()
+    ref = torch.maximum(a2, b2)
+    torch.testing.assert_close(out, ref)
+    for g, g_ref in zip(grads, torch.autograd.grad(ref, (a2, b2), grad), strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_fast_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(200, 100)
+    out = _dropout(x, 0.3, training=True)
+    assert abs((out == 0).float().mean().item() - 0.3) < 0.02
+    assert abs(out.mean().item() - 1.0) < 0.03
+    assert _dropout(x, 0.3, training=False) is x
