@@ -308,7 +308,8 @@ def header(args: argparse.Namespace) -> list[str]:
         f"torch {torch.__version__}, {args.threads} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, "
         f"D = {args.dim}, omics width {args.omics_dim}, median of {args.repeats} after {args.warmup} warm-ups",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average at start {os.getloadavg()[0]:.2f}; reference: shared/reference/performance.md",
+        f"load average at start {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+        "reference: shared/reference/performance.md (quiet machine)",
     ]
 
 
