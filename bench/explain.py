@@ -96,8 +96,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     return yaml.safe_load((path / "config.yaml").read_text()) or {}
 
 
-def load_fold_model(path: Path, device: torch.device) -> tuple[MILMethod, dict[str, Any]]:
-    """The model a fold kept (its ``model.pt``), built from the fold's ``config.yaml``, in eval mode."""
+def load_fold_model(
+    path: Path, device: torch.device, untrained_seed: int | None = None
+) -> tuple[MILMethod, dict[str, Any]]:
+    """The model a fold kept (its ``model.pt``), built from the fold's ``config.yaml``, in eval mode.
+
+    With ``untrained_seed`` the same architecture is returned at its random initialisation (torch seeded with
+    it; no ``prepare`` step): the baseline that says how much of a localisation AUC training earned.
+    """
     config = _read_config(path)
     weights = path / MODEL_FILE
     if not weights.is_file():
@@ -112,8 +118,11 @@ def load_fold_model(path: Path, device: torch.device) -> tuple[MILMethod, dict[s
         k: tuple(v) if isinstance(v, list) else v for k, v in config["method_config"].items() if k in names
     }
     cfg = cls.cfg_class(**saved)
+    if untrained_seed is not None:
+        torch.manual_seed(untrained_seed)
     model = create_method(method, in_dim=config["in_dim"], omics_dim=config.get("omics_dim"), cfg=cfg)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    if untrained_seed is None:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval(), config
 
 
@@ -286,46 +295,48 @@ def figure_for(ex: SlideExplanation):
 def localisation_table(
     out: Path, task: str, n_slides: int = 12, seed: int = 0, device: str = "cpu"
 ) -> pd.DataFrame:
-    """Mean localisation AUC over (a seeded sample of) each fold's test slides, per method and fold.
+    """Mean localisation AUC over (a seeded sample of) each fold's test slides, per method and fold, for the
+    trained model (``auc``) and for the same architecture untrained (``auc_untrained``, seeded per fold).
 
     Only folds with kept weights, methods with attention, and slides whose files store ``relevance`` count.
-    Returns columns method, fold, slides, auc (empty when the task's slides have no ground truth).
+    Returns columns method, fold, slides, auc, auc_untrained (empty when the slides have no ground truth).
     """
     from .runner import resolve_device
 
     dev = resolve_device(device)
+    columns = ["method", "fold", "slides", "auc", "auc_untrained"]
     rows = []
-    task_dir = Path(out) / task
-    for weights in sorted(task_dir.glob(f"*/fold_*/{MODEL_FILE}")):
+    for weights in sorted((Path(out) / task).glob(f"*/fold_*/{MODEL_FILE}")):
         fd = weights.parent
         if not fd.name.split("_")[1].isdigit():
             continue
+        fold = int(fd.name.split("_")[1])
         pred = pd.read_csv(fd / "predictions.csv", dtype={"slide_id": str, "case_id": str})
         slides = np.sort(pred.slide_id[pred.cohort == "test"].to_numpy())
         if len(slides) > n_slides:  # the same sample for every method of a fold
-            slides = np.random.default_rng([seed, int(fd.name.split("_")[1])]).choice(
-                slides, n_slides, replace=False
-            )
+            slides = np.random.default_rng([seed, fold]).choice(slides, n_slides, replace=False)
         model, config = load_fold_model(fd, dev)
-        aucs = []
+        untrained, _ = load_fold_model(fd, dev, untrained_seed=seed * 1000 + fold)
+        trained_aucs, untrained_aucs = [], []
         for slide_id in slides:
             _, path, case_id, label = _locate_slide(config, str(slide_id))
             bag, relevance = _bag(path, model.cfg, str(slide_id), case_id, label)
             if relevance is None:
-                return pd.DataFrame(columns=["method", "fold", "slides", "auc"])
+                return pd.DataFrame(columns=columns)
             try:
-                attention = _patch_maps(model, bag, dev)["attention"]
-            except BenchError:
+                trained_aucs.append(localisation_auc(_patch_maps(model, bag, dev)["attention"], relevance))
+            except BenchError:  # no attention: nothing to score for this method
                 break
-            aucs.append(localisation_auc(attention, relevance))
-        valid = [a for a in aucs if not np.isnan(a)]
-        if valid:
+            untrained_aucs.append(localisation_auc(_patch_maps(untrained, bag, dev)["attention"], relevance))
+        valid = ~np.isnan(trained_aucs)
+        if valid.any():
             rows.append(
-                {
-                    "method": fd.parent.name,
-                    "fold": int(fd.name.split("_")[1]),
-                    "slides": len(valid),
-                    "auc": float(np.mean(valid)),
-                }
+                [
+                    fd.parent.name,
+                    fold,
+                    int(valid.sum()),
+                    float(np.mean(np.asarray(trained_aucs)[valid])),
+                    float(np.nanmean(np.asarray(untrained_aucs)[valid])),
+                ]
             )
-    return pd.DataFrame(rows, columns=["method", "fold", "slides", "auc"])
+    return pd.DataFrame(rows, columns=columns)

@@ -124,7 +124,20 @@ def test_localisation_table_scores_each_fold(trained):
     _, out = trained
     table = localisation_table(out, "toy", n_slides=3)
     assert set(table.method) == {"abmil", "momkd"} and set(table.fold) == {0, 1}
-    assert table.slides.max() <= 3 and table.auc.between(0, 1).all()
+    assert (
+        table.slides.max() <= 3 and table.auc.between(0, 1).all() and table.auc_untrained.between(0, 1).all()
+    )
+    assert (table.auc != table.auc_untrained).any()  # the baseline is another model, not the kept weights
+    fold_dir = out / "toy" / "abmil" / "fold_0"
+    a, _ = load_fold_model(fold_dir, torch.device("cpu"), untrained_seed=3)
+    b, _ = load_fold_model(fold_dir, torch.device("cpu"), untrained_seed=3)
+    kept, _ = load_fold_model(fold_dir, torch.device("cpu"))
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(wa, wb), name  # seeded
+    assert any(
+        not torch.equal(wa, wk)
+        for wa, wk in zip(a.state_dict().values(), kept.state_dict().values(), strict=True)
+    )
 
 
 def test_explain_command_writes_a_figure(trained, monkeypatch):
