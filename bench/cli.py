@@ -26,6 +26,8 @@ data_app = typer.Typer(help="Inspect a task's data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 console = Console()
+if not console.is_terminal:  # piped or captured: do not squeeze result tables into 80 columns
+    console = Console(width=160)
 err_console = Console(stderr=True, soft_wrap=True)
 
 Out = Annotated[Path, typer.Option("--out", help="Output folder.")]
