@@ -34,6 +34,7 @@ from .store import fold_status
 __all__ = [
     "POLL_S",
     "SlurmOptions",
+    "bind_worker",
     "run_claimed",
     "run_jobs",
     "submit_slurm",
@@ -141,14 +142,21 @@ def worker_device(spec: str, slot: int) -> torch.device:
     return resolve_device(spec)
 
 
+def bind_worker(spec: str, slot: int, workers: int) -> torch.device:
+    """Set up worker process ``slot`` of ``workers``: its device (made the current CUDA device) and its share
+    of the cores; returns the device."""
+    device = worker_device(spec, slot)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(worker_threads(workers))
+    return device
+
+
 _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(slots: Any, workers: int, data: TaskData, opts: RunOptions) -> None:
-    device = worker_device(opts.device, slots.get())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.set_num_threads(worker_threads(workers))
+    device = bind_worker(opts.device, slots.get(), workers)
     _WORKER.update(data=data, opts=dataclasses.replace(opts, device=str(device), quiet=True))
 
 

@@ -259,15 +259,11 @@ def _worker(
 ) -> None:
     """One sweep worker process: its own device and thread share, the study rebuilt from its URL."""
     import optuna
-    import torch
 
-    from .executors import worker_device, worker_threads
+    from .executors import bind_worker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    device = worker_device(opts.device, slot)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.set_num_threads(worker_threads(workers))
+    device = bind_worker(opts.device, slot, workers)
     _optimize(data, sw, opts, url, name, n_trials, seed, device)
 
 

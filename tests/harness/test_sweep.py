@@ -84,6 +84,16 @@ def test_sweep_searches_on_validation_only_then_runs_best(small_task, tmp_path, 
         assert (report / name).is_file()
     assert "Results in" in printed
 
+    trained = []
+    monkeypatch.setattr(runner, "fit", lambda *a, **k: trained.append(1))
+    code, _, err = bench(
+        monkeypatch, capsys, *args[:4], "--trials", "0", *args[6:], "--out", str(out), "--quiet"
+    )
+    assert code == 0, err  # --trials 0: report the study as it is; abmil[best] is on disk already
+    assert (
+        not trained and yaml.safe_load((out / "toy" / "sweeps" / "abmil" / "best.yaml").read_text()) == best
+    )
+
 
 def test_best_variant_needs_a_sweep(small_task, tmp_path, monkeypatch, capsys):
     args = ["run", "--methods", "abmil[best]", "--task", str(small_task), "--out", str(tmp_path), "--quiet"]
