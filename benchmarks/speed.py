@@ -339,7 +339,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> N
         )
     for r in rows:
         table.add_row(*(fmt(r.get(c)) for c in columns))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
