@@ -204,9 +204,18 @@ def run_gatv2_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
         def linear_maps(conv=conv, x=x) -> None:
             (conv.lin_l(x).sum() + conv.lin_r(x).sum()).backward()
 
-        for name, fn in (("pyg GATv2Conv", pyg), ("fast path", fast), ("linear maps only", linear_maps)):
-            seconds = _median_time(fn, args.warmup, args.repeats)
-            rows.append({"n": n, "path": name, "fwd_bwd_s": seconds, "load": os.getloadavg()[0]})
+        paths = {"pyg GATv2Conv": pyg, "fast path": fast, "linear maps only": linear_maps}
+        for fn in paths.values():
+            for _ in range(args.warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(args.repeats):  # interleaved, so that a change of load hits every path alike
+            for name, fn in paths.items():
+                times[name].append(_median_time(fn, 0, 1))
+        load = os.getloadavg()[0]
+        rows += [
+            {"n": n, "path": k, "fwd_bwd_s": statistics.median(v), "load": load} for k, v in times.items()
+        ]
     return rows
 
 
