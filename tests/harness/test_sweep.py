@@ -38,35 +38,33 @@ def bench(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def test_sweep_searches_on_validation_only_then_runs_best(small_task, tmp_path, monkeypatch, capsys):
     """During the search no test slide and no external slide is ever read; then abmil[best] lands on disk."""
-    loaded, state = [], {"fold": None, "final": False}
-    real_bags, real_train_fold, real_run_job = runner._bags, sweep.train_fold, runner.run_job
+    loaded, state = [], {"fold": None}  # fold: set while a trial trains a fold (None in the final run)
+    real_bags, real_train_fold = runner._bags, sweep.train_fold
 
     def spy_bags(cohort, slide_ids, cfg, omics):
-        loaded.append((state["final"], state["fold"], cohort.name, set(slide_ids)))
+        loaded.append((state["fold"], cohort.name, set(slide_ids)))
         return real_bags(cohort, slide_ids, cfg, omics)
 
     def spy_train_fold(data, fold, *args, **kwargs):
         state["fold"] = fold
-        return real_train_fold(data, fold, *args, **kwargs)
-
-    def spy_run_job(*args, **kwargs):
-        state["final"] = True
-        return real_run_job(*args, **kwargs)
+        try:
+            return real_train_fold(data, fold, *args, **kwargs)
+        finally:
+            state["fold"] = None
 
     monkeypatch.setattr(runner, "_bags", spy_bags)
     monkeypatch.setattr(sweep, "train_fold", spy_train_fold)
-    monkeypatch.setattr(runner, "run_job", spy_run_job)
     out = tmp_path / "res"
     args = ["sweep", "abmil", "--task", str(small_task), "--trials", "3", "--folds", "2", "--epochs", "1"]
     code, printed, err = bench(monkeypatch, capsys, *args, "--out", str(out), "--quiet")
     assert code == 0, err
 
     splits = runner.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
-    searched = [(fold, cohort, ids) for final, fold, cohort, ids in loaded if not final]
+    searched = [(fold, cohort, ids) for fold, cohort, ids in loaded if fold is not None]
     assert len(searched) == 3 * 2 * 2  # trials x folds x (train, val)
     for fold, cohort, ids in searched:
         assert cohort == "internal" and not ids & set(fold_parts(splits, fold)["test"])
-    assert any(cohort == "ext" for final, _, cohort, _ in loaded if final)  # the final run is reported
+    assert any(cohort == "ext" for fold, cohort, _ in loaded if fold is None)  # the final run is reported
 
     best = yaml.safe_load((out / "toy" / "sweeps" / "abmil" / "best.yaml").read_text())
     study = optuna.load_study(
