@@ -202,7 +202,9 @@ class GHANet(MILMethod):
     the survival loss. Gene groups: ``gene_groups`` (the reference's six functional families, filled from a
     task's group file); without it the genes are split into ``num_tokens`` contiguous groups. Decoders are
     sized to whole groups and the loss reads the selected rows (same model as decoders of selected size, and
-    the parameter set is fixed before :meth:`prepare`). Bags without omics train on CE alone.
+    the parameter set is fixed before :meth:`prepare`); a group with no selected gene has nothing to
+    reconstruct and its decoder is frozen (the reference would build a 0-wide layer and a NaN MSE). Bags
+    without omics train on CE alone.
     """
 
     cfg_class = GHANetCfg
