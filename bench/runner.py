@@ -239,6 +239,7 @@ class JobPlan:
 
 
 def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, Any] | None = None) -> JobPlan:
+    """Resolve a job without running it (cheap: no data is read)."""
     device = resolve_device(opts.device)
     cfg = method_config(data, job.method, opts, overrides)
     config, hash_ = job_config(data, job, cfg, device)
