@@ -91,5 +91,5 @@ def test_duplicate_registration_is_an_error():
 
 
 def test_unknown_config_setting_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown setting.*hidden_dim"):
+    with pytest.raises(ValueError, match=r"unknown setting.*hidden_dim"):
         resolve_config("abmil", {"hiden_dim": 3})
