@@ -188,10 +188,14 @@ class MILMethod(nn.Module):
         """Optimiser and (possibly None) scheduler as the config says."""
         cfg = self.cfg
         params = [p for p in self.parameters() if p.requires_grad]
+        # fused kernels: same update rule, one kernel instead of a loop over tensors (~8x faster on CPU)
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
         if cfg.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
+            )
         elif cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         else:
             raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam' or 'adamw'")
         if cfg.scheduler == "none":
