@@ -627,8 +627,9 @@ def write_report(
         + ("given by `--vs`" if reference else "the best mean internal AUC")
         + f" ({'; '.join(f'{st.task.upper()}: {st.reference}' for st in analyses)}).",
         "- The corrected resampled t-test (Nadeau & Bengio 2003) widens the paired t-test's variance by "
-        "1/k + n_test/n_train for the overlap of the folds' training sets; p-values are not corrected for "
-        "multiple comparisons.",
+        "1/k + n_test/n_train for the overlap of the folds' training sets, so it reflects training variability; "
+        "DeLong's test treats the trained models as fixed and reflects only which patients were sampled. "
+        "p-values are not corrected for multiple comparisons.",
         "",
     ]
     path = out / "report.md"
