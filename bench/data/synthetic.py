@@ -13,7 +13,7 @@ The generative model (full description and measured calibration in ``docs/synthe
    cut into Voronoi regions of tumour, stroma, adipose, normal duct and immune tissue, with background
    patches on the rim. Features are tissue prototype + spatially smooth within-type structure + isotropic
    noise + a slide-level stain offset; only tumour and tumour–stroma interface patches (capped at
-   ``max_informative_fraction`` of the bag) add ``signal_strength · relevance · U z``, a weak projection of
+   ``max_informative_fraction`` of the bag) add ``signal_strength · relevance · U (v ⊙ z)``, a weak image of
    the programs. The ``.h5`` files store that ``relevance`` and the ``tissue`` type of each patch.
 4. External cohorts pass every feature through a scanner-like affine map (channel scale, offset, mixing),
    have their own slide-level stain directions, and their own bag sizes.
@@ -147,11 +147,11 @@ class ExternalSpec:
 
     name: str = "external"
     n_patients: int = 150
-    bag_min: int = 150
-    bag_max: int = 1000
+    bag_min: int = 100
+    bag_max: int = 800
     latent_shift: tuple[float, ...] = (0.3, -0.3, 0.3, 0.0, 0.0, 0.0)
-    feature_shift: float = 1.5
-    stain_scale: float = 1.0
+    feature_shift: float = 2.0
+    stain_scale: float = 1.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_shift", tuple(float(v) for v in self.latent_shift))
@@ -191,8 +191,10 @@ class SyntheticSpec:
             AUC: ~0.96 at 0.4).
         gene_loading: log-fold change per program SD of a gene on its primary program.
         gene_dispersion: median negative-binomial dispersion (variance = mean + dispersion · mean²).
-        signal_strength: per-patch amplitude of the program projection ``U z`` in a fully relevant patch,
+        signal_strength: per-patch amplitude of the program projection ``U (v ⊙ z)`` in a fully relevant patch,
             in units of the isotropic noise sd; the WSI signal knob.
+        program_visibility: ``v``, how visible each program is in H&E, one value per :data:`PROGRAMS` entry
+            (proliferation most: mitoses and grade; ERBB2 amplification least).
         max_informative_fraction: cap on the share of a bag's patches that carry the signal.
         noise_scale: per-dimension sd of isotropic patch noise.
         structure_scale: per-dimension sd of the spatially smooth, tissue-specific low-rank structure.
@@ -216,6 +218,7 @@ class SyntheticSpec:
     gene_loading: float = 0.6
     gene_dispersion: float = 0.2
     signal_strength: float = 2.0
+    program_visibility: tuple[float, ...] = (0.85, 0.9, 1.2, 1.0, 1.0, 1.0)
     max_informative_fraction: float = 0.20
     noise_scale: float = 1.0
     structure_scale: float = 1.0
@@ -229,7 +232,13 @@ class SyntheticSpec:
             "external",
             tuple(e if isinstance(e, ExternalSpec) else ExternalSpec.from_dict(e) for e in self.external),
         )
+        object.__setattr__(self, "program_visibility", tuple(float(v) for v in self.program_visibility))
         _check(self)
+        if len(self.program_visibility) != len(PROGRAMS) or min(self.program_visibility) < 0:
+            raise ValueError(
+                f"program_visibility needs {len(PROGRAMS)} values >= 0 ({', '.join(PROGRAMS)}), "
+                f"got {self.program_visibility}"
+            )
         for name in ("second_slide_fraction", "omics_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -271,6 +280,7 @@ class SyntheticSpec:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings (the cache key and ``spec.json``)."""
         d = dataclasses.asdict(self)
+        d["program_visibility"] = list(self.program_visibility)
         d["external"] = [dict(e, latent_shift=list(e["latent_shift"])) for e in d["external"]]
         return d
 
@@ -642,7 +652,7 @@ def _features(
     feats *= spec.noise_scale
     feats += design @ world.basis
     stain = rng.standard_normal(_STAIN_RANK) @ scanner.stain  # (D,)
-    program = spec.signal_strength * (z @ world.signal)  # (D,)
+    program = spec.signal_strength * ((np.asarray(spec.program_visibility) * z) @ world.signal)  # (D,)
     feats += stain.astype(np.float32)
     feats += layout.relevance[:, None] * program.astype(np.float32)
     return feats

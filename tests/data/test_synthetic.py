@@ -162,6 +162,9 @@ def test_spec_from_dict_and_validation() -> None:
     )
     assert spec.external[0].latent_shift == (0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
     assert SyntheticSpec.from_dict(spec.to_dict()) == spec
+    assert (
+        SyntheticSpec.from_dict({"program_visibility": [1, 1, 1, 1, 1, 1]}).program_visibility == (1.0,) * 6
+    )
     assert synthetic.spec_hash(spec) != synthetic.spec_hash(SyntheticSpec.from_dict({"n_patients": 11}))
     with pytest.raises(ValueError, match=r"unknown synthetic setting.*n_patient"):
         SyntheticSpec.from_dict({"n_patient": 10})
@@ -175,6 +178,7 @@ def test_spec_from_dict_and_validation() -> None:
         {"external": [{"name": "a"}, {"name": "a"}]},
         {"external": [{"name": "internal"}]},
         {"external": [{"latent_shift": [0, 1]}]},
+        {"program_visibility": [1.0, 1.0]},
     ]
     for d in bad:
         with pytest.raises(ValueError):
