@@ -57,6 +57,12 @@ def write_task(path: Path, **fields) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def cohort_tools():
+    """``(make_cohort, write_task)`` for tests that build cohorts of their own (no sys.path edits needed)."""
+    return make_cohort, write_task
+
+
 @pytest.fixture
 def small_task(tmp_path: Path) -> Path:
     """A task YAML over a 40-patient internal cohort and a shifted 20-patient external cohort."""

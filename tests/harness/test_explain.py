@@ -17,9 +17,6 @@ from bench.data.formats import read_slide, write_trident_h5
 from bench.explain import explain_slide, load_fold_model, localisation_auc, localisation_table
 from bench.store import MODEL_FILE
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_cohort, write_task
-
 
 def _add_relevance(folder: Path) -> None:
     """make_cohort plants its signal in the first N // 8 patches of each slide: mark those as relevant."""
@@ -40,8 +37,9 @@ def _bench(monkeypatch, *args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
+def trained(tmp_path_factory, cohort_tools) -> tuple[Path, Path]:
     """ABMIL and MoMKD, 2 folds x 1 epoch, on 18 patients (+ 8 external) with relevance in every file."""
+    make_cohort, write_task = cohort_tools
     root = tmp_path_factory.mktemp("explain")
     make_cohort(root / "internal", n_patients=18, genes=8)
     make_cohort(root / "ext", n_patients=8, seed=1, prefix="E", omics=False)
