@@ -29,6 +29,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -166,22 +167,30 @@ def make_storage(url: str) -> Any:
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=60,
-                grace_period=120,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )
-    except ImportError as exc:
-        raise BenchError(
-            f"--storage {_redact(url)}: its database driver is not installed ({exc}). For PostgreSQL: "
-            "pip install -e '.[postgres]'."
-        ) from exc
-    except Exception as exc:  # sqlalchemy's connection and URL errors
-        raise BenchError(f"--storage {_redact(url)}: cannot open the study storage ({exc}).") from exc
+    # Workers started together on a fresh database race to create Optuna's schema; the losers' attempt
+    # fails on a duplicate object and succeeds when retried, so a few attempts are made before giving up.
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=60,
+                    grace_period=120,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=2
+                    ),
+                )
+        except ImportError as exc:
+            raise BenchError(
+                f"--storage {_redact(url)}: its database driver is not installed ({exc}). For PostgreSQL: "
+                "pip install -e '.[postgres]'."
+            ) from exc
+        except Exception as exc:  # sqlalchemy's connection, URL and schema-creation errors
+            if attempt == 2:
+                raise BenchError(f"--storage {_redact(url)}: cannot open the study storage ({exc}).") from exc
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 def _study(url: str, name: str, seed: int, trials: int, pruning: bool) -> Any:
