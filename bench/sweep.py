@@ -438,6 +438,9 @@ def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: S
 
 
 def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> list[Path]:
+    """The optimisation history, and the validation AUC against each numeric searched parameter: complete
+    trials as dots, pruned ones as grey crosses at their last running mean, the mean per value for a discrete
+    parameter; a parameter searched on a log scale (or powers of two) is drawn on one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,13 +450,14 @@ def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> li
     folder.mkdir(parents=True, exist_ok=True)
     complete = sorted(_complete(study), key=lambda t: t.number)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
+    pruned_values = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+    pruned_label = "pruned (last running mean)"
     written = []
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete trial")
     if pruned:
-        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
-        ax.plot([t.number for t in pruned], last, "x", color="grey", label="pruned (last running mean)")
+        ax.plot([t.number for t in pruned], pruned_values, "x", color="grey", label=pruned_label)
     ax.step(
         [t.number for t in complete],
         np.maximum.accumulate([t.value for t in complete]),
@@ -469,14 +473,18 @@ def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> li
         if not points or not all(isinstance(x, int | float) for x, _ in points):
             continue
         xs, ys = np.array([x for x, _ in points], dtype=float), np.array([y for _, y in points])
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(xs, ys, "o", alpha=0.7, label="trial")
-        levels = np.unique(xs)
-        if len(levels) <= 12:  # a categorical or small integer grid: mean per level
-            ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
         dist = next(t.distributions[p] for t in complete if p in t.params)
-        if getattr(dist, "log", False) or (xs.min() > 0 and xs.max() / xs.min() >= 8 and len(levels) <= 12):
-            ax.set_xscale("log", base=2 if np.allclose(np.log2(levels), np.round(np.log2(levels))) else 10)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(xs, ys, "o", alpha=0.7, label="complete trial")
+        cut = [(t.params[p], v) for t, v in zip(pruned, pruned_values, strict=True) if p in t.params]
+        if cut:
+            ax.plot(*zip(*cut, strict=True), "x", color="grey", label=pruned_label)
+        levels = np.unique(xs)
+        if not isinstance(dist, optuna.distributions.FloatDistribution):
+            ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
+        powers_of_two = xs.min() > 0 and np.allclose(np.log2(levels), np.round(np.log2(levels)))
+        if getattr(dist, "log", False) or (powers_of_two and xs.max() / xs.min() >= 8):
+            ax.set_xscale("log", base=2 if powers_of_two else 10)
         ax.set(xlabel=p, ylabel="mean validation AUC", title=f"{method}: validation AUC against {p}")
         ax.legend(fontsize="small")
         written.append(_save(fig, folder / f"sweep_{method}_{p}.png"))
