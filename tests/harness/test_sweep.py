@@ -3,6 +3,7 @@ spaces, the report and figures, and several worker processes sharing one study (
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def test_sweep_searches_on_validation_only_then_runs_best(small_task, tmp_path, 
         fold = out / "toy" / "abmil[best]" / f"fold_{k}"
         config = yaml.safe_load((fold / "config.yaml").read_text())
         assert config["method"] == "abmil[best]" and config["method_config"]["lr"] == best["overrides"]["lr"]
+        val_auc = json.loads((fold / "metrics.json").read_text())["cohorts"]["val"]["auc"]
+        assert val_auc == pytest.approx(best["fold_val_auc"][k])  # the best trial's models, trained again
     assert not (out / "toy" / "abmil").exists()  # trials never write fold folders
     report = out / "toy" / "report"
     for name in ("sweep_abmil.md", "sweep_abmil.tex", "sweep_abmil_history.png", "sweep_abmil_lr.png"):
