@@ -8,8 +8,9 @@ configuration is then run as method ``M[best]`` on the usual folds and reported 
 - Search space: the method's ``search_space(trial)`` (names = config fields). ``params`` restricts it: a
   name left out is never suggested, so it keeps its default and is neither sampled nor recorded.
 - Sampler: TPE, seeded from the task seed (or ``sampler_seed``), the trials already in the study and the
-  worker index; its first ``min(10, max(2, trials // 2))`` trials are random. Pruning: MedianPruner on the
-  running mean of the folds' AUCs (reported after each fold), from the second fold on.
+  worker index; its first ``min(10, max(2, trials // 2))`` trials are random. Pruning: MedianPruner (after
+  five finished trials) on the running mean of the folds' AUCs, reported after each fold, from the second
+  fold on.
 - Storage: ``<out>/<task>/sweeps/<M>.db`` (SQLite) by default; ``storage`` takes any Optuna RDB URL, e.g.
   ``postgresql://user:pw@host/db`` for workers on many machines (heartbeats mark a dead worker's trial
   failed and retry it), or an Optuna journal file, ``journal:<path>`` or any path ending in ``.journal``

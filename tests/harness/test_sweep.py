@@ -158,9 +158,9 @@ def _shared_study_check(storage: str, name: str, trials: int) -> None:
 @pytest.mark.slow
 def test_two_workers_share_a_study_through_a_journal_file(small_task, tmp_path):
     journal = tmp_path / "shared" / "study.journal"
-    sw = SweepOptions("abmil", trials=3, storage=str(journal), study_name="shared", pruning=False)
+    sw = SweepOptions("abmil", trials=2, storage=str(journal), study_name="shared", pruning=False)
     search(str(small_task), sw, RunOptions(out=tmp_path / "res", folds=2, epochs=1, workers=2, quiet=True))
-    _shared_study_check(f"journal:{journal}", "shared", 3)
+    _shared_study_check(f"journal:{journal}", "shared", 2)
 
 
 @pytest.mark.slow
