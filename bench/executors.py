@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .errors import BenchError
 from .locks import claim_path, describe_holder, try_claim
 from .runner import Job, RunOptions, TaskData, plan_job, resolve_device, run_job
 from .store import fold_status
@@ -255,6 +256,11 @@ def submit_slurm(
     todo = [job for job in jobs if not _is_done(data, job, opts)]
     if not todo:
         return []
-    executor = submitit.AutoExecutor(folder=opts.out / data.task.name / "slurm" / "%j", cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=opts.out / data.task.name / "slurm" / "%j", cluster=cluster)
+    except RuntimeError as exc:  # submitit: no srun/sbatch on this machine
+        raise BenchError(
+            f"--executor {cluster}: {exc} Submit from a node of the cluster, or run here with --workers N."
+        ) from exc
     executor.update_parameters(**slurm.parameters(f"bench-{data.task.name}"))
     return executor.map_array(_slurm_task, [data] * len(todo), todo, [opts] * len(todo))

@@ -212,3 +212,14 @@ def test_slurm_array_through_submitit_local_executor(small_task, tmp_path, monke
     assert [j.result() for j in submitted] == ["trained"]
     assert (write_summary(tmp_path, "toy").n == 2).all()
     assert real_submit(data, jobs, opts, executors.SlurmOptions(), cluster="local") == []  # all on disk
+
+
+def test_slurm_without_a_cluster_is_a_one_paragraph_error(small_task, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun or sbatch to be found
+    monkeypatch.setattr(sys, "argv", ["bench", *bench_cmd(small_task, tmp_path)[3:], "--executor", "slurm"])
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--executor slurm" in err and "Traceback" not in err
