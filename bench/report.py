@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from .stats import TaskStats
@@ -150,8 +151,11 @@ def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
                 for m in METRIC_NAMES
             ]
             n = int(s.loc[(method, cohort, "auc"), "n"]) if (method, cohort, "auc") in s.index else 0
-            table.add_row(
-                method, "internal (test)" if cohort == "test" else f"external: {cohort}", *cells, str(n)
+            table.add_row(  # escaped: a variant's brackets are not rich markup
+                escape(method),
+                "internal (test)" if cohort == "test" else f"external: {escape(cohort)}",
+                *cells,
+                str(n),
             )
     return table
 
