@@ -30,7 +30,7 @@ TINY = SyntheticSpec(
     external=(ExternalSpec(n_patients=20, bag_min=15, bag_max=40),),
 )
 # Moderate draw for the statistical properties: many patients, small bags, and a control external cohort
-# with the same biology as the internal one and no feature shift.
+# with the internal biology, the internal stain variation and no feature shift.
 MODERATE = SyntheticSpec(
     seed=3,
     n_patients=500,
@@ -41,7 +41,13 @@ MODERATE = SyntheticSpec(
     external=(
         ExternalSpec(name="shifted", n_patients=150, bag_min=10, bag_max=40),
         ExternalSpec(
-            name="same", n_patients=150, bag_min=10, bag_max=40, latent_shift=(0,) * 6, feature_shift=0.0
+            name="same",
+            n_patients=150,
+            bag_min=10,
+            bag_max=40,
+            latent_shift=(0,) * 6,
+            feature_shift=0.0,
+            stain_scale=0.3,
         ),
     ),
 )
