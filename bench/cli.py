@@ -405,13 +405,11 @@ def tasks_cmd() -> None:
 def data_check_cmd(task: TaskOpt) -> None:
     """Validate a task's files and print every problem found, without training."""
     from .config import load_task
-    from .data.cohort import load_cohort
+    from .data.cohort import load_cohorts
     from .data.splits import check_splits, make_splits, read_splits
 
     cfg = load_task(task)
-    problems: list[str] = []
-    internal = load_cohort(cfg, "internal")
-    problems += internal.problems
+    internal, externals, problems = load_cohorts(cfg)
     summary = [
         f"internal: {internal.slides.case_id.nunique()} patients, {len(internal.slides)} slides, D={internal.dim}"
         + (
@@ -421,17 +419,10 @@ def data_check_cmd(task: TaskOpt) -> None:
             else ", no omics"
         )
     ]
-    for ext in cfg.external:
-        cohort = load_cohort(cfg, ext.name)
-        problems += cohort.problems
-        if internal.dim and cohort.dim and cohort.dim != internal.dim:
-            problems.append(
-                f"{ext.features}: external cohort {ext.name!r} has D={cohort.dim}, internal D={internal.dim}. "
-                "Fix: extract both cohorts with the same encoder."
-            )
-        summary.append(
-            f"external {ext.name}: {cohort.slides.case_id.nunique()} patients, {len(cohort.slides)} slides, D={cohort.dim}"
-        )
+    summary += [
+        f"external {name}: {c.slides.case_id.nunique()} patients, {len(c.slides)} slides, D={c.dim}"
+        for name, c in externals.items()
+    ]
     if not internal.problems:
         try:
             if cfg.splits is not None:

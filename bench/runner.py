@@ -10,14 +10,12 @@ sharing an output folder avoid running one job twice is bench/executors.py's and
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -26,10 +24,11 @@ from methods.base import Bag, MethodCfg
 from methods.registry import UnknownMethodError, parse_method_name
 
 from .config import TaskConfig, cache_root, load_task
-from .data.cohort import Cohort, OmicsScaler, load_cohort, raise_problems
+from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
 from .data.splits import check_splits, fold_parts, make_splits, membership_digest, read_splits
 from .errors import BenchError, DataError
 from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict, slide_predictions
+from .provenance import versions
 from .store import atomic_write_text, config_hash, fold_dir, fold_status, write_fold, write_summary
 from .train import TrainResult, fit
 
@@ -97,18 +96,7 @@ def resolve_device(spec: str) -> torch.device:
 def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
     """Load and check a task's cohorts, then make (or import) and save its patient-level splits."""
     task = load_task(task_ref)
-    internal = load_cohort(task, "internal")
-    problems = list(internal.problems)
-    externals = {}
-    for ext in task.external:
-        cohort = load_cohort(task, ext.name)
-        problems += cohort.problems
-        if internal.dim and cohort.dim and cohort.dim != internal.dim:
-            problems.append(
-                f"{ext.features}: external cohort {ext.name!r} has D={cohort.dim} features but the internal cohort "
-                f"has D={internal.dim}. Fix: extract both cohorts with the same encoder."
-            )
-        externals[ext.name] = cohort
+    internal, externals, problems = load_cohorts(task)
     raise_problems(problems)
     folds = opts.folds or task.folds
     seed = task.seed if opts.seed is None else opts.seed
@@ -194,12 +182,7 @@ def job_config(data: TaskData, job: Job, cfg: MethodCfg, device: torch.device) -
         "task_file": str(data.task.path),
         "synthetic": data.task.synthetic,
         "device": str(device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "platform": platform.platform(),
-        },
+        "versions": versions(),
     }
     return recorded, config_hash(hashed)
 
@@ -277,8 +260,9 @@ def train_fold(
     if internal.omics is not None and cfg.uses_omics:
         train_cases = internal.slides.case_id[internal.slides.slide_id.isin(parts["train"])].unique()
         omics = OmicsScaler(data.task.omics_log1p).fit(internal.omics, train_cases).transform(internal.omics)
+    val_omics = omics if cfg.monitor == "mean-auc" else None  # model selection on teachers that read omics
     train_bags, val_bags = stage_bags(
-        [_bags(internal, parts["train"], cfg, omics), _bags(internal, parts["val"], cfg, None)], device
+        [_bags(internal, parts["train"], cfg, omics), _bags(internal, parts["val"], cfg, val_omics)], device
     )
     result = fit(
         method,

@@ -22,7 +22,7 @@ from ..config import TaskConfig
 from ..errors import DataError
 from .formats import SlideFeatures, feature_path, read_slide
 
-__all__ = ["Cohort", "OmicsScaler", "load_cohort", "raise_problems", "read_slide_cached"]
+__all__ = ["Cohort", "OmicsScaler", "load_cohort", "load_cohorts", "raise_problems", "read_slide_cached"]
 
 ID_COLS = ("case_id", "slide_id")
 
@@ -265,6 +265,23 @@ def load_cohort(task: TaskConfig, cohort: str = "internal", check_values: bool =
     if cohort == "internal" and task.require_omics and omics is not None:
         df = df[df.case_id.isin(omics.index)].reset_index(drop=True)
     return Cohort(cohort, df.reset_index(drop=True), dim or 0, omics, problems)
+
+
+def load_cohorts(task: TaskConfig) -> tuple[Cohort, dict[str, Cohort], list[str]]:
+    """The internal cohort, each external cohort by name, and every problem found in any of them,
+    including an external cohort whose feature width differs from the internal one's."""
+    internal = load_cohort(task, "internal")
+    problems = list(internal.problems)
+    externals: dict[str, Cohort] = {}
+    for ext in task.external:
+        cohort = externals[ext.name] = load_cohort(task, ext.name)
+        problems += cohort.problems
+        if internal.dim and cohort.dim and cohort.dim != internal.dim:
+            problems.append(
+                f"{ext.features}: external cohort {ext.name!r} has D={cohort.dim} features but the internal "
+                f"cohort has D={internal.dim}. Fix: extract both cohorts with the same encoder."
+            )
+    return internal, externals, problems
 
 
 def raise_problems(problems: Sequence[str]) -> None:
