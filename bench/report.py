@@ -21,6 +21,7 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table as RichTable
 
+from . import provenance
 from .stats import TaskStats
 from .store import atomic_write_text, collect_metrics
 
@@ -372,42 +373,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
-def _versions() -> dict[str, str]:
-    """The versions making this report: bench (and its git commit when run from a checkout), Python, libraries."""
-    import platform
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    import numpy as np
-    import sklearn
-    import torch
-
-    try:
-        bench_version = version("bench")
-    except PackageNotFoundError:
-        bench_version = "unknown"
-    repo = Path(__file__).resolve().parents[1]
-    commit = ""
-    if (repo / ".git").exists():
-        try:
-            commit = subprocess.run(
-                ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = ""
-    return {
-        "bench": bench_version + (f" (git {commit})" if commit else ""),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
-
-
 def _synthetic_spec(config: dict) -> dict | None:
     """The generator settings of a synthetic task (``spec.json`` of its cached cohort), or None."""
     task = config.get("task", {})
@@ -536,7 +501,7 @@ def write_report(
             [f"![{caption}]({rel / paths[0].name})", "", f"*{caption}* ([SVG]({rel / paths[1].name}))", ""]
         )
 
-    versions = _versions()
+    versions = provenance.versions()
     md += [
         f"# Benchmark report: {', '.join(t.upper() for t in tasks)}",
         "",
