@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
-
-from torch import Tensor, nn
-
-T = TypeVar("T")
-
-
-def exists(x: object) -> bool:
-    return x is not None
-
-
-def default(x: T | None, d: T) -> T:
-    return d if x is None else x
+from torch import nn
 
 
 def init_linear_xavier(module: nn.Module) -> None:
@@ -24,13 +12,3 @@ def init_linear_xavier(module: nn.Module) -> None:
             nn.init.xavier_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def masked_softmax(scores: Tensor, dim: int = -1) -> Tensor:
-    """Softmax that ignores ``-inf`` entries and returns zeros for all-masked rows."""
-    out = scores.softmax(dim=dim)
-    return out.nan_to_num(0.0)
