@@ -20,7 +20,7 @@ configuration is then run as method ``M[best]`` on the usual folds and reported 
   ``--study-name`` (each runs its own ``--trials``; give each its own ``--sampler-seed``).
 - Output: ``<out>/<task>/sweeps/<M>/best.yaml`` (read by the runner for ``M[best]``), and in
   ``<out>/<task>/report/``: ``sweep_<M>.{md,tex}`` (best trial, top trials) and the figures
-  ``sweep_<M>_history.png`` (optimisation history) and ``sweep_<M>_<param>.png`` (AUC against each
+  ``sweep_<M>_history.png|.svg`` (optimisation history) and ``sweep_<M>_<param>.png`` (AUC against each
   searched parameter: the sensitivity analysis, e.g. margin and memory size for MoMKD).
 """
 
@@ -441,33 +441,36 @@ def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: S
 def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> list[Path]:
     """The optimisation history, and the validation AUC against each numeric searched parameter: complete
     trials as dots, pruned ones as grey crosses at their last running mean, the mean per value for a discrete
-    parameter; a parameter searched on a log scale (or powers of two) is drawn on one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    parameter; a parameter searched on a log scale (or powers of two) is drawn on one. PNG and SVG, in the
+    report's figure style."""
     import optuna
+    from matplotlib.figure import Figure
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from .figures import COLUMN_WIDTH, paper_style, save_figure
+
     complete = sorted(_complete(study), key=lambda t: t.number)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
     pruned_values = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
     pruned_label = "pruned (last running mean)"
+    size = (COLUMN_WIDTH, COLUMN_WIDTH * 0.7)
     written = []
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([t.number for t in complete], [t.value for t in complete], "o", label="complete trial")
-    if pruned:
-        ax.plot([t.number for t in pruned], pruned_values, "x", color="grey", label=pruned_label)
-    ax.step(
-        [t.number for t in complete],
-        np.maximum.accumulate([t.value for t in complete]),
-        where="post",
-        label="best so far",
-    )
-    ax.set(xlabel="trial", ylabel="mean validation AUC", title=f"{method}: optimisation history")
-    ax.legend(fontsize="small")
-    written.append(_save(fig, folder / f"sweep_{method}_history.png"))
+    with paper_style():
+        fig = Figure(figsize=size)
+        ax = fig.add_subplot()
+        ax.plot([t.number for t in complete], [t.value for t in complete], "o", ms=3, label="complete trial")
+        if pruned:
+            ax.plot([t.number for t in pruned], pruned_values, "x", ms=3, color="grey", label=pruned_label)
+        ax.step(
+            [t.number for t in complete],
+            np.maximum.accumulate([t.value for t in complete]),
+            where="post",
+            label="best so far",
+        )
+        ax.set(xlabel="trial", ylabel="mean validation AUC", title=f"{method}: optimisation history")
+        ax.legend()
+        fig.tight_layout()
+    written += save_figure(fig, folder, f"sweep_{method}_history")
 
     for p in params:
         points = [(t.params[p], t.value) for t in complete if p in t.params]
@@ -475,27 +478,21 @@ def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> li
             continue
         xs, ys = np.array([x for x, _ in points], dtype=float), np.array([y for _, y in points])
         dist = next(t.distributions[p] for t in complete if p in t.params)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(xs, ys, "o", alpha=0.7, label="complete trial")
-        cut = [(t.params[p], v) for t, v in zip(pruned, pruned_values, strict=True) if p in t.params]
-        if cut:
-            ax.plot(*zip(*cut, strict=True), "x", color="grey", label=pruned_label)
-        levels = np.unique(xs)
-        if not isinstance(dist, optuna.distributions.FloatDistribution):
-            ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
-        powers_of_two = xs.min() > 0 and np.allclose(np.log2(levels), np.round(np.log2(levels)))
-        if getattr(dist, "log", False) or (powers_of_two and xs.max() / xs.min() >= 8):
-            ax.set_xscale("log", base=2 if powers_of_two else 10)
-        ax.set(xlabel=p, ylabel="mean validation AUC", title=f"{method}: validation AUC against {p}")
-        ax.legend(fontsize="small")
-        written.append(_save(fig, folder / f"sweep_{method}_{p}.png"))
+        with paper_style():
+            fig = Figure(figsize=size)
+            ax = fig.add_subplot()
+            ax.plot(xs, ys, "o", ms=3, alpha=0.7, label="complete trial")
+            cut = [(t.params[p], v) for t, v in zip(pruned, pruned_values, strict=True) if p in t.params]
+            if cut:
+                ax.plot(*zip(*cut, strict=True), "x", ms=3, color="grey", label=pruned_label)
+            levels = np.unique(xs)
+            if not isinstance(dist, optuna.distributions.FloatDistribution):
+                ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
+            powers_of_two = xs.min() > 0 and np.allclose(np.log2(levels), np.round(np.log2(levels)))
+            if getattr(dist, "log", False) or (powers_of_two and xs.max() / xs.min() >= 8):
+                ax.set_xscale("log", base=2 if powers_of_two else 10)
+            ax.set(xlabel=p, ylabel="mean validation AUC", title=f"{method}: validation AUC against {p}")
+            ax.legend()
+            fig.tight_layout()
+        written += save_figure(fig, folder, f"sweep_{method}_{p}")
     return written
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
