@@ -3,7 +3,8 @@
 Per epoch: ``on_epoch_start``; for each bag (class-balanced sampling with replacement when the method's
 config says so): forward, the method's named loss terms summed, backward; an optimiser step every
 ``accumulation_steps`` bags (and on leftover gradients at the end of the epoch), gradient clipping, then
-``after_step``. After each epoch the validation patients are scored (AUC or loss, ``cfg.monitor``): the
+``after_step``. After each epoch the validation patients are scored (``cfg.monitor``: AUC, loss, or the
+mean AUC of the models a method exposes through ``validation_logits``, e.g. MKD's student and teachers): the
 best epoch's weights are kept, the plateau scheduler steps on that score, and training stops early after
 ``patience`` epochs without improvement (never before ``min_epochs``).
 
@@ -26,7 +27,10 @@ from methods.base import Bag, MethodCfg
 
 from .evaluate import binary_metrics, patient_level, predict, slide_predictions
 
-__all__ = ["TrainResult", "epoch_order", "fit", "seed_everything"]
+__all__ = ["MONITORS", "TrainResult", "epoch_order", "fit", "mean_model_auc", "seed_everything"]
+
+#: ``cfg.monitor`` -> the validation record's key it selects on
+MONITORS = {"auc": "val_auc", "loss": "val_loss", "mean-auc": "val_mean_auc"}
 
 
 @dataclass
@@ -55,18 +59,45 @@ def epoch_order(labels: torch.Tensor, balanced: bool, generator: torch.Generator
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
+def _patient_auc(bags: Sequence[Bag], probs: np.ndarray, aggregation: str) -> float:
+    pat = patient_level(slide_predictions(bags, probs, "val"), aggregation)
+    return binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"]
+
+
+@torch.inference_mode()
+def mean_model_auc(
+    model: MILMethod, bags: Sequence[Bag], device: torch.device, autocast: bool, aggregation: str
+) -> float:
+    """Mean over the models of ``model.validation_logits`` of their patient-level AUC, each on the bags it
+    scores (a teacher that needs omics: the bags with omics); a model with one class only is left out."""
+    was_training = model.training
+    model.eval()
+    scored: dict[str, tuple[list[Bag], list[torch.Tensor]]] = {}
+    for bag in bags:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model.validation_logits(bag.to(device, non_blocking=True))
+        for name, z in logits.items():
+            scored.setdefault(name, ([], []))[0].append(bag)
+            scored[name][1].append(z.float().softmax(-1)[1])
+    model.train(was_training)
+    aucs = [_patient_auc(b, torch.stack(p).cpu().numpy(), aggregation) for b, p in scored.values()]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
 def _validate(
     model: MILMethod, bags: Sequence[Bag], device: torch.device, autocast: bool, aggregation: str
 ) -> dict[str, float]:
     probs = predict(model, bags, device, autocast)
     labels = np.array([int(b.label) for b in bags])
     p = np.clip(probs, 1e-7, 1 - 1e-7)
-    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-    pat = patient_level(slide_predictions(bags, probs, "val"), aggregation)
-    return {
-        "val_auc": binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"],
-        "val_loss": loss,
+    record = {
+        "val_auc": _patient_auc(bags, probs, aggregation),
+        "val_loss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))),
     }
+    if model.cfg.monitor == "mean-auc":
+        record["val_mean_auc"] = mean_model_auc(model, bags, device, autocast, aggregation)
+    return record
 
 
 def fit(
@@ -91,7 +122,9 @@ def fit(
     optimizer, scheduler = model.configure_optimizer()
     generator = torch.Generator().manual_seed(seed)
     labels = torch.tensor([int(b.label) for b in train_bags])
-    maximise = cfg.monitor == "auc"
+    if cfg.monitor not in MONITORS:
+        raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
+    maximise = cfg.monitor != "loss"
     best_score, best_epoch, best_state = -math.inf if maximise else math.inf, -1, None
     history: list[dict[str, float]] = []
     acc = max(1, cfg.accumulation_steps)
@@ -121,7 +154,7 @@ def fit(
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, len(labels))}
         record.update(_validate(model, val_bags, device, autocast, aggregation))
         history.append(record)
-        score = record["val_auc"] if maximise else record["val_loss"]
+        score = record[MONITORS[cfg.monitor]]
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(score)
         elif scheduler is not None:

@@ -103,14 +103,16 @@ class MethodCfg:
     optimizer: str = "adam"  # adam | adamw
     lr: float = 1e-4
     weight_decay: float = 1e-5
-    scheduler: str = "none"  # none | plateau | cosine
+    scheduler: str = "none"  # none | plateau | cosine | linear (to zero over ``epochs``)
     plateau_factor: float = 0.2
     plateau_patience: int = 5
     cosine_t_max: int = 50
     epochs: int = 100
     patience: int = 20  # early stopping, epochs without a better validation score
     min_epochs: int = 0  # no early stop before this many epochs
-    monitor: str = "auc"  # auc | loss: validation score for early stopping and checkpoint selection
+    #: validation score for early stopping and checkpoint selection: auc | loss | mean-auc (the mean of the
+    #: AUCs of the models ``validation_logits`` returns, e.g. MKD's student and teachers)
+    monitor: str = "auc"
     grad_clip: float | None = None  # max gradient norm
     balanced_sampling: bool = False  # class-balanced sampling with replacement
     accumulation_steps: int = 1  # optimiser step every this many bags
@@ -131,6 +133,12 @@ class MethodCfg:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate ``lr * (1 - (e + 1) / (epochs + 1))`` after epoch ``e`` (stepped once per epoch): linear
+    decay towards zero, as pix2pix-style ``lr_policy='linear'`` with ``niter=0`` (Xing et al.'s TDC code)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1 - (e + 1) / (epochs + 1))
 
 
 class MILMethod(nn.Module):
@@ -180,6 +188,11 @@ class MILMethod(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (default: nothing); e.g. to drop a partial window's buffer."""
 
+    def validation_logits(self, bag: Bag) -> dict[str, Tensor]:
+        """Logits ``(C,)`` of every model whose validation AUC the ``mean-auc`` monitor averages; the bag
+        carries omics when the method uses them. Default: the method's own prediction."""
+        return {"model": self(bag.without_omics()).logits}
+
     def training_report(self) -> dict[str, Any]:
         """JSON-able facts about the trained model for the fold's metrics (e.g. active memory components)."""
         return {}
@@ -203,14 +216,18 @@ class MILMethod(nn.Module):
         elif cfg.scheduler == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt,
-                mode="max" if cfg.monitor == "auc" else "min",
+                mode="min" if cfg.monitor == "loss" else "max",
                 factor=cfg.plateau_factor,
                 patience=cfg.plateau_patience,
             )
         elif cfg.scheduler == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
+        elif cfg.scheduler == "linear":
+            sched = linear_decay(opt, cfg.epochs)
         else:
-            raise ValueError(f"unknown scheduler {cfg.scheduler!r}; use 'none', 'plateau' or 'cosine'")
+            raise ValueError(
+                f"unknown scheduler {cfg.scheduler!r}; use 'none', 'plateau', 'cosine' or 'linear'"
+            )
         return opt, sched
 
     @classmethod

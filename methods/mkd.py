@@ -92,7 +92,7 @@ class MKDCfg(MethodCfg):
     epochs: int = 100
     patience: int = 5
     min_epochs: int = 7
-    monitor: str = "auc"
+    monitor: str = "mean-auc"  # core_utils_train: mean of the student's and both teachers' val AUCs
     balanced_sampling: bool = True
     accumulation_steps: int = 16  # the window: the trainer steps exactly once per window
     uses_omics: bool = True
@@ -202,9 +202,9 @@ class MKD(MILMethod):
     8192). A slide without omics contributes its student CE; the KD terms use only the window's slides with
     omics (none when fewer than two).
 
-    Model selection: the reference early-stops on the mean validation AUC of the three models; this
-    interface monitors the student (``forward``). :meth:`validation_logits` gives all three models' logits
-    of a bag with omics, for a harness that monitors their mean.
+    Model selection: as the reference, early stopping and the kept checkpoint follow the mean validation AUC
+    of the three models (``monitor="mean-auc"``; the teachers are scored on the validation patients with
+    omics, which the runner attaches for this monitor only); variant ``student-monitor``: the student's AUC.
     """
 
     cfg_class = MKDCfg
@@ -212,6 +212,7 @@ class MKD(MILMethod):
         "no-sp": {"sp_weight": 0.0},
         "no-kl": {"kl_weight": 0.0},
         "no-decomposition": {"decomposition_weight": 0.0},
+        "student-monitor": {"monitor": "auc"},
     }
     summary = (
         "Online KD: ABMIL student + omics and bilinear-fusion teachers, SP/KL/orthogonal/CORAL (Zhang 2025)"
@@ -235,8 +236,7 @@ class MKD(MILMethod):
         return F.pad(omics, (0, pad)).view(self.num_tokens, self.cfg.token_size)
 
     def validation_logits(self, bag: Bag) -> dict[str, Tensor]:
-        """Logits ``(C,)`` of the student and, when the bag has omics, of both teachers (for a monitor of the
-        mean validation AUC of the three, as the reference's early stopping)."""
+        """Logits ``(C,)`` of the student and, when the bag has omics, of both teachers."""
         out = {"student": self.student(bag.features)[0]}
         if bag.omics is not None:
             tokens = self._tokens(bag.omics)

@@ -104,3 +104,20 @@ def test_omics_scaled_with_training_patients_only(small_task, opts):
     assert abs(float(scaled.loc[train_cases].mean().abs().max())) < 1e-5
     held_out = scaled.drop(index=train_cases)
     assert float(held_out.mean().abs().max()) > 1e-3  # held-out patients are not re-centred on themselves
+
+
+def test_validation_omics_only_for_a_mean_auc_monitor(small_task, opts, monkeypatch):
+    """MKD selects on its teachers too, so its validation bags carry omics; ABMIL's never do. The test
+    part never reaches training or selection either way."""
+    seen: dict[str, list[bool]] = {}
+    real_fit = runner.fit
+
+    def spy(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs):
+        seen[method] = [b.omics is not None for b in val_bags]
+        return real_fit(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit", spy)
+    run(str(small_task), ["abmil", "mkd"], RunOptions(out=opts.out, quiet=True, epochs=1))
+    assert not any(seen["abmil"]) and any(seen["mkd"])
+    metrics = json.loads((opts.out / "toy" / "mkd" / "fold_0" / "metrics.json").read_text())
+    assert metrics["monitor"] == "mean-auc" and "val_mean_auc" in metrics["history"][0]

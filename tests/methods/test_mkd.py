@@ -172,4 +172,28 @@ def test_variants_switch_terms_off():
     for bag in _bags(16, seed=7):
         terms = model.loss(bag, model(bag))
     assert set(terms) == {"ce", "kl"}
-    assert set(MKD.variants) == {"no-sp", "no-kl", "no-decomposition"}
+    assert set(MKD.variants) == {"no-sp", "no-kl", "no-decomposition", "student-monitor"}
+
+
+def test_mean_auc_monitor_averages_student_and_teachers_over_patients():
+    """MKD selects epochs on the mean validation AUC of its three models (teachers: slides with omics)."""
+    from sklearn.metrics import roc_auc_score
+
+    from bench.train import mean_model_auc
+
+    model = _model()
+    assert model.cfg.monitor == "mean-auc"
+    bags = _bags(12, seed=8)
+    for i, b in enumerate(bags):
+        b.case_id, b.slide_id = f"P{i}", f"P{i}-01"
+    bags[0].omics = bags[1].omics = None  # teachers skip these two
+    got = mean_model_auc(model, bags, torch.device("cpu"), autocast=False, aggregation="mean")
+    model.eval()
+    with torch.no_grad():
+        scores = {"student": [], "omics_teacher": [], "multimodal_teacher": []}
+        for b in bags:
+            for name, z in model.validation_logits(b).items():
+                scores[name].append((int(b.label), float(z.softmax(-1)[1])))
+    want = np.mean([roc_auc_score(*zip(*pairs, strict=True)) for pairs in scores.values()])
+    assert len(scores["student"]) == 12 and len(scores["omics_teacher"]) == 10
+    assert got == pytest.approx(want, abs=1e-6)
