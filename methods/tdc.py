@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .abmil import ABMIL, ABMILCfg
-from .base import Bag, MethodCfg, MILMethod, MILOutput
+from .base import Bag, MethodCfg, MILMethod, MILOutput, linear_decay
 from .layers import BilinearFusion, init_linear_normal_fan_in
 from .registry import register_method
 
@@ -229,7 +229,7 @@ class TDC(MILMethod):
                 weight_decay=cfg.teacher_weight_decay,
                 fused=True,
             )
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 - (e + 1) / (epochs + 1))
+            sched = linear_decay(opt, epochs)
             self.teacher.train()
             for _ in range(epochs):
                 for i in torch.randperm(len(bags), generator=order).tolist():
@@ -334,20 +334,6 @@ class TDC(MILMethod):
         )
         q = F.normalize(self.embed_s(f.float()), dim=0)
         return discrepancy_contrastive_loss(q, keys, 1 + pos.numel(), cfg.nce_temperature)
-
-    def configure_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
-        """The base optimiser; ``scheduler='linear'`` decays the rate linearly to zero over ``epochs``
-        (Xing's ``lr_policy='linear'``)."""
-        if self.cfg.scheduler != "linear":
-            return super().configure_optimizer()
-        cfg = self.cfg
-        self.cfg = cfg.replace(scheduler="none")
-        try:
-            opt, _ = super().configure_optimizer()
-        finally:
-            self.cfg = cfg
-        epochs = cfg.epochs
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 - (e + 1) / (epochs + 1))
 
     def training_report(self) -> dict[str, Any]:
         return {"teacher_bank_slides": int(self.bank_t.shape[0]), "teacher_frozen": self.frozen}
