@@ -21,13 +21,14 @@ __all__ = ["ABMIL", "ABMILCfg"]
 @dataclass
 class ABMILCfg(MethodCfg):
     """CLAM defaults: Adam 1e-4, weight decay 1e-5, dropout 0.25, up to 200 epochs, early stop on val loss
-    (patience 20, not before epoch 50: CLAM's ``EarlyStopping(patience=20, stop_epoch=50)``)."""
+    with CLAM's ``EarlyStopping(patience=20, stop_epoch=50)``, which stops only at an epoch index above 50,
+    i.e. after at least 52 epochs (``min_epochs=52`` under this trainer's rule)."""
 
     hidden_dim: int = 512
     attn_dim: int = 256
     epochs: int = 200
     patience: int = 20
-    min_epochs: int = 50
+    min_epochs: int = 52
     monitor: str = "loss"
 
 

@@ -40,7 +40,8 @@ class MoMKDCfg(MethodCfg):
     Training: AdamW lr 2e-4 (``main.py``), weight decay 1e-4 (hard-coded in ``train_mkd``), ReduceLROnPlateau
     (max, factor 0.2, patience 5) on val AUC, grad-norm clip 16 (``run.sh``: ``--gc 16``), class-balanced
     sampling with replacement, up to 100 epochs (``run.sh``), early stopping on val AUC with ``main.py``'s
-    defaults patience 20 and stop epoch 50 (``run.sh`` sets 1 and 1, a debugging setting; not used).
+    defaults patience 20 and stop epoch 50 (``run.sh`` sets 1 and 1, a debugging setting; not used); its
+    CLAM-style ``EarlyStopping`` stops only at an epoch index above ``stop_epoch``, so ``min_epochs=52``.
     """
 
     wsi_dim: int = 256  # Dw, width of the graph encoder
@@ -78,7 +79,7 @@ class MoMKDCfg(MethodCfg):
     plateau_patience: int = 5
     epochs: int = 100
     patience: int = 20
-    min_epochs: int = 50
+    min_epochs: int = 52
     monitor: str = "auc"
     grad_clip: float | None = 16.0
     balanced_sampling: bool = True
