@@ -76,6 +76,7 @@ class Table:
                 ("†", r"\textsuperscript{\dag}"),
                 ("‡", r"\textsuperscript{\ddag}"),
                 ("Δ", r"$\Delta$"),
+                ("ρ", r"$\rho$"),
                 ("<", r"$<$"),
                 (">", r"$>$"),
                 ("−", "-"),

@@ -19,7 +19,9 @@ configuration is then run as method ``M[best]`` on the usual folds and reported 
   are split among them), or separate processes on any machines given the same ``--storage`` and
   ``--study-name`` (each runs its own ``--trials``; give each its own ``--sampler-seed``).
 - Output: ``<out>/<task>/sweeps/<M>/best.yaml`` (read by the runner for ``M[best]``), and in
-  ``<out>/<task>/report/``: ``sweep_<M>.{md,tex}`` (best trial, top trials) and the figures
+  ``<out>/<task>/report/``: ``sweep_<M>.{md,tex}`` (best trial, top trials),
+  ``sweep_<M>_sensitivity.{md,tex}`` (per parameter: fANOVA importance, Spearman's rho, and the spread
+  between trials against one trial's fold noise) and the figures
   ``sweep_<M>_history.png|.svg`` (optimisation history) and ``sweep_<M>_<param>.png`` (AUC against each
   searched parameter: the sensitivity analysis, e.g. margin and memory size for MoMKD).
 """
@@ -402,7 +404,8 @@ def _value_text(v: Any) -> str:
 
 
 def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: Sequence[str]) -> list[Path]:
-    """``sweep_<M>.{md,tex}`` (best trial, top trials) and the figures, in ``<out>/<task>/report/``."""
+    """``sweep_<M>.{md,tex}`` (best trial, top trials), ``sweep_<M>_sensitivity.{md,tex}`` and the figures,
+    in ``<out>/<task>/report/``."""
     import optuna
 
     from .report import Table, fmt, write_table
@@ -435,7 +438,72 @@ def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: S
     )
     table = Table(["Rank", "Trial", "Val AUC", *params], rows, bold, caption, f"tab:sweep-{method}")
     written = write_table(table, folder, f"sweep_{method}", formats)
+    sensitivity = _sensitivity_table(study, complete, method, params)
+    if sensitivity is not None:
+        written += write_table(sensitivity, folder, f"sweep_{method}_sensitivity", formats)
     return written + _figures(study, folder, method, params)
+
+
+def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params: Sequence[str]) -> Any:
+    """Per searched parameter: its fANOVA importance (Optuna, seeded) and the Spearman correlation of its
+    value with the mean validation AUC over the complete trials; the caption sets the spread between trials
+    against the fold noise of one trial's mean, so a reader sees whether the search found more than noise.
+    None with fewer than three complete trials."""
+    import optuna
+    from scipy.stats import spearmanr
+
+    from .report import Table
+
+    if len(complete) < 3 or not params:
+        return None
+    importance = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=list(params)
+    )
+    rows = []
+    for p in params:
+        pairs = [(t.params[p], t.value) for t in complete if p in t.params]
+        xs = [x for x, _ in pairs]
+        numeric = all(isinstance(x, int | float) for x in xs) and len(set(xs)) > 1
+        rho, pval = spearmanr(xs, [y for _, y in pairs]) if numeric else (math.nan, math.nan)
+        rows.append(
+            [
+                p,
+                f"{importance.get(p, math.nan):.2f}",
+                "–" if math.isnan(rho) else f"{rho:+.2f}",
+                "–" if math.isnan(pval) else f"{pval:.2g}",
+                str(len(pairs)),
+            ]
+        )
+    means = np.array([t.value for t in complete])
+    fold_sd = [
+        np.std(f, ddof=1)
+        for t in complete
+        if len(f := [a for a in t.user_attrs.get("fold_val_auc", []) if a is not None and not math.isnan(a)])
+        > 1
+    ]
+    noise = ""
+    if fold_sd:
+        k = int(np.median([len(t.user_attrs.get("fold_val_auc", [])) for t in complete]))
+        noise = (
+            f"; the standard error of one trial's mean from its fold noise is about "
+            f"{np.median(fold_sd) / math.sqrt(max(k, 1)) * 100:.1f} (median fold SD {np.median(fold_sd) * 100:.1f}, "
+            f"{k} folds)"
+        )
+    caption = (
+        f"Sensitivity of {method}'s mean validation AUC to each searched parameter over {len(complete)} "
+        "complete trials: fANOVA importance (share of the explained variance) and Spearman's rho with its "
+        f"p-value. Mean validation AUC across trials: {means.mean() * 100:.1f} ± {means.std(ddof=1) * 100:.1f} "
+        f"(range {means.min() * 100:.1f}–{means.max() * 100:.1f}){noise}. Importances over few, noisy trials "
+        "are themselves noisy."
+    )
+    bold = [[False] * 5 for _ in rows]
+    return Table(
+        ["Parameter", "Importance", "Spearman ρ", "p", "Trials"],
+        rows,
+        bold,
+        caption,
+        f"tab:sweep-{method}-sensitivity",
+    )
 
 
 def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> list[Path]:

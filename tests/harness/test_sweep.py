@@ -137,10 +137,15 @@ def test_report_has_best_trial_and_sensitivity_figures(tmp_path):
     paths = sweep.write_sweep_report(study, tmp_path, "odx", "momkd", ["markdown", "latex"])
     names = {p.name for p in paths}
     figures = ("sweep_momkd_history", "sweep_momkd_margin", "sweep_momkd_memory_size")
-    assert names == {"sweep_momkd.md", "sweep_momkd.tex"} | {f + e for f in figures for e in (".png", ".svg")}
+    tables = {f"{stem}.{e}" for stem in ("sweep_momkd", "sweep_momkd_sensitivity") for e in ("md", "tex")}
+    assert names == tables | {f + e for f in figures for e in (".png", ".svg")}
     md = (tmp_path / "odx" / "report" / "sweep_momkd.md").read_text()
     assert "5 complete, 1 pruned" in md and "Best: trial 4" in md and "memory_size = 64" in md
     assert md.index("| 1 | 4 |") < md.index("| 2 | 3 |")  # ranked by validation AUC
+    sens = (tmp_path / "odx" / "report" / "sweep_momkd_sensitivity.md").read_text()
+    # margin ranks 1,3,5,2,4 against AUC ranks 1..5: rho = 1 - 6 * 10 / (5 * 24) = 0.5; the pruned trial is out
+    assert "| margin |" in sens and "| +0.50 |" in sens and "| 5 |" in sens
+    assert "range 60.0–80.0" in sens and "median fold SD 7.1, 2 folds" in sens  # fold SD: 0.1 / sqrt(2)
 
 
 def _shared_study_check(storage: str, name: str, trials: int) -> None:
