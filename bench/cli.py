@@ -277,6 +277,7 @@ def ablate_cmd(
             variants,
             f"{base} {table_name.replace('_', ' ')} on {task_name}: AUC (%), mean ± SD over folds.",
             f"tab:{base}-{table_name}",
+            reference=base,
         )
         for path in write_table(table, out / task_name / "report", table_name, _formats(fmt)):
             console.print(f"wrote {path}")

@@ -206,9 +206,18 @@ def table2(out: Path, tasks: Sequence[str], methods: Sequence[str] | None = None
 
 
 def variant_table(
-    out: Path, task: str, variants: Sequence[tuple[str, str]], caption: str, label: str
+    out: Path,
+    task: str,
+    variants: Sequence[tuple[str, str]],
+    caption: str,
+    label: str,
+    reference: str | None = None,
 ) -> Table:
-    """Rows = (display name, method name on disk); columns internal AUC and AUC on each external cohort."""
+    """Rows = (display name, method name on disk); columns internal AUC and AUC on each external cohort.
+
+    With ``reference`` (a method name among the variants, e.g. the full model), each other row is marked
+    where the paired tests of the report (on the folds both have) reject equality with it at p < 0.05.
+    """
     stats = _stats(collect_metrics(out, task))
     externals = sorted(set(stats.index.get_level_values("cohort")) - {"test", "val"}) if len(stats) else []
     cohorts = ["test", *externals]
@@ -216,6 +225,20 @@ def variant_table(
     cols = {c: [_get(stats, m, c, "auc") for _, m in variants] for c in cohorts}
     flags = {c: _bold_best([v[0] for v in cols[c]]) for c in cohorts}
     rows = [[name] + [fmt(*cols[c][i]) for c in cohorts] for i, (name, _) in enumerate(variants)]
+    if reference is not None and len(stats) and (reference, "test", "auc") in stats.index:
+        from .stats import analyse_task
+
+        on_disk = {m for _, m in variants if (m, "test", "auc") in stats.index}
+        st = analyse_task(out, task, reference, n_boot=0, methods=on_disk)
+        for i, (_, m) in enumerate(variants):
+            for j, c in enumerate(cohorts, 1):
+                if rows[i][j] != "–":
+                    rows[i][j] += _marks(st, m, c)
+        caption += (
+            f" {MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
+            f"{MARK_DELONG}: p < 0.05 in DeLong's test; both two-sided against the row marked (ref), on the "
+            "folds both have, uncorrected for multiple comparisons."
+        )
     bold = [[False] + [flags[c][i] for c in cohorts] for i in range(len(variants))]
     return Table(header, rows, bold, caption, label)
 

@@ -22,7 +22,7 @@ Every quantity is patient-level: slides are first aggregated to patients with th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,10 +198,11 @@ def resampled_aucs(
 def bootstrap_auc_ci(
     y: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the AUC (of the mean AUC over the rows of ``scores``), class-stratified."""
+    """Percentile bootstrap CI of the AUC (of the mean AUC over the rows of ``scores``), class-stratified;
+    NaN for a single class or ``n_boot`` 0 (no CI wanted)."""
     y = np.asarray(y).astype(int)
     m, n = int(y.sum()), int((1 - y).sum())
-    if m == 0 or n == 0:
+    if m == 0 or n == 0 or n_boot == 0:
         return float("nan"), float("nan")
     cp, cn = stratified_counts(m, n, n_boot, seed)
     boots = resampled_aucs(y, scores, cp, cn)
@@ -339,10 +340,16 @@ def _reference(fold_auc: pd.DataFrame, wanted: str | None, task: str) -> str:
 
 
 def analyse_task(
-    out: Path, task: str, reference: str | None = None, n_boot: int = 2000, seed: int = 0
+    out: Path,
+    task: str,
+    reference: str | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    methods: Collection[str] | None = None,
 ) -> TaskStats:
-    """Summaries, bootstrap CIs and paired tests of every method of ``task`` found under ``out``."""
-    runs = collect_runs(out, task)
+    """Summaries, bootstrap CIs and paired tests of every method of ``task`` found under ``out`` (or of
+    ``methods`` only)."""
+    runs = [r for r in collect_runs(out, task) if methods is None or r.method in methods]
     if not runs:
         raise BenchError(f"no fold results for task {task!r} under {out}. Run `bench run --task ...` first.")
     runs, notes = _one_design(runs)
