@@ -444,11 +444,27 @@ def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: S
     return written + _figures(study, folder, method, params)
 
 
+def _common_fold_scores(study: Any, complete: Sequence[Any]) -> tuple[list[tuple[Any, float]], int | None]:
+    """``(trial, running mean AUC)`` of every complete and pruned trial on the first folds that all of them
+    finished, and how many folds that is; the complete trials' means (and None) when none was pruned.
+    Pruning ends weak trials early, so ranking the complete trials alone would hide the weak settings."""
+    import optuna
+
+    pruned = optuna.trial.TrialState.PRUNED
+    reported = [t for t in study.trials if t.state == pruned and t.intermediate_values]
+    if not reported:
+        return [(t, t.value) for t in complete], None
+    reported += [t for t in complete if t.intermediate_values]
+    step = min(max(t.intermediate_values) for t in reported)
+    return [(t, t.intermediate_values[step]) for t in sorted(reported, key=lambda t: t.number)], step + 1
+
+
 def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params: Sequence[str]) -> Any:
-    """Per searched parameter: its fANOVA importance (Optuna, seeded) and the Spearman correlation of its
-    value with the mean validation AUC over the complete trials; the caption sets the spread between trials
-    against the fold noise of one trial's mean, so a reader sees whether the search found more than noise.
-    None with fewer than three complete trials."""
+    """Per searched parameter: its fANOVA importance (Optuna, seeded, complete trials) and the Spearman
+    correlation of its value with the validation AUC over all trials on their common folds
+    (:func:`_common_fold_scores`); the caption sets the spread between trials against the fold noise of one
+    trial's mean, so a reader sees whether the search found more than noise. None with fewer than three
+    complete trials."""
     import optuna
     from scipy.stats import spearmanr
 
@@ -459,9 +475,10 @@ def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params:
     importance = optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=list(params)
     )
+    scored, folds = _common_fold_scores(study, complete)
     rows = []
     for p in params:
-        pairs = [(t.params[p], t.value) for t in complete if p in t.params]
+        pairs = [(t.params[p], y) for t, y in scored if p in t.params]
         xs = [x for x, _ in pairs]
         numeric = all(isinstance(x, int | float) for x in xs) and len(set(xs)) > 1
         rho, pval = spearmanr(xs, [y for _, y in pairs]) if numeric else (math.nan, math.nan)
@@ -489,10 +506,16 @@ def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params:
             f"{np.median(fold_sd) / math.sqrt(max(k, 1)) * 100:.1f} (median fold SD {np.median(fold_sd) * 100:.1f}, "
             f"{k} folds)"
         )
+    rho_over = (
+        f"over the {len(complete)} complete trials"
+        if folds is None
+        else f"over all {len(scored)} trials, complete and pruned, on the first {folds} fold(s) that all of them "
+        "finished (pruning stops weak settings early, so the complete trials alone would hide them)"
+    )
     caption = (
-        f"Sensitivity of {method}'s mean validation AUC to each searched parameter over {len(complete)} "
-        "complete trials: fANOVA importance (share of the explained variance) and Spearman's rho with its "
-        f"p-value. Mean validation AUC across trials: {means.mean() * 100:.1f} ± {means.std(ddof=1) * 100:.1f} "
+        f"Sensitivity of {method}'s validation AUC to each searched parameter: fANOVA importance (share of the "
+        f"explained variance, {len(complete)} complete trials) and Spearman's rho with its p-value {rho_over}. "
+        f"Mean validation AUC of the complete trials: {means.mean() * 100:.1f} ± {means.std(ddof=1) * 100:.1f} "
         f"(range {means.min() * 100:.1f}–{means.max() * 100:.1f}){noise}. Importances over few, noisy trials "
         "are themselves noisy."
     )
@@ -507,10 +530,10 @@ def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params:
 
 
 def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> list[Path]:
-    """The optimisation history, and the validation AUC against each numeric searched parameter: complete
-    trials as dots, pruned ones as grey crosses at their last running mean, the mean per value for a discrete
-    parameter; a parameter searched on a log scale (or powers of two) is drawn on one. PNG and SVG, in the
-    report's figure style."""
+    """The optimisation history (pruned trials as grey crosses at their last running mean), and the validation
+    AUC against each numeric searched parameter, on the folds every trial finished when some were pruned
+    (:func:`_common_fold_scores`), with the mean per value for a discrete parameter; a parameter searched on
+    a log scale (or powers of two) is drawn on one. PNG and SVG, in the report's figure style."""
     import optuna
     from matplotlib.figure import Figure
 
@@ -519,7 +542,6 @@ def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> li
     complete = sorted(_complete(study), key=lambda t: t.number)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
     pruned_values = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
-    pruned_label = "pruned (last running mean)"
     size = (COLUMN_WIDTH, COLUMN_WIDTH * 0.7)
     written = []
 
@@ -528,7 +550,14 @@ def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> li
         ax = fig.add_subplot()
         ax.plot([t.number for t in complete], [t.value for t in complete], "o", ms=3, label="complete trial")
         if pruned:
-            ax.plot([t.number for t in pruned], pruned_values, "x", ms=3, color="grey", label=pruned_label)
+            ax.plot(
+                [t.number for t in pruned],
+                pruned_values,
+                "x",
+                ms=3,
+                color="grey",
+                label="pruned (last running mean)",
+            )
         ax.step(
             [t.number for t in complete],
             np.maximum.accumulate([t.value for t in complete]),
@@ -540,26 +569,29 @@ def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> li
         fig.tight_layout()
     written += save_figure(fig, folder, f"sweep_{method}_history")
 
+    complete_state = optuna.trial.TrialState.COMPLETE
+    scored, folds = _common_fold_scores(study, complete)
+    ylabel = "mean validation AUC" if folds is None else f"validation AUC, first {folds} fold(s)"
     for p in params:
-        points = [(t.params[p], t.value) for t in complete if p in t.params]
-        if not points or not all(isinstance(x, int | float) for x, _ in points):
+        points = [(t.params[p], y, t.state == complete_state) for t, y in scored if p in t.params]
+        if not points or not all(isinstance(x, int | float) for x, _, _ in points):
             continue
-        xs, ys = np.array([x for x, _ in points], dtype=float), np.array([y for _, y in points])
+        xs, ys = np.array([x for x, _, _ in points], dtype=float), np.array([y for _, y, _ in points])
+        done = np.array([c for _, _, c in points])
         dist = next(t.distributions[p] for t in complete if p in t.params)
         with paper_style():
             fig = Figure(figsize=size)
             ax = fig.add_subplot()
-            ax.plot(xs, ys, "o", ms=3, alpha=0.7, label="complete trial")
-            cut = [(t.params[p], v) for t, v in zip(pruned, pruned_values, strict=True) if p in t.params]
-            if cut:
-                ax.plot(*zip(*cut, strict=True), "x", ms=3, color="grey", label=pruned_label)
+            ax.plot(xs[done], ys[done], "o", ms=3, alpha=0.7, label="complete trial")
+            if (~done).any():
+                ax.plot(xs[~done], ys[~done], "x", ms=3, color="grey", label="pruned trial")
             levels = np.unique(xs)
             if not isinstance(dist, optuna.distributions.FloatDistribution):
                 ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
             powers_of_two = xs.min() > 0 and np.allclose(np.log2(levels), np.round(np.log2(levels)))
             if getattr(dist, "log", False) or (powers_of_two and xs.max() / xs.min() >= 8):
                 ax.set_xscale("log", base=2 if powers_of_two else 10)
-            ax.set(xlabel=p, ylabel="mean validation AUC", title=f"{method}: validation AUC against {p}")
+            ax.set(xlabel=p, ylabel=ylabel, title=f"{method}: validation AUC against {p}")
             ax.legend()
             fig.tight_layout()
         written += save_figure(fig, folder, f"sweep_{method}_{p}")
