@@ -472,20 +472,23 @@ def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params:
 
     if len(complete) < 3 or not params:
         return None
-    importance = optuna.importance.get_param_importances(
-        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=list(params)
-    )
+    try:
+        importance = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=list(params)
+        )
+    except RuntimeError:  # fANOVA's "zero total variance": every trial scored the same, nothing to share out
+        importance = {}
     scored, folds = _common_fold_scores(study, complete)
     rows = []
     for p in params:
         pairs = [(t.params[p], y) for t, y in scored if p in t.params]
-        xs = [x for x, _ in pairs]
-        numeric = all(isinstance(x, int | float) for x in xs) and len(set(xs)) > 1
-        rho, pval = spearmanr(xs, [y for _, y in pairs]) if numeric else (math.nan, math.nan)
+        xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+        defined = all(isinstance(x, int | float) for x in xs) and len(set(xs)) > 1 and len(set(ys)) > 1
+        rho, pval = spearmanr(xs, ys) if defined else (math.nan, math.nan)
         rows.append(
             [
                 p,
-                f"{importance.get(p, math.nan):.2f}",
+                f"{importance[p]:.2f}" if p in importance else "–",
                 "–" if math.isnan(rho) else f"{rho:+.2f}",
                 "–" if math.isnan(pval) else f"{pval:.2g}",
                 str(len(pairs)),

@@ -150,6 +150,18 @@ def test_report_has_best_trial_and_sensitivity_figures(tmp_path):
     assert "range 60.0–80.0" in sens and "median fold SD 7.1, 2 folds" in sens  # fold SD: 0.1 / sqrt(2)
 
 
+def test_sensitivity_of_a_flat_study_is_undefined_not_an_error(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    margin = optuna.distributions.FloatDistribution(0.0, 0.6)
+    for m in (0.1, 0.3, 0.5):  # every trial at chance: fANOVA has no variance to share out, rho is undefined
+        study.add_trial(
+            optuna.trial.create_trial(params={"margin": m}, distributions={"margin": margin}, value=0.5)
+        )
+    sweep.write_sweep_report(study, tmp_path, "odx", "momkd", ["markdown"])
+    sens = (tmp_path / "odx" / "report" / "sweep_momkd_sensitivity.md").read_text()
+    assert "| margin | – | – | – | 3 |" in sens
+
+
 def _shared_study_check(storage: str, name: str, trials: int) -> None:
     study = optuna.load_study(study_name=name, storage=make_storage(storage))
     finished = [t for t in study.trials if t.state.is_finished()]
