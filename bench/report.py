@@ -236,8 +236,9 @@ def variant_table(
                     rows[i][j] += _marks(st, m, c)
         caption += (
             f" {MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
-            f"{MARK_DELONG}: p < 0.05 in DeLong's test; both two-sided against the row marked (ref), on the "
-            "folds both have, uncorrected for multiple comparisons."
+            f"{MARK_DELONG}: p < 0.05 in DeLong's test (externally on the mean of the fold models' AUCs, which "
+            "holds the trained models fixed: patient sampling only, not training variance); both two-sided "
+            "against the row marked (ref), on the folds both have, uncorrected for multiple comparisons."
         )
     bold = [[False] + [flags[c][i] for c in cohorts] for i in range(len(variants))]
     return Table(header, rows, bold, caption, label)
@@ -318,7 +319,8 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
         "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
         f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
         f"{MARK_DELONG}: p < 0.05 in DeLong's test (pooled out-of-fold predictions internally; mean of fold "
-        f"AUCs externally); both two-sided against the reference method (ref) of each task ({refs}), "
+        "AUCs externally, the trained models held fixed: patient sampling only); both two-sided against the "
+        f"reference method (ref) of each task ({refs}), "
         "uncorrected for multiple comparisons. Best mean per column in bold."
     )
     return Table(header, rows, bold, caption, "tab:headline")
