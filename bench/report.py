@@ -234,12 +234,7 @@ def variant_table(
             for j, c in enumerate(cohorts, 1):
                 if rows[i][j] != "–":
                     rows[i][j] += _marks(st, m, c)
-        caption += (
-            f" {MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
-            f"{MARK_DELONG}: p < 0.05 in DeLong's test (externally on the mean of the fold models' AUCs, which "
-            "holds the trained models fixed: patient sampling only, not training variance); both two-sided "
-            "against the row marked (ref), on the folds both have, uncorrected for multiple comparisons."
-        )
+        caption += " " + _marks_caption("the row marked (ref), on the folds both have")
     bold = [[False] + [flags[c][i] for c in cohorts] for i in range(len(variants))]
     return Table(header, rows, bold, caption, label)
 
@@ -284,6 +279,16 @@ def _cohort_label(cohort: str) -> str:
     return "internal" if cohort == "test" else f"ext. {cohort}"
 
 
+def _marks_caption(against: str) -> str:
+    """What † and ‡ of :func:`_marks` mean, for a caption; ``against`` names the reference."""
+    return (
+        f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
+        f"{MARK_DELONG}: p < 0.05 in DeLong's test (pooled out-of-fold predictions internally; mean of fold "
+        "AUCs externally, the trained models held fixed: patient sampling only); both two-sided against "
+        f"{against}, uncorrected for multiple comparisons."
+    )
+
+
 def _marks(st: TaskStats, method: str, cohort: str) -> str:
     """† where the corrected t-test and ‡ where DeLong's test give p < 0.05 against the task's reference."""
     if method == st.reference:
@@ -317,11 +322,7 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
         f"bootstrap CI ({n_boot} class-stratified resamples of patients, seeded). Internal: CI of the AUC of the "
         "pooled out-of-fold test predictions. External: each fold's model predicts the whole cohort; the CI is "
         "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
-        f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
-        f"{MARK_DELONG}: p < 0.05 in DeLong's test (pooled out-of-fold predictions internally; mean of fold "
-        "AUCs externally, the trained models held fixed: patient sampling only); both two-sided against the "
-        f"reference method (ref) of each task ({refs}), "
-        "uncorrected for multiple comparisons. Best mean per column in bold."
+        f"{_marks_caption(f'the reference method (ref) of each task ({refs})')} Best mean per column in bold."
     )
     return Table(header, rows, bold, caption, "tab:headline")
 

@@ -399,6 +399,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _fold_sd(trial: Any) -> float:
+    """SD over folds of a trial's validation AUCs (NaN with fewer than two)."""
+    folds = [a for a in trial.user_attrs.get("fold_val_auc", []) if a is not None and not math.isnan(a)]
+    return float(np.std(folds, ddof=1)) if len(folds) > 1 else float("nan")
+
+
 def _value_text(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -419,10 +425,13 @@ def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: S
     top = complete[:TOP_TRIALS]
     rows, bold = [], []
     for rank, t in enumerate(top, 1):
-        folds = [a for a in t.user_attrs.get("fold_val_auc", []) if a is not None and not math.isnan(a)]
-        sd = float(np.std(folds, ddof=1)) if len(folds) > 1 else float("nan")
         rows.append(
-            [str(rank), str(t.number), fmt(t.value, sd), *(_value_text(t.params.get(p, "–")) for p in params)]
+            [
+                str(rank),
+                str(t.number),
+                fmt(t.value, _fold_sd(t)),
+                *(_value_text(t.params.get(p, "–")) for p in params),
+            ]
         )
         bold.append([False, False, rank == 1, *([False] * len(params))])
     best = complete[0]
@@ -438,10 +447,11 @@ def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: S
     )
     table = Table(["Rank", "Trial", "Val AUC", *params], rows, bold, caption, f"tab:sweep-{method}")
     written = write_table(table, folder, f"sweep_{method}", formats)
-    sensitivity = _sensitivity_table(study, complete, method, params)
+    scored, folds = _common_fold_scores(study, complete)
+    sensitivity = _sensitivity_table(study, complete, scored, folds, method, params)
     if sensitivity is not None:
         written += write_table(sensitivity, folder, f"sweep_{method}_sensitivity", formats)
-    return written + _figures(study, folder, method, params)
+    return written + _figures(study, scored, folds, folder, method, params)
 
 
 def _common_fold_scores(study: Any, complete: Sequence[Any]) -> tuple[list[tuple[Any, float]], int | None]:
@@ -459,7 +469,14 @@ def _common_fold_scores(study: Any, complete: Sequence[Any]) -> tuple[list[tuple
     return [(t, t.intermediate_values[step]) for t in sorted(reported, key=lambda t: t.number)], step + 1
 
 
-def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params: Sequence[str]) -> Any:
+def _sensitivity_table(
+    study: Any,
+    complete: Sequence[Any],
+    scored: Sequence[tuple[Any, float]],
+    folds: int | None,
+    method: str,
+    params: Sequence[str],
+) -> Any:
     """Per searched parameter: its fANOVA importance (Optuna, seeded, complete trials) and the Spearman
     correlation of its value with the validation AUC over all trials on their common folds
     (:func:`_common_fold_scores`); the caption sets the spread between trials against the fold noise of one
@@ -478,7 +495,6 @@ def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params:
         )
     except RuntimeError:  # fANOVA's "zero total variance": every trial scored the same, nothing to share out
         importance = {}
-    scored, folds = _common_fold_scores(study, complete)
     rows = []
     for p in params:
         pairs = [(t.params[p], y) for t, y in scored if p in t.params]
@@ -495,12 +511,7 @@ def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params:
             ]
         )
     means = np.array([t.value for t in complete])
-    fold_sd = [
-        np.std(f, ddof=1)
-        for t in complete
-        if len(f := [a for a in t.user_attrs.get("fold_val_auc", []) if a is not None and not math.isnan(a)])
-        > 1
-    ]
+    fold_sd = [sd for t in complete if not math.isnan(sd := _fold_sd(t))]
     noise = ""
     if fold_sd:
         k = int(np.median([len(t.user_attrs.get("fold_val_auc", [])) for t in complete]))
@@ -532,7 +543,14 @@ def _sensitivity_table(study: Any, complete: Sequence[Any], method: str, params:
     )
 
 
-def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> list[Path]:
+def _figures(
+    study: Any,
+    scored: Sequence[tuple[Any, float]],
+    folds: int | None,
+    folder: Path,
+    method: str,
+    params: Sequence[str],
+) -> list[Path]:
     """The optimisation history (pruned trials as grey crosses at their last running mean), and the validation
     AUC against each numeric searched parameter, on the folds every trial finished when some were pruned
     (:func:`_common_fold_scores`), with the mean per value for a discrete parameter; a parameter searched on
@@ -573,7 +591,6 @@ def _figures(study: Any, folder: Path, method: str, params: Sequence[str]) -> li
     written += save_figure(fig, folder, f"sweep_{method}_history")
 
     complete_state = optuna.trial.TrialState.COMPLETE
-    scored, folds = _common_fold_scores(study, complete)
     ylabel = "mean validation AUC" if folds is None else f"validation AUC, first {folds} fold(s)"
     for p in params:
         points = [(t.params[p], y, t.state == complete_state) for t, y in scored if p in t.params]
