@@ -1,6 +1,6 @@
 """Prediction and patient-level metrics.
 
-Slides are predicted one bag at a time from the H&E features alone; several slides of one patient get one
+Slides are predicted from the H&E features alone, several bags per forward (each bag's output as alone); several slides of one patient get one
 patient probability (mean by default, ``max`` selectable) and every metric is patient-level. The decision
 threshold is the one with the best F1 on the validation patients, then applied unchanged to test and
 external cohorts.
@@ -22,24 +22,42 @@ from sklearn.metrics import (
 )
 
 from methods.base import Bag, MILMethod
+from methods.packing import chunk_bags
 
-__all__ = ["best_f1_threshold", "binary_metrics", "patient_level", "predict", "slide_predictions"]
+__all__ = [
+    "PREDICT_PATCHES",
+    "best_f1_threshold",
+    "binary_metrics",
+    "patient_level",
+    "predict",
+    "slide_predictions",
+]
+
+
+#: patches per packed forward when predicting (bounds one forward's activations; bigger bags go alone)
+PREDICT_PATCHES = 16384
 
 
 @torch.inference_mode()
 def predict(
-    model: MILMethod, bags: Sequence[Bag], device: torch.device, autocast: bool = False
+    model: MILMethod,
+    bags: Sequence[Bag],
+    device: torch.device,
+    autocast: bool = False,
+    max_patches: int = PREDICT_PATCHES,
 ) -> np.ndarray:
-    """Positive-class probability of each bag (omics removed; eval mode)."""
+    """Positive-class probability of each bag (omics removed; eval mode), several bags per forward
+    (``MILMethod.predict_logits``: each bag's value as predicted alone)."""
     was_training = model.training
     model.eval()
     probs = []
-    for bag in bags:
+    for group in chunk_bags(bags, max_patches):
+        chunk = [bags[i].without_omics().to(device, non_blocking=True) for i in group]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(bag.without_omics().to(device, non_blocking=True)).logits
-        probs.append(logits.float().softmax(-1)[1])
+            logits = model.predict_logits(chunk)
+        probs.append(logits.float().softmax(-1)[:, 1])
     model.train(was_training)
-    return torch.stack(probs).cpu().numpy() if probs else np.zeros(0)
+    return torch.cat(probs).cpu().numpy() if probs else np.zeros(0)
 
 
 def slide_predictions(bags: Sequence[Bag], probs: np.ndarray, cohort: str) -> pd.DataFrame:

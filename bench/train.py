@@ -24,8 +24,9 @@ import torch
 
 from methods import MILMethod, create_method
 from methods.base import Bag, MethodCfg
+from methods.packing import chunk_bags
 
-from .evaluate import binary_metrics, patient_level, predict, slide_predictions
+from .evaluate import PREDICT_PATCHES, binary_metrics, patient_level, predict, slide_predictions
 
 __all__ = ["MONITORS", "TrainResult", "epoch_order", "fit", "mean_model_auc", "seed_everything"]
 
@@ -69,18 +70,24 @@ def mean_model_auc(
     model: MILMethod, bags: Sequence[Bag], device: torch.device, autocast: bool, aggregation: str
 ) -> float:
     """Mean over the models of ``model.validation_logits`` of their patient-level AUC, each on the bags it
-    scores (a teacher that needs omics: the bags with omics); a model with one class only is left out."""
+    scores (a teacher that needs omics: the bags with omics); a model with one class only is left out.
+    Several bags per forward (``validation_logits_batch``)."""
     was_training = model.training
     model.eval()
-    scored: dict[str, tuple[list[Bag], list[torch.Tensor]]] = {}
-    for bag in bags:
+    scored: dict[str, list[tuple[list[Bag], torch.Tensor]]] = {}
+    for group in chunk_bags(bags, PREDICT_PATCHES):
+        chunk = [bags[i] for i in group]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model.validation_logits(bag.to(device, non_blocking=True))
-        for name, z in logits.items():
-            scored.setdefault(name, ([], []))[0].append(bag)
-            scored[name][1].append(z.float().softmax(-1)[1])
+            logits = model.validation_logits_batch([b.to(device, non_blocking=True) for b in chunk])
+        for name, (rows, z) in logits.items():
+            scored.setdefault(name, []).append(([chunk[i] for i in rows], z.float().softmax(-1)[:, 1]))
     model.train(was_training)
-    aucs = [_patient_auc(b, torch.stack(p).cpu().numpy(), aggregation) for b, p in scored.values()]
+    aucs = []
+    for parts in scored.values():
+        kept = [b for chunk, _ in parts for b in chunk]
+        if kept:
+            probs = torch.cat([p for _, p in parts]).cpu().numpy()
+            aucs.append(_patient_auc(kept, probs, aggregation))
     aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else math.nan
 

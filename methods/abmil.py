@@ -6,13 +6,15 @@ AMLab-Amsterdam/AttentionDeepMIL (the ``ilse`` variant).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ._utils import init_linear_xavier
 from .base import Bag, MethodCfg, MILMethod, MILOutput
 from .layers import GatedAttention
+from .packing import pack_bags, segment_softmax, segment_sum
 from .registry import register_method
 
 __all__ = ["ABMIL", "ABMILCfg"]
@@ -63,3 +65,10 @@ class ABMIL(MILMethod):
         a = self.attention(h).squeeze(-1).softmax(dim=0)  # (N,)
         m = a @ h  # (hidden,)
         return MILOutput(logits=self.classifier(m), embedding=m, attention=a)
+
+    def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
+        """The bags in one packed forward: per-patch maps on all patches, softmax and pooling per bag."""
+        packed = pack_bags(bags)
+        h = self.encoder(packed.features)  # (T, hidden)
+        a = segment_softmax(self.attention(h).squeeze(-1), packed)  # (T,)
+        return self.classifier(segment_sum(a.unsqueeze(-1) * h, packed))  # (B, C)

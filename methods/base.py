@@ -8,6 +8,8 @@ are the authors' own. The trainer, evaluator and runner only ever call the metho
 - ``prepare(train_bags)``: optional one-off fitting on the training split (k-means memory init, gene masks, ...);
 - ``after_step()``: optional hook after each optimiser step (EMA memory updates, ...);
 - ``on_epoch_start(epoch)``, ``training_report()``: optional hooks (window buffers; facts for metrics.json);
+- ``predict_logits(bags)``, ``validation_logits_batch(bags)``: several bags per forward for inference and
+  validation, each bag's values as alone (default: one by one; methods pack them, ``packing.py``);
 - ``configure_optimizer()``: the optimiser and scheduler of the authors' code, read from the config;
 - ``search_space(trial)``: Optuna search space as config overrides.
 
@@ -188,10 +190,28 @@ class MILMethod(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (default: nothing); e.g. to drop a partial window's buffer."""
 
+    def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
+        """Logits ``(B, C)`` of several bags (no omics read), for inference and validation.
+
+        Each row equals ``self(bag).logits`` for that bag alone (``tests/methods/test_batched.py``); methods
+        override this to run the bags in one packed forward (``methods/packing.py``). Default: one by one.
+        """
+        return torch.stack([self(bag).logits for bag in bags])
+
     def validation_logits(self, bag: Bag) -> dict[str, Tensor]:
         """Logits ``(C,)`` of every model whose validation AUC the ``mean-auc`` monitor averages; the bag
         carries omics when the method uses them. Default: the method's own prediction."""
         return {"model": self(bag.without_omics()).logits}
+
+    def validation_logits_batch(self, bags: Sequence[Bag]) -> dict[str, tuple[list[int], Tensor]]:
+        """:meth:`validation_logits` of several bags: per model, the positions of the bags it scores and
+        their logits ``(B', C)``. Default: one bag at a time; a method may run them packed."""
+        scored: dict[str, tuple[list[int], list[Tensor]]] = {}
+        for i, bag in enumerate(bags):
+            for name, z in self.validation_logits(bag).items():
+                scored.setdefault(name, ([], []))[0].append(i)
+                scored[name][1].append(z)
+        return {name: (rows, torch.stack(z)) for name, (rows, z) in scored.items()}
 
     def training_report(self) -> dict[str, Any]:
         """JSON-able facts about the trained model for the fold's metrics (e.g. active memory components)."""

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
 from .layers import GatedAttention
+from .packing import pack_bags
 from .registry import register_method
 
 __all__ = ["GHANet", "GHANetCfg", "hyperedge_weights", "sce_loss", "welch_gene_mask"]
@@ -277,31 +278,60 @@ class GHANet(MILMethod):
             sel.copy_(mask[getattr(self, f"genes_{i}").cpu()].to(sel.device))
             decoder.requires_grad_(bool(sel.any()))  # nothing to reconstruct: the decoder is unused
 
-    def forward(self, bag: Bag) -> MILOutput:
-        cfg, x = self.cfg, bag.features
-        ln = self.ln
-        # association branch: the token reconstruction r and the round-two scores S
-        h = self.assoc_fc(x)  # (N, 512)
+    def _keys_values(self, x: Tensor) -> list[Tensor]:
+        """Keys and values ``(N, H*dh)`` of the patches for both cross-attention rounds (one pair when the
+        rounds share a module)."""
+        context = self.ln[1](self.assoc_fc(x))  # (N, 512)
         first, second = self.cross_attention[0], self.cross_attention[-1]
-        kv = first.keys_values(ln[1](h))  # (H, N, dh) each
-        r, _ = first.attend(ln[0](self.tokens), *kv)  # (T, 512)
+        kv = [first.to_k(context), first.to_v(context)]
+        if second is not first:
+            kv += [second.to_k(context), second.to_v(context)]
+        return kv
+
+    def _hyper_maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The hyper-attention branch's patch embeddings ``g`` ``(N, 512)`` and gate scores ``(N, 1)``."""
+        g = self.wsi_fc(x)
+        return g, self.gate(g)
+
+    def _association(self, kv: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """One slide's token reconstruction ``r`` ``(T, 512)`` and round-two scores ``S`` ``(H, T, N)`` from
+        its :meth:`_keys_values`."""
+        ln = self.ln
+        first, second = self.cross_attention[0], self.cross_attention[-1]
+        kv = [first._split(t) for t in kv]  # (H, N, dh) each
+        r, _ = first.attend(ln[0](self.tokens), *kv[:2])  # (T, 512)
         r = self.ffn0(ln[2](r)) + r
-        kv2 = kv if second is first else second.keys_values(ln[1](h))
-        r, sim = second.attend(ln[3](self.tokens + r), *kv2)  # (T, 512), (H, T, N)
-        r = ln[5](self.ffn1(ln[4](r)) + r)
-        # hyper-attention branch
-        g = self.wsi_fc(x)  # (N, 512)
-        e1 = self.gate(g).T.softmax(-1)  # (1, N)
-        e2 = hyperedge_weights(sim, cfg.hyperedge_ratio)  # (T, N), no gradient
+        r, sim = second.attend(ln[3](self.tokens + r), *kv[-2:])  # (T, 512), (H, T, N)
+        return ln[5](self.ffn1(ln[4](r)) + r), sim
+
+    def _fuse(self, r: Tensor, sim: Tensor, g: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One slide's logits ``(C,)``, embedding ``(T * 256,)`` and attention ``e_1`` ``(N,)``."""
+        e1 = gate.T.softmax(-1)  # (1, N)
+        e2 = hyperedge_weights(sim, self.cfg.hyperedge_ratio)  # (T, N), no gradient
         y = self.hyper(g, (e1 + e2) / 2)  # (T, 512)
         u = (y + r) / 2
         u = self.self_attention(u) + u
         u = self.ffn(self.ln_fusion(u)) + u
         z = self.compress(u).flatten()  # (T * 256,)
+        return self.classifier(z), z, e1.squeeze(0)
+
+    def forward(self, bag: Bag) -> MILOutput:
+        r, sim = self._association(self._keys_values(bag.features))  # association branch
+        logits, z, attention = self._fuse(r, sim, *self._hyper_maps(bag.features))  # hyper-attention
         extras: dict[str, Any] = {}
         if self.training:
             extras["reconstruction"] = [dec(r[i]) for i, dec in enumerate(self.decoders)]
-        return MILOutput(logits=self.classifier(z), embedding=z, attention=e1.squeeze(0), extras=extras)
+        return MILOutput(logits=logits, embedding=z, attention=attention, extras=extras)
+
+    def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
+        """The per-patch maps of all bags in one packed pass; the token attention and fusion per bag."""
+        packed = pack_bags(bags)
+        kv, (g, gate) = self._keys_values(packed.features), self._hyper_maps(packed.features)
+        rows = []
+        for s in packed.slices():
+            r, sim = self._association([t[s] for t in kv])
+            rows.append(self._fuse(r, sim, g[s], gate[s])[0])
+        return torch.stack(rows)
 
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
         terms = {"ce": F.cross_entropy(out.logits.unsqueeze(0), bag.label.view(1))}

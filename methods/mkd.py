@@ -9,6 +9,7 @@ Histopathology". Reference code: zqb77/MICCAI25 at 545555a (``models/online_kd.p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
 from .layers import BilinearFusion, GatedAttention, init_linear_normal_fan_in
+from .packing import PackedBags, pack_bags, segment_softmax, segment_sum
 from .registry import register_method
 
 __all__ = ["MKD", "MKDCfg", "coral", "distill_kl", "orthogonality", "similarity_preserving"]
@@ -124,6 +126,12 @@ class _Student(nn.Module):
         f = a @ h  # (256,)
         return self.head(f), f, a
 
+    def predict_packed(self, packed: PackedBags) -> Tensor:
+        """Logits ``(B, C)`` of packed bags, each as :meth:`forward` alone."""
+        h = self.fc(packed.features)  # (T, 256)
+        a = segment_softmax(self.attention(h).squeeze(-1), packed)  # (T,)
+        return self.head(segment_sum(a.unsqueeze(-1) * h, packed))
+
 
 def _omics_tokens(cfg: MKDCfg) -> nn.Sequential:
     """Per-token SNN block of both teachers: Linear(512->256)-ELU-AlphaDropout."""
@@ -146,6 +154,12 @@ class _OmicsTeacher(nn.Module):
         h = self.tokens(tokens)  # (T, 256)
         f = self.attention(h).squeeze(-1).softmax(0) @ h  # (256,)
         return self.head(f), f
+
+    def predict_many(self, tokens: Tensor) -> Tensor:
+        """``(B, T, 512)`` -> logits ``(B, C)``, each row as :meth:`forward` of that slide alone."""
+        h = self.tokens(tokens)  # (B, T, 256)
+        a = self.attention(h).squeeze(-1).softmax(-1)  # (B, T)
+        return self.head((a.unsqueeze(1) @ h).squeeze(1))
 
 
 class _MultimodalTeacher(nn.Module):
@@ -173,6 +187,14 @@ class _MultimodalTeacher(nn.Module):
         g = self.omics_attention(o).squeeze(-1).softmax(0) @ o  # (256,)
         f = self.fusion(p.unsqueeze(0), g.unsqueeze(0)).squeeze(0)  # (256,)
         return self.classifier(f), f
+
+    def predict_many(self, packed: PackedBags, tokens: Tensor) -> Tensor:
+        """Packed bags and their ``(B, T, 512)`` tokens -> logits ``(B, C)``, each as :meth:`forward` alone."""
+        h = self.path_fc(packed.features)  # (T_all, 256)
+        p = segment_sum(segment_softmax(self.path_attention(h).squeeze(-1), packed).unsqueeze(-1) * h, packed)
+        o = self.tokens(tokens)  # (B, T, 256)
+        g = (self.omics_attention(o).squeeze(-1).softmax(-1).unsqueeze(1) @ o).squeeze(1)  # (B, 256)
+        return self.classifier(self.fusion(p, g))
 
 
 @register_method("mkd")
@@ -229,6 +251,20 @@ class MKD(MILMethod):
     def forward(self, bag: Bag) -> MILOutput:
         logits, feature, attention = self.student(bag.features)
         return MILOutput(logits=logits, embedding=feature, attention=attention)
+
+    def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
+        return self.student.predict_packed(pack_bags(bags))
+
+    def validation_logits_batch(self, bags: Sequence[Bag]) -> dict[str, tuple[list[int], Tensor]]:
+        """:meth:`validation_logits` of several bags in packed forwards (the teachers: the bags with omics)."""
+        out = {"student": (list(range(len(bags))), self.student.predict_packed(pack_bags(bags)))}
+        rows = [i for i, b in enumerate(bags) if b.omics is not None]
+        if rows:
+            sub = [bags[i] for i in rows]
+            tokens = torch.stack([self._tokens(b.omics) for b in sub])  # (B', T, 512)
+            out["omics_teacher"] = (rows, self.omics_teacher.predict_many(tokens))
+            out["multimodal_teacher"] = (rows, self.multimodal_teacher.predict_many(pack_bags(sub), tokens))
+        return out
 
     def _tokens(self, omics: Tensor) -> Tensor:
         """``(G,)`` -> ``(T, 512)``, zero-padded to ``T * 512`` genes."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
 from .graph_layers import GATv2Encoder
+from .packing import pack_bags, segment_softmax, segment_sum
 from .registry import register_method
 
 __all__ = ["MoMKD", "MoMKDCfg", "soft_angle_loss", "spherical_kmeans"]
@@ -295,20 +296,39 @@ class MoMKD(MILMethod):
             z = F.normalize(self.patch_proj(h), dim=-1)  # (N, S)
         return h, z
 
+    def _memory_scores(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Cosines ``(N, 2, K)`` of the patches to the (detached) memory codes, and the pooling logits
+        ``s_n / τ`` ``(N,)``."""
+        k, s = self.memory.shape[1:]
+        memory = F.normalize(self.memory.detach(), dim=-1)  # (2, K, S)
+        sim = (z @ memory.view(2 * k, s).T).view(-1, 2, k)  # (N, 2, K) cosines
+        best = sim.amax(dim=-1)  # (N, 2)
+        return sim, (best[:, 1] - best[:, 0]) / self.tau
+
     def forward(self, bag: Bag) -> MILOutput:
         h, z = self._project_patches(bag)
-        k, s = self.memory.shape[1:]
         with torch.autocast(h.device.type, enabled=False):
-            memory = F.normalize(self.memory.detach(), dim=-1)  # (2, K, S)
-            sim = (z @ memory.view(2 * k, s).T).view(-1, 2, k)  # (N, 2, K) cosines
-            best = sim.amax(dim=-1)  # (N, 2)
-            attention = ((best[:, 1] - best[:, 0]) / self.tau).softmax(dim=0)  # (N,)
+            sim, score = self._memory_scores(z)
+            attention = score.softmax(dim=0)  # (N,)
             pooled = attention @ h  # (Dw,)
             w = F.normalize(self.pool_proj(pooled), dim=-1)  # (S,)
         logits = self.head(pooled)  # (2,)
         return MILOutput(
             logits=logits, embedding=pooled, attention=attention, extras={"z": z, "w": w, "sim": sim}
         )
+
+    def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
+        """The bags in one packed forward: the graph encoder on their block-diagonal graph (messages never
+        cross bags), the memory pooling per bag."""
+        for bag in bags:
+            if bag.edge_index is None:
+                self._project_patches(bag)  # raises the missing-graph error for that slide
+        packed = pack_bags(bags)
+        h, z = self._project_patches(Bag(packed.features, bags[0].label, edge_index=packed.edge_index))
+        with torch.autocast(h.device.type, enabled=False):
+            attention = segment_softmax(self._memory_scores(z)[1], packed)  # (T,)
+            pooled = segment_sum(attention.unsqueeze(-1) * h, packed)  # (B, Dw)
+        return self.head(pooled)
 
     # ---------------------------------------------------------------- training losses
 

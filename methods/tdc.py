@@ -211,6 +211,9 @@ class TDC(MILMethod):
     def forward(self, bag: Bag) -> MILOutput:
         return self.student(bag)
 
+    def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
+        return self.student.predict_logits(bags)
+
     # ---- stage 1 -----------------------------------------------------------------------------------------
 
     def prepare(self, train_bags: Sequence[Bag]) -> None:

@@ -12,6 +12,7 @@ outputs and gradients are those of the dense form.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
+from .packing import pack_bags, segment_max, segment_mean, segment_softmax, segment_sum
 from .registry import register_method
 
 __all__ = ["WiKG", "WiKGCfg", "knowledge_attention", "topk_neighbours"]
@@ -278,6 +280,39 @@ class WiKG(MILMethod):
             pooled = h.mean(dim=0)
         slide = self.norm(pooled)  # (C,)
         return MILOutput(logits=self.classifier(slide), embedding=slide, attention=attention)
+
+    def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
+        """The bags in one packed forward: per-patch maps on all patches; the top-k search, the patch mean
+        and the pooling per bag (a bag with fewer than ``topk`` patches, whose neighbour table is narrower,
+        alone through :meth:`forward`)."""
+        cfg = self.cfg
+        packable = [i for i, b in enumerate(bags) if b.num_patches >= cfg.topk]
+        rows: dict[int, Tensor] = {
+            i: self(bag).logits for i, bag in enumerate(bags) if bag.num_patches < cfg.topk
+        }
+        if packable:
+            packed = pack_bags([bags[i] for i in packable])
+            x = self.embed(packed.features)  # (T, C)
+            x = (x + segment_mean(x, packed)[packed.segment]) * 0.5
+            e_h, e_t = self.w_head(x), self.w_tail(x)
+            index = torch.cat(
+                [
+                    topk_neighbours(e_h[s], e_t[s], cfg.topk, self.scale, cfg.chunk_elements) + s.start
+                    for s in packed.slices()
+                ]
+            )  # (T, k), indices into the packed patches
+            e_n = knowledge_attention(e_h, e_t, index, self.scale, cfg.knowledge_score)
+            h = self.message_dropout(self._aggregate(e_h, e_n))  # (T, C)
+            if cfg.pool == "attn":
+                a = segment_softmax(self.attention(h).squeeze(-1), packed)
+                pooled = segment_sum(a.to(h.dtype).unsqueeze(-1) * h, packed)
+            elif cfg.pool == "max":
+                pooled = segment_max(h, packed)
+            else:
+                pooled = segment_mean(h, packed)
+            logits = self.classifier(self.norm(pooled))  # (B', classes)
+            rows.update(zip(packable, logits, strict=True))
+        return torch.stack([rows[i] for i in range(len(bags))])
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

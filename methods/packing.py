@@ -1,0 +1,117 @@
+"""Many bags in one forward: the packed layout and the per-bag (segment) reductions on it.
+
+Prediction is per bag, so several bags can share one forward pass without changing any bag's output:
+their patches are concatenated into one ``(T, D)`` tensor (no padding), every per-patch map runs once on
+all of them, and every reduction over a bag's patches (softmax, sum, mean, max) runs per segment. A graph
+becomes block-diagonal (each bag's edges shifted by its offset), so message passing never crosses bags.
+Methods use this in ``predict_logits``; ``tests/methods/test_batched.py`` checks it against one bag at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Bag
+
+__all__ = [
+    "PackedBags",
+    "chunk_bags",
+    "pack_bags",
+    "segment_max",
+    "segment_mean",
+    "segment_softmax",
+    "segment_sum",
+]
+
+
+@dataclass
+class PackedBags:
+    """Bags concatenated along the patch axis.
+
+    Attributes:
+        features: all patches, shape ``(T, D)``, bag after bag.
+        segment: bag index of each patch, long ``(T,)``.
+        sizes: patches per bag (host ints), length B.
+        offsets: first patch of each bag (host ints), length B.
+        edge_index: the bags' graphs as one block-diagonal graph ``(2, E)``, or None when a bag has none.
+    """
+
+    features: Tensor
+    segment: Tensor
+    sizes: list[int]
+    offsets: list[int]
+    edge_index: Tensor | None
+
+    @property
+    def num_bags(self) -> int:
+        return len(self.sizes)
+
+    def slices(self) -> Iterator[slice]:
+        """The patch range of each bag."""
+        for first, n in zip(self.offsets, self.sizes, strict=True):
+            yield slice(first, first + n)
+
+
+def pack_bags(bags: Sequence[Bag]) -> PackedBags:
+    """Concatenate ``bags`` (all on one device) into a :class:`PackedBags`."""
+    if not bags:
+        raise ValueError("pack_bags needs at least one bag")
+    sizes = [b.num_patches for b in bags]
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    device = bags[0].features.device
+    features = bags[0].features if len(bags) == 1 else torch.cat([b.features for b in bags])
+    segment = torch.repeat_interleave(
+        torch.arange(len(bags), device=device), torch.tensor(sizes, device=device), output_size=sum(sizes)
+    )
+    edge_index = None
+    if all(b.edge_index is not None for b in bags):
+        edge_index = torch.cat([b.edge_index + first for b, first in zip(bags, offsets, strict=True)], dim=1)
+    return PackedBags(features, segment, sizes, offsets, edge_index)
+
+
+def chunk_bags(bags: Sequence[Bag], max_patches: int) -> Iterator[list[int]]:
+    """Indices of consecutive bags, in order, grouped so that each group holds at most ``max_patches``
+    patches (a larger bag is a group of its own)."""
+    group: list[int] = []
+    total = 0
+    for i, bag in enumerate(bags):
+        n = bag.num_patches
+        if group and total + n > max_patches:
+            yield group
+            group, total = [], 0
+        group.append(i)
+        total += n
+    if group:
+        yield group
+
+
+def segment_sum(x: Tensor, packed: PackedBags) -> Tensor:
+    """Per-bag sum over patches: ``(T, ...)`` -> ``(B, ...)``."""
+    out = x.new_zeros(packed.num_bags, *x.shape[1:])
+    return out.index_add_(0, packed.segment, x)
+
+
+def segment_mean(x: Tensor, packed: PackedBags) -> Tensor:
+    """Per-bag mean over patches: ``(T, ...)`` -> ``(B, ...)``."""
+    counts = torch.tensor(packed.sizes, dtype=x.dtype, device=x.device)
+    return segment_sum(x, packed) / counts.view(-1, *([1] * (x.dim() - 1)))
+
+
+def segment_max(x: Tensor, packed: PackedBags) -> Tensor:
+    """Per-bag elementwise maximum over patches: ``(T, ...)`` -> ``(B, ...)``."""
+    out = x.new_full((packed.num_bags, *x.shape[1:]), float("-inf"))
+    index = packed.segment.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+    return out.scatter_reduce_(0, index, x, "amax", include_self=True)
+
+
+def segment_softmax(scores: Tensor, packed: PackedBags) -> Tensor:
+    """Softmax over each bag's patches of ``scores`` ``(T,)`` (max-shifted, as ``Tensor.softmax``)."""
+    peak = segment_max(scores, packed)[packed.segment]
+    e = (scores - peak).exp()
+    return e / segment_sum(e, packed)[packed.segment]

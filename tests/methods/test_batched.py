@@ -1,0 +1,86 @@
+"""Several bags per forward (``predict_logits``, ``validation_logits_batch``) give each bag's own outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.data.graph import knn_edge_index
+from bench.evaluate import predict
+from methods import Bag, create_method, get_method_class, list_methods, resolve_config
+
+D, G = 16, 24
+#: bag sizes: below WiKG's top-k (6) and MKD/G-HANet's small cases, and a few ordinary ones
+SIZES = (3, 1, 12, 40, 7, 25)
+
+
+def _bags(seed: int = 0) -> list[Bag]:
+    g = torch.Generator().manual_seed(seed)
+    bags = []
+    for i, n in enumerate(SIZES):
+        side = int(np.ceil(np.sqrt(n)))
+        coords = np.stack(np.unravel_index(np.arange(n), (side, side)), axis=1).astype(np.float32)
+        bags.append(
+            Bag(
+                features=torch.randn(n, D, generator=g),
+                label=torch.tensor(i % 2),
+                coords=torch.from_numpy(coords),
+                edge_index=torch.from_numpy(knn_edge_index(coords, k=4)),
+                omics=None if i == 2 else torch.randn(G, generator=g),
+                slide_id=f"s{i}",
+                case_id=f"c{i}",
+            )
+        )
+    return bags
+
+
+def _names() -> list[str]:
+    """Every method and every variant (a variant may change the forward)."""
+    return [n for m in list_methods() for n in (m, *(f"{m}[{v}]" for v in get_method_class(m).variants))]
+
+
+def _model(name: str, **overrides):
+    torch.manual_seed(0)
+    cfg = resolve_config(name, overrides)
+    model = create_method(name, in_dim=D, omics_dim=G if cfg.uses_omics else None, cfg=cfg)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", [*_names(), "momkd[fast_graph=False]"])
+def test_packed_prediction_equals_one_bag_at_a_time(name):
+    overrides = {"fast_graph": False} if name.endswith("[fast_graph=False]") else {}
+    model = _model(name.split("[fast_graph")[0], **overrides)
+    bags = _bags()
+    with torch.inference_mode():
+        alone = torch.stack([model(b.without_omics()).logits for b in bags])
+        together = model.predict_logits([b.without_omics() for b in bags])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_chunks_give_the_same_probabilities():
+    model = _model("wikg")
+    bags = _bags(1)
+    with torch.inference_mode():
+        want = torch.stack([model(b).logits.softmax(-1)[1] for b in bags]).numpy()
+    for max_patches in (1, 30, 10_000):  # one bag per forward, a few, all at once
+        got = predict(model, bags, torch.device("cpu"), max_patches=max_patches)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert model.training is False
+
+
+@pytest.mark.parametrize("name", ["mkd", "abmil"])
+def test_validation_logits_batch_equals_one_bag_at_a_time(name):
+    model = _model(name)
+    bags = _bags(2)
+    with torch.inference_mode():
+        got = model.validation_logits_batch(bags)
+        for model_name, (rows, logits) in got.items():
+            want = [(i, model.validation_logits(b)) for i, b in enumerate(bags)]
+            want = [(i, z[model_name]) for i, z in want if model_name in z]
+            assert rows == [i for i, _ in want]
+            torch.testing.assert_close(logits, torch.stack([z for _, z in want]), rtol=1e-5, atol=1e-5)
+    expected = {"student", "omics_teacher", "multimodal_teacher"} if name == "mkd" else {"model"}
+    assert set(got) == expected
+    if name == "mkd":
+        assert got["omics_teacher"][0] == [0, 1, 3, 4, 5]  # bag 2 has no omics
