@@ -9,6 +9,7 @@ method needs it, random omics when it uses them.
 
     python benchmarks/speed.py --methods abmil,wikg --sizes 1000,4000,16000,64000 --dim 1536
     python benchmarks/speed.py --gatv2-layer --sizes 4000      # fast GATv2 vs PyG's GATv2Conv, one layer
+    python benchmarks/speed.py --validation odx --threads 1    # validation: one bag per forward vs packed
 
 Writes ``speed.csv`` and ``speed.md`` (or ``gatv2.csv``/``gatv2.md``) to ``--out``.
 """
@@ -16,6 +17,7 @@ Writes ``speed.csv`` and ``speed.md`` (or ``gatv2.csv``/``gatv2.md``) to ``--out
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -219,6 +221,97 @@ def run_gatv2_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def run_validation(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    """Per method on a built-in task's fold 0: validation and external-cohort prediction one bag per forward
+    (as before batching) vs ``bench.evaluate.predict`` (packed), interleaved, beside a training epoch
+    estimated from the median step over ``--train-bags`` training bags."""
+    import torch
+
+    from bench.config import cache_root
+    from bench.data.cohort import OmicsScaler
+    from bench.data.splits import fold_parts
+    from bench.evaluate import predict
+    from bench.runner import RunOptions, method_config, prepare_task
+    from bench.train import mean_model_auc
+    from methods import create_method
+
+    torch.set_num_threads(args.threads)
+    opts = RunOptions(out=args.out / "validation-task", quiet=True)
+    data = prepare_task(args.validation, opts)
+    parts = fold_parts(data.splits, 0)
+    internal, cpu = data.internal, torch.device("cpu")
+    omics_dim = None if internal.omics is None else internal.omics.shape[1]
+    rows = []
+    for name in names:
+        cfg = method_config(data, name, opts)
+        graph = (cfg.graph_k, cfg.graph_symmetric, cache_root() / "graphs") if cfg.needs_graph else None
+        omics = None
+        if internal.omics is not None and cfg.uses_omics:
+            cases = internal.slides.case_id[internal.slides.slide_id.isin(parts["train"])].unique()
+            omics = OmicsScaler(data.task.omics_log1p).fit(internal.omics, cases).transform(internal.omics)
+        train = internal.bags(parts["train"], omics=omics, graph=graph)
+        val = internal.bags(parts["val"], omics=omics if cfg.monitor == "mean-auc" else None, graph=graph)
+        ext = [b for c in data.externals.values() for b in c.bags(graph=graph)]
+        torch.manual_seed(0)
+        model = create_method(name, in_dim=internal.dim, omics_dim=omics_dim, cfg=cfg)
+        optimizer, _ = model.configure_optimizer()
+        acc, steps = max(1, cfg.accumulation_steps), train[: args.train_bags]
+
+        def train_bags(model=model, optimizer=optimizer, acc=acc, steps=steps) -> None:
+            model.train()
+            for i, bag in enumerate(steps):
+                terms = model.loss(bag, model(bag))
+                if terms:
+                    torch.stack([t.float() for t in terms.values()]).sum().backward()
+                if (i + 1) % acc == 0 or i + 1 == len(steps):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    model.after_step()
+
+        @torch.inference_mode()
+        def one_by_one(bags: list, monitor: bool, model=model) -> None:
+            model.eval()
+            for bag in bags:
+                model(bag.without_omics()).logits.softmax(-1)
+                if monitor:
+                    model.validation_logits(bag)
+
+        def packed(bags: list, monitor: bool, model=model) -> None:
+            predict(model, bags, cpu)
+            if monitor:
+                mean_model_auc(model, bags, cpu, False, "mean")
+
+        mean_auc = cfg.monitor == "mean-auc"
+        paths = {
+            "val_old_s": functools.partial(one_by_one, val, mean_auc),
+            "val_new_s": functools.partial(packed, val, mean_auc),
+            "ext_old_s": functools.partial(one_by_one, ext, False),
+            "ext_new_s": functools.partial(packed, ext, False),
+        }
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        train_bags()  # warm-up
+        for fn in paths.values():
+            fn()
+        train_times = []
+        for _ in range(args.repeats):  # interleaved, so that a change of load hits every path alike
+            train_times.append(_median_time(train_bags, 0, 1))
+            for key, fn in paths.items():
+                times[key].append(_median_time(fn, 0, 1))
+        epoch = statistics.median(train_times) / len(steps) * len(train)
+        row: dict[str, Any] = {"method": name, "n_train": len(train), "n_val": len(val), "n_ext": len(ext)}
+        row["train_epoch_s"] = epoch
+        row.update({k: statistics.median(v) for k, v in times.items()})
+        row["val_speedup"] = row["val_old_s"] / row["val_new_s"]
+        row["ext_speedup"] = row["ext_old_s"] / row["ext_new_s"]
+        row["val_share"] = row["val_new_s"] / epoch
+        row["val_share_old"] = row["val_old_s"] / epoch
+        row["load"] = os.getloadavg()[0]
+        rows.append(row)
+        if not args.quiet:
+            print({k: fmt(v) for k, v in row.items()}, flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -366,6 +459,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--gatv2-layer", action="store_true", help="time one GATv2 layer, PyG vs fast path")
+    parser.add_argument(
+        "--validation",
+        metavar="TASK",
+        help="time validation and external prediction on TASK's fold 0, one bag per forward vs packed",
+    )
+    parser.add_argument(
+        "--train-bags", type=int, default=32, help="--validation: training bags timed for the epoch estimate"
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -391,6 +492,15 @@ def main(argv: list[str] | None = None) -> None:
     names = methods.list_methods() if args.methods == "all" else split_methods(args.methods)
     for name in names:
         methods.resolve_config(name)  # an unknown name fails here, before any timing
+    if args.validation:
+        rows = run_validation(args, names)
+        columns = [
+            "method", "n_train", "n_val", "n_ext", "train_epoch_s", "val_old_s", "val_new_s", "val_speedup",
+            "ext_old_s", "ext_new_s", "ext_speedup", "val_share_old", "val_share", "load",
+        ]  # fmt: skip
+        print_table(rows, columns, f"Validation and external prediction on {args.validation}, seconds")
+        write_outputs(rows, columns, args.out, "validation", notes)
+        return
     rows = run_methods(args, names)
     print_table(rows, COLUMNS, "Train step and inference, seconds per bag; peak RSS MB")
     write_outputs(rows, COLUMNS, args.out, "speed", notes)

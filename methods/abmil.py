@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ._utils import init_linear_xavier
 from .base import Bag, MethodCfg, MILMethod, MILOutput
 from .layers import GatedAttention
-from .packing import pack_bags, segment_softmax, segment_sum
+from .packing import pack_bags, segment_pool, segment_softmax
 from .registry import register_method
 
 __all__ = ["ABMIL", "ABMILCfg"]
@@ -71,4 +71,4 @@ class ABMIL(MILMethod):
         packed = pack_bags(bags)
         h = self.encoder(packed.features)  # (T, hidden)
         a = segment_softmax(self.attention(h).squeeze(-1), packed)  # (T,)
-        return self.classifier(segment_sum(a.unsqueeze(-1) * h, packed))  # (B, C)
+        return self.classifier(segment_pool(a, h, packed))  # (B, C)

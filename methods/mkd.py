@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
 from .layers import BilinearFusion, GatedAttention, init_linear_normal_fan_in
-from .packing import PackedBags, pack_bags, segment_softmax, segment_sum
+from .packing import PackedBags, pack_bags, segment_pool, segment_softmax
 from .registry import register_method
 
 __all__ = ["MKD", "MKDCfg", "coral", "distill_kl", "orthogonality", "similarity_preserving"]
@@ -130,7 +130,7 @@ class _Student(nn.Module):
         """Logits ``(B, C)`` of packed bags, each as :meth:`forward` alone."""
         h = self.fc(packed.features)  # (T, 256)
         a = segment_softmax(self.attention(h).squeeze(-1), packed)  # (T,)
-        return self.head(segment_sum(a.unsqueeze(-1) * h, packed))
+        return self.head(segment_pool(a, h, packed))
 
 
 def _omics_tokens(cfg: MKDCfg) -> nn.Sequential:
@@ -191,7 +191,7 @@ class _MultimodalTeacher(nn.Module):
     def predict_many(self, packed: PackedBags, tokens: Tensor) -> Tensor:
         """Packed bags and their ``(B, T, 512)`` tokens -> logits ``(B, C)``, each as :meth:`forward` alone."""
         h = self.path_fc(packed.features)  # (T_all, 256)
-        p = segment_sum(segment_softmax(self.path_attention(h).squeeze(-1), packed).unsqueeze(-1) * h, packed)
+        p = segment_pool(segment_softmax(self.path_attention(h).squeeze(-1), packed), h, packed)
         o = self.tokens(tokens)  # (B, T, 256)
         g = (self.omics_attention(o).squeeze(-1).softmax(-1).unsqueeze(1) @ o).squeeze(1)  # (B, 256)
         return self.classifier(self.fusion(p, g))

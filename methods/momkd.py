@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
 from .graph_layers import GATv2Encoder
-from .packing import pack_bags, segment_softmax, segment_sum
+from .packing import pack_bags, segment_pool, segment_softmax
 from .registry import register_method
 
 __all__ = ["MoMKD", "MoMKDCfg", "soft_angle_loss", "spherical_kmeans"]
@@ -327,7 +327,7 @@ class MoMKD(MILMethod):
         h, z = self._project_patches(Bag(packed.features, bags[0].label, edge_index=packed.edge_index))
         with torch.autocast(h.device.type, enabled=False):
             attention = segment_softmax(self._memory_scores(z)[1], packed)  # (T,)
-            pooled = segment_sum(attention.unsqueeze(-1) * h, packed)  # (B, Dw)
+            pooled = segment_pool(attention, h, packed)  # (B, Dw)
         return self.head(pooled)
 
     # ---------------------------------------------------------------- training losses

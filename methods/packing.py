@@ -23,6 +23,7 @@ __all__ = [
     "pack_bags",
     "segment_max",
     "segment_mean",
+    "segment_pool",
     "segment_softmax",
     "segment_sum",
 ]
@@ -35,13 +36,15 @@ class PackedBags:
     Attributes:
         features: all patches, shape ``(T, D)``, bag after bag.
         segment: bag index of each patch, long ``(T,)``.
-        sizes: patches per bag (host ints), length B.
+        lengths: patches per bag, long ``(B,)`` on the patches' device.
+        sizes: the same, as host ints.
         offsets: first patch of each bag (host ints), length B.
         edge_index: the bags' graphs as one block-diagonal graph ``(2, E)``, or None when a bag has none.
     """
 
     features: Tensor
     segment: Tensor
+    lengths: Tensor
     sizes: list[int]
     offsets: list[int]
     edge_index: Tensor | None
@@ -66,13 +69,12 @@ def pack_bags(bags: Sequence[Bag]) -> PackedBags:
         offsets.append(offsets[-1] + n)
     device = bags[0].features.device
     features = bags[0].features if len(bags) == 1 else torch.cat([b.features for b in bags])
-    segment = torch.repeat_interleave(
-        torch.arange(len(bags), device=device), torch.tensor(sizes, device=device), output_size=sum(sizes)
-    )
+    lengths = torch.tensor(sizes, device=device)
+    segment = torch.repeat_interleave(torch.arange(len(bags), device=device), lengths, output_size=sum(sizes))
     edge_index = None
     if all(b.edge_index is not None for b in bags):
         edge_index = torch.cat([b.edge_index + first for b, first in zip(bags, offsets, strict=True)], dim=1)
-    return PackedBags(features, segment, sizes, offsets, edge_index)
+    return PackedBags(features, segment, lengths, sizes, offsets, edge_index)
 
 
 def chunk_bags(bags: Sequence[Bag], max_patches: int) -> Iterator[list[int]]:
@@ -93,25 +95,26 @@ def chunk_bags(bags: Sequence[Bag], max_patches: int) -> Iterator[list[int]]:
 
 def segment_sum(x: Tensor, packed: PackedBags) -> Tensor:
     """Per-bag sum over patches: ``(T, ...)`` -> ``(B, ...)``."""
-    out = x.new_zeros(packed.num_bags, *x.shape[1:])
-    return out.index_add_(0, packed.segment, x)
+    return torch.segment_reduce(x, "sum", lengths=packed.lengths)
 
 
 def segment_mean(x: Tensor, packed: PackedBags) -> Tensor:
     """Per-bag mean over patches: ``(T, ...)`` -> ``(B, ...)``."""
-    counts = torch.tensor(packed.sizes, dtype=x.dtype, device=x.device)
-    return segment_sum(x, packed) / counts.view(-1, *([1] * (x.dim() - 1)))
+    return torch.segment_reduce(x, "mean", lengths=packed.lengths)
 
 
 def segment_max(x: Tensor, packed: PackedBags) -> Tensor:
     """Per-bag elementwise maximum over patches: ``(T, ...)`` -> ``(B, ...)``."""
-    out = x.new_full((packed.num_bags, *x.shape[1:]), float("-inf"))
-    index = packed.segment.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
-    return out.scatter_reduce_(0, index, x, "amax", include_self=True)
+    return torch.segment_reduce(x, "max", lengths=packed.lengths)
 
 
 def segment_softmax(scores: Tensor, packed: PackedBags) -> Tensor:
     """Softmax over each bag's patches of ``scores`` ``(T,)`` (max-shifted, as ``Tensor.softmax``)."""
-    peak = segment_max(scores, packed)[packed.segment]
-    e = (scores - peak).exp()
+    e = (scores - segment_max(scores, packed)[packed.segment]).exp()
     return e / segment_sum(e, packed)[packed.segment]
+
+
+def segment_pool(weights: Tensor, x: Tensor, packed: PackedBags) -> Tensor:
+    """Per-bag weighted sum ``Σ_n w_n x_n``: weights ``(T,)``, x ``(T, F)`` -> ``(B, F)``; one
+    vector-matrix product per bag, as the single-bag ``w @ x`` (no ``(T, F)`` product is formed)."""
+    return torch.stack([weights[s] @ x[s] for s in packed.slices()])

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
-from .packing import pack_bags, segment_max, segment_mean, segment_softmax, segment_sum
+from .packing import pack_bags, segment_max, segment_mean, segment_pool, segment_softmax
 from .registry import register_method
 
 __all__ = ["WiKG", "WiKGCfg", "knowledge_attention", "topk_neighbours"]
@@ -305,7 +305,7 @@ class WiKG(MILMethod):
             h = self.message_dropout(self._aggregate(e_h, e_n))  # (T, C)
             if cfg.pool == "attn":
                 a = segment_softmax(self.attention(h).squeeze(-1), packed)
-                pooled = segment_sum(a.to(h.dtype).unsqueeze(-1) * h, packed)
+                pooled = segment_pool(a.to(h.dtype), h, packed)
             elif cfg.pool == "max":
                 pooled = segment_max(h, packed)
             else:
