@@ -42,15 +42,32 @@ Epochs = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i")]
 Workers = Annotated[int, typer.Option("--workers", help="Jobs run in parallel.", min=1)]
+Precision = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast, the CPU included).",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path to a task YAML.")]
 
 
-def _options(out: Path, folds, seed, epochs, device: str, workers: int, quiet: bool):
+def _options(out: Path, folds, seed, epochs, device: str, workers: int, quiet: bool, precision: str = "auto"):
     from .runner import RunOptions
+    from .train import PRECISIONS
 
+    if precision not in PRECISIONS:
+        raise BenchError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
     return RunOptions(
-        out=out, folds=folds, seed=seed, epochs=epochs, device=device, workers=workers, quiet=quiet
+        out=out,
+        folds=folds,
+        seed=seed,
+        epochs=epochs,
+        device=device,
+        workers=workers,
+        quiet=quiet,
+        precision=precision,
     )
 
 
@@ -104,6 +121,7 @@ def run_cmd(
     epochs: Epochs = None,
     device: Device = "auto",
     workers: Workers = 1,
+    precision: Precision = "auto",
     quiet: Quiet = False,
     executor: Annotated[
         str, typer.Option("--executor", help="local (this machine) | slurm (a job array via submitit).")
@@ -129,7 +147,7 @@ def run_cmd(
     """K-fold CV of each method on a task, plus every external cohort; resumable."""
     from .runner import parse_methods
 
-    opts = _options(out, folds, seed, epochs, device, workers, quiet)
+    opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
     names = parse_methods(methods)
     if executor == "local":
         _run_and_print(task, names, opts)
@@ -205,6 +223,7 @@ def sweep_cmd(
     epochs: Epochs = None,
     device: Device = "auto",
     workers: Workers = 1,
+    precision: Precision = "auto",
     quiet: Quiet = False,
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
@@ -213,7 +232,7 @@ def sweep_cmd(
     from .sweep import SweepOptions, search, storage_url, write_best, write_sweep_report
 
     formats = _formats(fmt)
-    opts = _options(out, folds, seed, epochs, device, workers, quiet)
+    opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
     sw = SweepOptions(
         method=method,
         params=None if params is None else tuple(p.strip() for p in params.split(",") if p.strip()),
@@ -249,6 +268,7 @@ def ablate_cmd(
     epochs: Epochs = None,
     device: Device = "auto",
     workers: Workers = 1,
+    precision: Precision = "auto",
     quiet: Quiet = False,
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
@@ -266,7 +286,7 @@ def ablate_cmd(
     names = list(
         dict.fromkeys(f"{base}[{v}]" if v else base for rows in cls.ablations.values() for _, v in rows)
     )
-    opts = _options(out, folds, seed, epochs, device, workers, quiet)
+    opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
     _run_and_print(task, names, opts)
     task_name = load_task(task).name
     for table_name, rows in cls.ablations.items():

@@ -30,7 +30,7 @@ from .errors import BenchError, DataError
 from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict, slide_predictions
 from .provenance import versions
 from .store import atomic_write_text, config_hash, fold_dir, fold_status, write_fold, write_summary
-from .train import TrainResult, fit
+from .train import TrainResult, fit, resolve_precision
 
 __all__ = [
     "FoldFit",
@@ -61,6 +61,7 @@ class RunOptions:
     device: str = "auto"
     workers: int = 1
     quiet: bool = False
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,11 @@ def _task_identity(task: TaskConfig) -> dict[str, Any]:
     return task.model_dump(exclude={"path", "train", "synthetic", "folds", "seed"}, mode="json")
 
 
-def job_config(data: TaskData, job: Job, cfg: MethodCfg, device: torch.device) -> tuple[dict[str, Any], str]:
-    """The resolved configuration of a job and the hash of its result-changing part."""
+def job_config(
+    data: TaskData, job: Job, cfg: MethodCfg, device: torch.device, precision: str = "auto"
+) -> tuple[dict[str, Any], str]:
+    """The resolved configuration of a job and the hash of its result-changing part (a precision other than
+    ``auto`` is part of it; ``auto`` keeps the hashes of runs made before the option existed)."""
     hashed = {
         "task": _task_identity(data.task),
         "method": job.method,
@@ -177,11 +181,14 @@ def job_config(data: TaskData, job: Job, cfg: MethodCfg, device: torch.device) -
         "in_dim": data.internal.dim,
         "omics_dim": None if data.internal.omics is None else data.internal.omics.shape[1],
     }
+    if precision != "auto":
+        hashed["precision"] = precision
     recorded = {
         **hashed,
         "task_file": str(data.task.path),
         "synthetic": data.task.synthetic,
         "device": str(device),
+        "bf16_autocast": resolve_precision(precision, device),
         "versions": versions(),
     }
     return recorded, config_hash(hashed)
@@ -225,7 +232,7 @@ def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, An
     """Resolve a job without running it (cheap: no data is read)."""
     device = resolve_device(opts.device)
     cfg = method_config(data, job.method, opts, overrides)
-    config, hash_ = job_config(data, job, cfg, device)
+    config, hash_ = job_config(data, job, cfg, device, opts.precision)
     return JobPlan(cfg, device, config, hash_, fold_dir(opts.out, data.task.name, job.method, job.fold))
 
 
@@ -248,8 +255,10 @@ def train_fold(
     cfg: MethodCfg,
     device: torch.device,
     on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+    precision: str = "auto",
 ) -> FoldFit:
-    """Train ``method`` on fold ``fold``'s training patients and select it on the fold's validation patients.
+    """Train ``method`` on fold ``fold``'s training patients and select it on the fold's validation patients
+    (``precision``: :func:`bench.train.resolve_precision`).
 
     Reads and predicts the training and validation slides only, never the fold's test part or an external
     cohort: a sweep's objective is built on this.
@@ -275,8 +284,10 @@ def train_fold(
         seed=data.seed * 1000 + fold,
         aggregation=data.task.patient_aggregation,
         on_epoch=on_epoch,
+        precision=precision,
     )
-    val = slide_predictions(val_bags, predict(result.model, val_bags, device), "val")
+    autocast = resolve_precision(precision, device)
+    val = slide_predictions(val_bags, predict(result.model, val_bags, device, autocast), "val")
     return FoldFit(result, val)
 
 
@@ -293,7 +304,8 @@ def run_job(
         return "skipped"
     started = time.time()
     cfg, device = plan.cfg, plan.device
-    fitted = train_fold(data, job.fold, job.method, cfg, device, on_epoch)
+    fitted = train_fold(data, job.fold, job.method, cfg, device, on_epoch, opts.precision)
+    autocast = resolve_precision(opts.precision, device)
     agg = data.task.patient_aggregation
     val_pat = patient_level(fitted.val, agg)
     threshold = best_f1_threshold(val_pat.label.to_numpy(), val_pat.prob.to_numpy())
@@ -301,11 +313,11 @@ def run_job(
     test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None)
     cohorts = {
         "val": fitted.val,
-        "test": slide_predictions(test_bags, predict(model, test_bags, device), "test"),
+        "test": slide_predictions(test_bags, predict(model, test_bags, device, autocast), "test"),
     }
     for name, cohort in data.externals.items():
         bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None)
-        cohorts[name] = slide_predictions(bags, predict(model, bags, device), name)
+        cohorts[name] = slide_predictions(bags, predict(model, bags, device, autocast), name)
     metrics = {
         "cohorts": {
             name: binary_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)

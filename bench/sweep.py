@@ -226,7 +226,7 @@ def _objective(data: TaskData, sw: SweepOptions, opts: RunOptions, device: Any) 
         trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
         aucs: list[float] = []
         for fold in range(data.folds):
-            fitted = train_fold(data, fold, sw.method, cfg, device)
+            fitted = train_fold(data, fold, sw.method, cfg, device, precision=opts.precision)
             aucs.append(fitted.val_auc(aggregation))
             trial.set_user_attr("fold_val_auc", aucs)
             trial.report(float(np.nanmean(aucs)), fold)

@@ -28,10 +28,29 @@ from methods.packing import chunk_bags
 
 from .evaluate import PREDICT_PATCHES, binary_metrics, patient_level, predict, slide_predictions
 
-__all__ = ["MONITORS", "TrainResult", "epoch_order", "fit", "mean_model_auc", "seed_everything"]
+__all__ = [
+    "MONITORS",
+    "PRECISIONS",
+    "TrainResult",
+    "epoch_order",
+    "fit",
+    "mean_model_auc",
+    "resolve_precision",
+    "seed_everything",
+]
 
 #: ``cfg.monitor`` -> the validation record's key it selects on
 MONITORS = {"auc": "val_auc", "loss": "val_loss", "mean-auc": "val_mean_auc"}
+#: ``--precision``: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast: ``auto`` on CUDA, or ``bf16`` on any device (the CPU included;
+    the methods keep their fp32 islands, e.g. MoMKD's memory and losses, through ``autocast(enabled=False)``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 @dataclass
@@ -118,11 +137,13 @@ def fit(
     seed: int,
     aggregation: str = "mean",
     on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+    precision: str = "auto",
 ) -> TrainResult:
     """Build ``method`` with ``cfg`` (seeded), prepare it on the training bags, train, and return it holding
-    the weights of its best validation epoch."""
+    the weights of its best validation epoch; forward and loss under bf16 autocast when ``precision`` says
+    so (:func:`resolve_precision`)."""
     seed_everything(seed)
-    autocast = device.type == "cuda"
+    autocast = resolve_precision(precision, device)
     model = create_method(method, in_dim=in_dim, omics_dim=omics_dim, cfg=cfg).to(device)
     train_bags = [b.to(device, non_blocking=True) for b in train_bags]
     model.prepare(train_bags)
