@@ -30,12 +30,21 @@ __all__ = [
     "binary_metrics",
     "patient_level",
     "predict",
+    "predict_patches",
     "slide_predictions",
 ]
 
 
-#: patches per packed forward when predicting (bounds one forward's activations; bigger bags go alone)
-PREDICT_PATCHES = 16384
+#: patches per packed forward when predicting, per device type (bigger bags go alone). On a GPU, packing
+#: removes the per-bag kernel launches; on the CPU a bag of a few hundred patches is already bound by its
+#: matrix products and larger packs only spill the activations out of cache (benchmarks/README.md), so
+#: only small bags are packed there.
+PREDICT_PATCHES = {"cuda": 65536, "cpu": 2048}
+
+
+def predict_patches(device: torch.device) -> int:
+    """The packing budget for ``device`` (:data:`PREDICT_PATCHES`; other device types as CUDA)."""
+    return PREDICT_PATCHES.get(device.type, PREDICT_PATCHES["cuda"])
 
 
 @torch.inference_mode()
@@ -44,14 +53,15 @@ def predict(
     bags: Sequence[Bag],
     device: torch.device,
     autocast: bool = False,
-    max_patches: int = PREDICT_PATCHES,
+    max_patches: int | None = None,
 ) -> np.ndarray:
     """Positive-class probability of each bag (omics removed; eval mode), several bags per forward
-    (``MILMethod.predict_logits``: each bag's value as predicted alone)."""
+    (``MILMethod.predict_logits``: each bag's value as predicted alone), at most ``max_patches`` patches
+    per forward (default :func:`predict_patches`)."""
     was_training = model.training
     model.eval()
     probs = []
-    for group in chunk_bags(bags, max_patches):
+    for group in chunk_bags(bags, max_patches or predict_patches(device)):
         chunk = [bags[i].without_omics().to(device, non_blocking=True) for i in group]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.predict_logits(chunk)

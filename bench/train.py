@@ -26,7 +26,7 @@ from methods import MILMethod, create_method
 from methods.base import Bag, MethodCfg
 from methods.packing import chunk_bags
 
-from .evaluate import PREDICT_PATCHES, binary_metrics, patient_level, predict, slide_predictions
+from .evaluate import binary_metrics, patient_level, predict, predict_patches, slide_predictions
 
 __all__ = [
     "MONITORS",
@@ -94,7 +94,7 @@ def mean_model_auc(
     was_training = model.training
     model.eval()
     scored: dict[str, list[tuple[list[Bag], torch.Tensor]]] = {}
-    for group in chunk_bags(bags, PREDICT_PATCHES):
+    for group in chunk_bags(bags, predict_patches(device)):
         chunk = [bags[i] for i in group]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.validation_logits_batch([b.to(device, non_blocking=True) for b in chunk])

@@ -93,23 +93,31 @@ def chunk_bags(bags: Sequence[Bag], max_patches: int) -> Iterator[list[int]]:
         yield group
 
 
+def _reduce(x: Tensor, packed: PackedBags, how: str) -> Tensor:
+    if packed.num_bags == 1:  # the single-bag reduction itself
+        return getattr(x, "amax" if how == "max" else how)(0, keepdim=True)
+    return torch.segment_reduce(x, how, lengths=packed.lengths)
+
+
 def segment_sum(x: Tensor, packed: PackedBags) -> Tensor:
     """Per-bag sum over patches: ``(T, ...)`` -> ``(B, ...)``."""
-    return torch.segment_reduce(x, "sum", lengths=packed.lengths)
+    return _reduce(x, packed, "sum")
 
 
 def segment_mean(x: Tensor, packed: PackedBags) -> Tensor:
     """Per-bag mean over patches: ``(T, ...)`` -> ``(B, ...)``."""
-    return torch.segment_reduce(x, "mean", lengths=packed.lengths)
+    return _reduce(x, packed, "mean")
 
 
 def segment_max(x: Tensor, packed: PackedBags) -> Tensor:
     """Per-bag elementwise maximum over patches: ``(T, ...)`` -> ``(B, ...)``."""
-    return torch.segment_reduce(x, "max", lengths=packed.lengths)
+    return _reduce(x, packed, "max")
 
 
 def segment_softmax(scores: Tensor, packed: PackedBags) -> Tensor:
     """Softmax over each bag's patches of ``scores`` ``(T,)`` (max-shifted, as ``Tensor.softmax``)."""
+    if packed.num_bags == 1:
+        return scores.softmax(0)
     e = (scores - segment_max(scores, packed)[packed.segment]).exp()
     return e / segment_sum(e, packed)[packed.segment]
 
