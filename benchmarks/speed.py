@@ -82,13 +82,13 @@ REFERENCE: dict[str, dict[str, Any]] = {
 
 COLUMNS = [
     "method", "n", "status", "train_s", "ref_train_s", "train_ratio", "infer_s", "ref_infer_s",
-    "infer_ratio", "peak_rss_mb", "ref_rss_mb", "graph_s", "prepare_s", "load",
+    "infer_ratio", "peak_rss_mb", "ref_rss_mb", "peak_gpu_mb", "graph_s", "prepare_s", "load",
 ]  # fmt: skip
 #: short headers for the terminal table
 LABELS = {
     "train_s": "train s", "ref_train_s": "ref", "train_ratio": "x ref", "infer_s": "infer s",
     "ref_infer_s": "ref", "infer_ratio": "x ref", "peak_rss_mb": "RSS MB", "ref_rss_mb": "ref",
-    "graph_s": "graph s", "prepare_s": "prep s", "fwd_bwd_s": "fwd+bwd s",
+    "graph_s": "graph s", "prepare_s": "prep s", "fwd_bwd_s": "fwd+bwd s", "peak_gpu_mb": "GPU MB",
 }  # fmt: skip
 
 
@@ -103,14 +103,21 @@ def tissue_coords(n: int, seed: int = 0, density: float = 0.6) -> np.ndarray:
     return np.stack([flat % side, flat // side], axis=1).astype(np.float32)
 
 
+#: ``--clock``: wall time, or this process's CPU time (robust on a shared machine: time spent descheduled
+#: does not count; with one thread it is the work done)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_CLOCK = {"now": time.perf_counter}
+
+
 def _median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+    now = _CLOCK["now"]
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times)
 
 
@@ -138,17 +145,21 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         edge_index = torch.from_numpy(knn_edge_index(coords, cfg.graph_k, cfg.graph_symmetric))
         graph_s = time.perf_counter() - start
     omics = torch.randn(omics_dim) if omics_dim else None
+    device = torch.device(args.device)
     bags = [
-        Bag(features, torch.tensor(y), torch.from_numpy(coords), edge_index, omics, f"s{y}", f"c{y}")
+        Bag(features, torch.tensor(y), torch.from_numpy(coords), edge_index, omics, f"s{y}", f"c{y}").to(
+            device
+        )
         for y in (0, 1)
     ]
-    model = methods.create_method(args.method, in_dim=args.dim, omics_dim=omics_dim, cfg=cfg)
+    model = methods.create_method(args.method, in_dim=args.dim, omics_dim=omics_dim, cfg=cfg).to(device)
+    cuda = device.type == "cuda"
     start = time.perf_counter()
     model.prepare(bags)
     prepare_s = time.perf_counter() - start
     optimizer, _ = model.configure_optimizer()
     window = max(1, cfg.accumulation_steps)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def train_window() -> None:
         model.train()
@@ -164,11 +175,15 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.after_step()
+        if cuda:  # the step's kernels finish inside the timed region
+            torch.cuda.synchronize(device)
 
     def infer() -> None:
         model.eval()
         with torch.no_grad(), autocast:
             model(bags[1].without_omics())
+        if cuda:
+            torch.cuda.synchronize(device)
 
     train_s = _median_time(train_window, args.warmup, args.repeats) / window
     infer_s = _median_time(infer, 1, args.repeats)
@@ -176,6 +191,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "train_s": train_s,
         "infer_s": infer_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         "graph_s": graph_s,
         "prepare_s": prepare_s,
         "load": os.getloadavg()[0],
@@ -342,7 +358,8 @@ def measure(args: argparse.Namespace, method: str, n: int) -> dict[str, Any]:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--worker", "--methods", method, "--sizes", str(n),
         "--dim", str(args.dim), "--omics-dim", str(args.omics_dim), "--threads", str(args.threads),
-        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+        "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--clock", args.clock,
+        "--device", args.device,
     ]  # fmt: skip
     if args.bf16:
         command.append("--bf16")
@@ -408,7 +425,8 @@ def header(args: argparse.Namespace) -> list[str]:
 
     return [
         f"torch {torch.__version__}, {args.threads} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-        f"D = {args.dim}, omics width {args.omics_dim}, median of {args.repeats} after {args.warmup} warm-ups",
+        f"D = {args.dim}, omics width {args.omics_dim}, median of {args.repeats} after {args.warmup} warm-ups, "
+        f"{args.clock} clock",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average at start {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
         "reference: shared/reference/performance.md (quiet machine)",
@@ -454,6 +472,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and loss")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:i (the train and inference steps)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or the process's CPU time"
+    )
     parser.add_argument(
         "--max-seconds", type=float, default=60.0, help="skip a size whose train step would take longer"
     )
@@ -476,6 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    _CLOCK["now"] = CLOCKS[args.clock]
     if args.worker:
         args.method, args.size = args.methods, args.sizes[0]
         print(json.dumps(run_worker(args)))

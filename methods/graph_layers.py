@@ -8,6 +8,7 @@ between them (``fast=``) without touching its weights.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -278,6 +279,10 @@ class GATv2Encoder(nn.Module):
         self.res1 = nn.Linear(in_dim, hidden_dim) if in_dim != hidden_dim else nn.Identity()
         self.ln1 = nn.LayerNorm(hidden_dim)
         self.ln2 = nn.LayerNorm(hidden_dim)
+        # neighbour tables of the graphs seen, by id of their (never modified) edge_index while it lives: a
+        # slide's graph is the same every epoch, so the table is built once per slide and the step neither
+        # rebuilds it nor waits on the device for its block sizes
+        self._tables: dict[int, NeighbourTable] = {}
 
     def _block(
         self, conv: GATv2Conv, norm: nn.LayerNorm, x: Tensor, graph: Tensor | NeighbourTable
@@ -286,8 +291,18 @@ class GATv2Encoder(nn.Module):
             return _dropout(F.elu(norm(gatv2_padded(conv, x, graph))), self.dropout, self.training)
         return F.dropout(F.elu(norm(conv(x, graph))), p=self.dropout, training=self.training)
 
+    def _table(self, edge_index: Tensor, num_nodes: int) -> NeighbourTable:
+        key = id(edge_index)
+        table = self._tables.get(key)
+        if table is None or table.index.shape[0] != num_nodes or table.index.device != edge_index.device:
+            if table is None:  # forget the table when the graph is freed (before its id can be reused)
+                weakref.finalize(edge_index, self._tables.pop, key, None)
+            table = in_neighbour_table(edge_index, num_nodes)
+            self._tables[key] = table
+        return table
+
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        graph = in_neighbour_table(edge_index, x.shape[0]) if self.fast else edge_index
+        graph = self._table(edge_index, x.shape[0]) if self.fast else edge_index
         h1 = self._block(self.gat1, self.ln1, x, graph) + self.res1(x)  # (N, hidden)
         h2 = self._block(self.gat2, self.ln2, h1, graph) + h1  # (N, hidden)
         return _Maximum.apply(h1, h2) if self.fast else torch.maximum(h1, h2)

@@ -101,3 +101,25 @@ def test_fast_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
     assert abs((out == 0).float().mean().item() - 0.3) < 0.02
     assert abs(out.mean().item() - 1.0) < 0.03
     assert _dropout(x, 0.3, training=False) is x
+
+
+def test_encoder_builds_each_graph_table_once_and_forgets_freed_graphs(monkeypatch):
+    import gc
+
+    import methods.graph_layers as gl
+
+    builds = []
+    real = gl.in_neighbour_table
+    monkeypatch.setattr(gl, "in_neighbour_table", lambda *a, **k: builds.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    enc = GATv2Encoder(16, 8).eval()
+    x, edge_index = torch.randn(30, 16), _graph(30)
+    first = enc(x, edge_index)
+    torch.testing.assert_close(enc(x, edge_index), first, rtol=0, atol=0)
+    assert len(builds) == 1 and len(enc._tables) == 1
+    torch.testing.assert_close(enc(x, edge_index.clone()), first, rtol=0, atol=0)  # a new tensor: built anew
+    gc.collect()
+    assert len(builds) == 2 and len(enc._tables) == 1  # the clone's table went with it
+    del edge_index
+    gc.collect()
+    assert enc._tables == {}
