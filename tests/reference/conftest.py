@@ -91,10 +91,12 @@ def load_fixture(name: str) -> Fixture:
     return fx
 
 
-def build_model(fx: Fixture) -> MILMethod:
-    """bench's model as the fixture names it, with the fixture's weights, in the fixture's mode."""
+def build_model(fx: Fixture, **overrides: Any) -> MILMethod:
+    """bench's model as the fixture names it, with the fixture's weights, in the fixture's mode;
+    ``overrides`` change settings that must not change the numbers (e.g. an implementation path)."""
     meta = fx.meta
-    model = create_method(meta["method"], meta["in_dim"], meta["omics_dim"], **meta["overrides"])
+    cfg = {**meta["overrides"], **overrides}
+    model = create_method(meta["method"], meta["in_dim"], meta["omics_dim"], **cfg)
     model.load_state_dict(fx.state, strict=True)
     return model.train(meta["mode"] == "train")
 
@@ -127,14 +129,15 @@ def _diff(name: str, actual: Tensor, expected: Tensor) -> float:
     return float((actual - expected).abs().max()) if actual.numel() else 0.0
 
 
-def check_fixture(name: str) -> dict[str, float]:
-    """Compare bench with fixture ``name``: every recorded output, loss term and gradient, every case.
+def check_fixture(name: str, **overrides: Any) -> dict[str, float]:
+    """Compare bench with fixture ``name``: every recorded output, loss term and gradient, every case
+    (``overrides``: see :func:`build_model`).
 
     Returns the largest absolute difference per kind (``output``, ``loss``, ``grad``), printed too
     (``pytest -s`` shows them).
     """
     fx = load_fixture(name)
-    model = build_model(fx)
+    model = build_model(fx, **overrides)
     worst = {"output": 0.0, "loss": 0.0, "grad": 0.0}
     for case in fx.cases:
         outputs, losses, grads = run_case(model, case)
@@ -151,8 +154,9 @@ def check_fixture(name: str) -> dict[str, float]:
         for k, v in case.grads.items():
             worst["grad"] = max(worst["grad"], _diff(f"{case.name} grad {k}", grads[k], v))
     ref = fx.meta["reference"]
+    label = name + "".join(f" {k}={v}" for k, v in overrides.items())
     print(
-        f"\n{name} vs {ref['repo']}@{ref['commit'][:7]}: "
+        f"\n{label} vs {ref['repo']}@{ref['commit'][:7]}: "
         + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
     )
     return worst

@@ -6,13 +6,27 @@ repositories at a recorded commit; these tests need neither the repositories nor
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from .conftest import check_fixture, load_fixture
+import pytest
+import torch
+
+from .conftest import build_model, check_fixture, load_fixture, run_case
 
 pytestmark = pytest.mark.reference
 
-FIXTURES = ["abmil", "abmil-ilse", "wikg", "wikg-attn-pool", "wikg-gcn", "wikg-sage"]
+FIXTURES = [
+    "abmil",
+    "abmil-ilse",
+    "wikg",
+    "wikg-attn-pool",
+    "wikg-gcn",
+    "wikg-sage",
+    "momkd",
+    "momkd-paper",
+]
+#: the same fixture through another implementation path of bench (same weights, same numbers expected)
+PATHS: list[tuple[str, dict[str, Any]]] = [("momkd", {"fast_graph": False})]
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -21,9 +35,37 @@ def test_matches_reference(name: str) -> None:
     assert max(worst.values()) <= 1e-5
 
 
+@pytest.mark.parametrize(("name", "overrides"), PATHS, ids=[f"{n}-{'-'.join(o)}" for n, o in PATHS])
+def test_other_paths_match_reference(name: str, overrides: dict[str, Any]) -> None:
+    assert max(check_fixture(name, **overrides).values()) <= 1e-5
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_records_its_source(name: str) -> None:
     meta = load_fixture(name).meta
     ref = meta["reference"]
     assert len(ref["commit"]) == 40 and ref["repo"] and ref["files"]
     assert meta["cases"] and meta["script"].startswith("benchmarks/parity/")
+
+
+def test_a_changed_weight_is_caught() -> None:
+    """The comparison can fail: one weight moved by 1e-3 changes the gradients beyond the tolerance."""
+    fx = load_fixture("abmil")
+    model = build_model(fx)
+    with torch.no_grad():
+        model.classifier.bias[0] += 1e-3
+    _, _, grads = run_case(model, fx.cases[0])
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(
+            grads["classifier.bias"], fx.cases[0].grads["classifier.bias"], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_knn_graph_matches_reference_graph() -> None:
+    """bench's spatial graph is MoMKD's ``graph.py`` graph (the momkd fixture's bags carry the latter)."""
+    from bench.data.graph import knn_edge_index
+
+    for case in load_fixture("momkd").cases:
+        bag = case.bags[0]
+        ours = knn_edge_index(bag.coords.numpy(), k=8)
+        assert (ours == bag.edge_index.numpy()).all(), case.name
