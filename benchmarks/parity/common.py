@@ -79,19 +79,27 @@ def reference_commit(ref_dir: Path) -> str:
     return commit
 
 
-def import_reference(ref_dir: Path, *modules: str, stub: Sequence[str] = ()) -> list[Any]:
-    """Import ``modules`` from the checkout (put first on ``sys.path``).
+def import_reference(
+    ref_dir: Path, *modules: str, stub: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[Any]:
+    """Import ``modules`` from the checkout (put first on ``sys.path``); ``path/to/file.py`` loads one
+    file without its package's ``__init__``.
 
-    ``stub``: names of packages the reference imports at module level but that the recorded code never
-    calls (e.g. survival metrics); each becomes an empty module so the import succeeds without them.
+    ``stub``: modules the reference imports at module level for code the recording never runs (e.g.
+    survival metrics, image transforms), each given as the attributes it must offer; they are registered
+    as plain modules so the import succeeds without those packages.
     """
     import types
 
-    for name in stub:
+    for name, attrs in (stub or {}).items():
         parts = name.split(".")
         for i in range(1, len(parts) + 1):
             sub = ".".join(parts[:i])
-            sys.modules.setdefault(sub, types.ModuleType(sub))
+            mod = sys.modules.setdefault(sub, types.ModuleType(sub))
+            if i > 1:
+                setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], mod)
+        for attr, value in attrs.items():
+            setattr(sys.modules[name], attr, value)
     sys.path.insert(0, str(ref_dir))
     return [_load(ref_dir, m) for m in modules]
 

@@ -24,6 +24,8 @@ FIXTURES = [
     "wikg-sage",
     "momkd",
     "momkd-paper",
+    "mkd",
+    "ghanet",
 ]
 #: the same fixture through another implementation path of bench (same weights, same numbers expected)
 PATHS: list[tuple[str, dict[str, Any]]] = [("momkd", {"fast_graph": False})]
