@@ -255,6 +255,10 @@ class Recorder:
             shape = state[f"state/{k}"].shape
             self.arrays[f"{case}/grad/{k}"] = np.zeros(shape, np.float32) if g is None else _np(g)
 
+    def extra(self, key: str, value: Tensor | np.ndarray) -> None:
+        """An array outside the cases (a method-specific check, e.g. MoMKD's k-means), under ``extra/``."""
+        self.arrays[f"extra/{key}"] = value if isinstance(value, np.ndarray) else _np(value)
+
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.name}.npz"

@@ -21,6 +21,9 @@ normalised-code (alignment, attention, orthogonality) readings are both exercise
 Fixtures: ``momkd`` (default; the tests check it with both of bench's GATv2 paths, the padded one and
 PyG's ``GATv2Conv``, ``fast_graph=False``) and ``momkd-paper`` (variant ``paper``: reconstruction weight
 0.01 and fixed τ, the reference's ``attn_log_tau`` frozen; its k-means budget does not enter a step).
+``momkd`` also records ``core_utils.bootstrap_codebooks`` on its two bags from a seeded RNG (the points it
+clusters and the memories it leaves; its ``utils.utils`` imports ``torchvision`` for image transforms, which
+is stubbed) and the reference's parameter counts at D = 1536, G = 768 (class defaults and ``paper-run``).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ HPARAMS = {
     "recon_weight": 0.05,
 }
 ALPHA_MEM = 0.1  # fixed inside mkd_train_loop
+KMEANS_SEED = 11
 FIXTURES = {  # name: (bench method, extra overrides, reference hparams changes, learnable tau)
     "momkd": ("momkd", {}, {}, True),
     "momkd-paper": ("momkd[paper]", {}, {"recon_weight": 0.01}, False),
@@ -114,11 +118,61 @@ class RecordingOptimizer:
         self.model.zero_grad(set_to_none=True)
 
 
+def record_kmeans(rec: Recorder, core_utils, ref: torch.nn.Module, bags: list[dict[str, np.ndarray]]) -> None:
+    """``core_utils.bootstrap_codebooks`` (20 iterations) on the fixture's bags from a seeded RNG: the
+    points it clusters (its normalised patch projections, per class) and the memories it leaves."""
+    loader = [
+        (
+            (torch.from_numpy(b["features"]), torch.from_numpy(b["edge_index"])),
+            None,
+            torch.tensor([int(b["label"])]),
+            None,
+        )
+        for b in bags
+    ]
+    projections = []
+    hook = ref.wsi_patch_projector.register_forward_hook(lambda _m, _i, out: projections.append(out))
+    torch.manual_seed(KMEANS_SEED)
+    core_utils.bootstrap_codebooks(loader, ref, "cpu", max_per_class=10_000, kmeans_iters=20)
+    hook.remove()
+    points = {
+        int(b["label"]): torch.nn.functional.normalize(p, dim=-1)
+        for b, p in zip(bags, projections, strict=True)
+    }
+    rec.meta["kmeans"] = {"seed": KMEANS_SEED, "iters": 20, "order": "positive class first, then negative"}
+    rec.extra("kmeans_points_0", points[0])
+    rec.extra("kmeans_points_1", points[1])
+    rec.extra("kmeans_memory", torch.stack([ref.mem_neg.codebook, ref.mem_pos.codebook]))
+
+
+def parameter_counts(mkd) -> dict[str, dict[str, int]]:
+    """Parameter counts of the reference model at D = 1536, G = 768: class defaults and ``paper-run``."""
+    sizes = {
+        "momkd": {},
+        "momkd[paper-run]": {
+            "wsi_encoder_dim": 512,
+            "rna_embedding_dim": 512,
+            "shared_embedding_dim": 64,
+            "num_memory_per_class": 16,
+        },
+    }
+    out = {}
+    for name, kwargs in sizes.items():
+        model = mkd.MKD(rna_input_dim=768, wsi_input_dim=1536, **kwargs)
+        out[name] = {"in_dim": 1536, "omics_dim": 768, "count": sum(p.numel() for p in model.parameters())}
+    return out
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], REPO)
     commit = reference_commit(args.ref_dir)
-    mkd, train_utils, graph = import_reference(
-        args.ref_dir, "models.mkd", "utils.Mkd_train_utils", "graph.py"
+    mkd, train_utils, graph, core_utils = import_reference(
+        args.ref_dir,
+        "models.mkd",
+        "utils.Mkd_train_utils",
+        "graph.py",
+        "utils.core_utils",
+        stub={"torchvision.transforms": {}},
     )
     bags = []
     for i, (_, n, label) in enumerate(CASES):
@@ -212,6 +266,9 @@ def main() -> None:
             rec.case(name, [bag], [outputs], losses, grads)
             ref.zero_grad(set_to_none=True)
         ref.forward_train = forward_train
+        if fixture == "momkd":
+            record_kmeans(rec, core_utils, ref, bags)
+            rec.meta["reference_parameters"] = parameter_counts(mkd)
         rec.save(args.out)
 
 

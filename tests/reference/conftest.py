@@ -25,6 +25,8 @@ one bag, or a window of bags for a method that steps once per window):
         case's calls of ``loss`` (a window method returns its terms on the window's last bag);
     ``<c>/grad/<param>``: the gradient of the sum of all terms with respect to each trainable parameter,
         zeros where the reference gives none.
+``extra/<key>``: optional arrays of a method-specific check (e.g. MoMKD's k-means initialisation), read by
+    that method's test; ``meta`` may carry such facts too (e.g. reference parameter counts).
 
 Adding a method: write ``benchmarks/parity/<method>.py`` with ``common.py``'s helpers, run it with
 ``--ref-dir`` pointing at a checkout of the authors' repository, and add a test calling
@@ -65,6 +67,7 @@ class Fixture:
     name: str
     meta: dict[str, Any]
     state: dict[str, Tensor]
+    extra: dict[str, Tensor] = field(default_factory=dict)
     cases: list[Case] = field(default_factory=list)
 
 
@@ -79,7 +82,7 @@ def load_fixture(name: str) -> Fixture:
     def group(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
 
-    fx = Fixture(name, meta, group("state/"))
+    fx = Fixture(name, meta, group("state/"), extra=group("extra/"))
     for c in meta["cases"]:
         n = c["name"]
         bags = []

@@ -71,3 +71,28 @@ def test_knn_graph_matches_reference_graph() -> None:
         bag = case.bags[0]
         ours = knn_edge_index(bag.coords.numpy(), k=8)
         assert (ours == bag.edge_index.numpy()).all(), case.name
+
+
+def test_momkd_kmeans_matches_bootstrap_codebooks() -> None:
+    """``spherical_kmeans`` leaves the memories the code's ``bootstrap_codebooks`` leaves, from the same
+    RNG state and points (the code clusters the positive class first)."""
+    from methods.momkd import spherical_kmeans
+
+    fx = load_fixture("momkd")
+    km = fx.meta["kmeans"]
+    k = fx.extra["kmeans_memory"].shape[1]
+    torch.manual_seed(km["seed"])
+    positive = spherical_kmeans(fx.extra["kmeans_points_1"], k, km["iters"])
+    negative = spherical_kmeans(fx.extra["kmeans_points_0"], k, km["iters"])
+    torch.testing.assert_close(
+        torch.stack([negative, positive]), fx.extra["kmeans_memory"], atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("method", ["momkd", "momkd[paper-run]"])
+def test_momkd_parameter_count_matches_reference(method: str) -> None:
+    from methods import create_method
+
+    ref = load_fixture("momkd").meta["reference_parameters"][method]
+    model = create_method(method, ref["in_dim"], ref["omics_dim"])
+    assert sum(p.numel() for p in model.parameters()) == ref["count"]
