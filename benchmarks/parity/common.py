@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 __all__ = [
     "FIXTURES",
     "Recorder",
+    "RecordingOptimizer",
     "bench_model",
     "capture_output",
     "copy_into_reference",
@@ -214,6 +215,27 @@ def capture_output(module: nn.Module) -> Iterator[list[Tensor]]:
         yield seen
     finally:
         handle.remove()
+
+
+class RecordingOptimizer:
+    """Stands in for the reference's optimiser inside its own training loop: ``step`` records the
+    gradients accumulated so far (by reference parameter name), nothing moves; ``zero_grad`` clears."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.grads: dict[str, Tensor | None] = {}
+        self.param_groups = [{"lr": 0.0}]  # read by progress bars
+
+    def step(self) -> None:
+        self.grads = {n: None if p.grad is None else p.grad.clone() for n, p in self.model.named_parameters()}
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def restore(self) -> None:
+        """Put the recorded gradients back on the parameters (the loop clears them after stepping)."""
+        for name, p in self.model.named_parameters():
+            p.grad = self.grads.get(name)
 
 
 class Recorder:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from common import (
     Recorder,
+    RecordingOptimizer,
     bench_model,
     capture_output,
     copy_into_reference,
@@ -123,19 +124,6 @@ def build_reference(mc, sizes: list[int]) -> nn.Module:
     )
     no_dropout(ref)
     return ref
-
-
-class RecordingOptimizer:
-    """Stands in for Adam: ``step`` records the gradients, nothing moves."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.grads = model, None
-
-    def step(self) -> None:
-        self.grads = {n: None if p.grad is None else p.grad.clone() for n, p in self.model.named_parameters()}
-
-    def zero_grad(self) -> None:
-        self.model.zero_grad(set_to_none=True)
 
 
 class _ObjectZeros:
@@ -232,8 +220,7 @@ def main() -> None:
                 "sce": 0.3 * sce,
                 "mse": 0.3 * l2,
             }
-        for p_name, p in ref.named_parameters():
-            p.grad = opt.grads[p_name]
+        opt.restore()
         grads = reference_grads(ref, names)
         grads["tokens"] = ref.recon_net.tokens.grad[0]
         for j, mask in enumerate(masks):

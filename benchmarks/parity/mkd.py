@@ -30,6 +30,7 @@ import tempfile
 import torch
 from common import (
     Recorder,
+    RecordingOptimizer,
     bench_model,
     capture_output,
     copy_into_reference,
@@ -77,19 +78,6 @@ MODULES = {  # bench module prefix -> reference module prefix
     **{f"multimodal_teacher.fusion.{k}": f"multimodal_teacher.mm.{v}" for k, v in FUSION.items()},
     "multimodal_teacher.classifier": "multimodal_teacher.classifier",
 }
-
-
-class RecordingOptimizer:
-    """Stands in for AdamW: ``step`` records the accumulated gradients, nothing moves."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.grads = model, None
-
-    def step(self) -> None:
-        self.grads = {n: None if p.grad is None else p.grad.clone() for n, p in self.model.named_parameters()}
-
-    def zero_grad(self) -> None:
-        self.model.zero_grad(set_to_none=True)
 
 
 class NoScheduler:
@@ -226,8 +214,7 @@ def main() -> None:
             "coral": coral,
             "orthogonal": backward_values[-1] - sp - kl - coral,
         }
-    for p_name, p in ref.named_parameters():
-        p.grad = opt.grads[p_name]
+    opt.restore()
     rec = Recorder(
         "mkd",
         {

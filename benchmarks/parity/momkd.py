@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from common import (
     Recorder,
+    RecordingOptimizer,
     bench_model,
     copy_into_reference,
     import_reference,
@@ -102,20 +103,6 @@ def reference_graph(graph_mod, coords: np.ndarray) -> np.ndarray:
         assert graph_mod.process_single_h5(str(src), str(dst), k_neighbors=8) == "success"
         with h5py.File(dst, "r") as f:
             return f["edge_index_k8"][:].astype(np.int64)
-
-
-class RecordingOptimizer:
-    """Stands in for AdamW: ``step`` records the gradients the loop has accumulated, nothing moves."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.grads = model, None
-        self.param_groups = [{"lr": 0.0}]
-
-    def step(self) -> None:
-        self.grads = {n: None if p.grad is None else p.grad.clone() for n, p in self.model.named_parameters()}
-
-    def zero_grad(self) -> None:
-        self.model.zero_grad(set_to_none=True)
 
 
 def record_kmeans(rec: Recorder, core_utils, ref: torch.nn.Module, bags: list[dict[str, np.ndarray]]) -> None:
@@ -252,13 +239,10 @@ def main() -> None:
             losses = {
                 k: torch.tensor(w * result[key], dtype=torch.float32) for k, (key, w) in weights.items()
             }
-            ref_grads = opt.grads
-            ref_params = dict(ref.named_parameters())
-            for p_name, p in ref_params.items():
-                p.grad = ref_grads[p_name]
+            opt.restore()
             grads = reference_grads(ref, names)
             grads["memory"] = torch.cat(
-                [ref_grads["mem_neg._codebook.embed"], ref_grads["mem_pos._codebook.embed"]]
+                [opt.grads["mem_neg._codebook.embed"], opt.grads["mem_pos._codebook.embed"]]
             )
             if not learn_tau:
                 grads.pop("log_tau", None)
