@@ -20,6 +20,7 @@ from methods.base import Bag
 
 from ..config import TaskConfig
 from ..errors import DataError
+from ..names import normalisation_clashes, unsafe_reason
 from .formats import SlideFeatures, feature_path, read_slide
 
 __all__ = ["Cohort", "OmicsScaler", "load_cohort", "load_cohorts", "raise_problems", "read_slide_cached"]
@@ -119,6 +120,7 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
         problems.append(
             f"{path}: {len(empty)} row(s) with an empty case_id or slide_id. Fix: fill or remove them."
         )
+    _check_ids(df, path, problems)
     dup = df.slide_id[df.slide_id.duplicated()].unique()
     if len(dup):
         problems.append(f"{path}: slide_id(s) listed twice: {', '.join(dup[:5])}. Fix: one row per slide.")
@@ -143,6 +145,25 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
             "Fix: give every slide of a patient the same label."
         )
     return df.drop(columns="raw_label")
+
+
+def _check_ids(df: pd.DataFrame, path: Path, problems: list[str]) -> None:
+    """Refuse IDs that cannot be file names (a slide_id names its feature file; IDs name report files)."""
+    for col in ID_COLS:
+        for row, value in zip(df.index, df[col], strict=True):
+            reason = unsafe_reason(value) if value else None
+            if reason:
+                problems.append(
+                    f"{path}: row {row + 2} has {col} {value!r}, which cannot name a file: {reason}. "
+                    f"Fix: rename the {col} (and its feature file) without path characters."
+                )
+        clashes = normalisation_clashes(df[col].unique())
+        if clashes:
+            a, b = clashes[0]
+            problems.append(
+                f"{path}: {col}s {a!r} and {b!r} differ only in Unicode normalisation and would name the same "
+                f"file on some file systems ({len(clashes)} such pair(s)). Fix: spell each ID one way (NFC)."
+            )
 
 
 def _check_features(df: pd.DataFrame, folder: Path, problems: list[str]) -> tuple[pd.DataFrame, int | None]:
