@@ -408,7 +408,7 @@ def data_check_cmd(task: TaskOpt) -> None:
     """Validate a task's files and print every problem found, without training."""
     from .config import load_task
     from .data.cohort import load_cohorts
-    from .data.splits import check_splits, make_splits, read_splits
+    from .data.splits import make_splits, read_splits
 
     cfg = load_task(task)
     internal, externals, problems = load_cohorts(cfg)
@@ -430,7 +430,7 @@ def data_check_cmd(task: TaskOpt) -> None:
             if cfg.splits is not None:
                 read_splits(cfg.splits, internal.slides)
             else:
-                check_splits(make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction))
+                make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction)
         except BenchError as exc:
             problems.append(str(exc))
     for line in summary:

@@ -297,12 +297,31 @@ def load_cohorts(task: TaskConfig) -> tuple[Cohort, dict[str, Cohort], list[str]
     for ext in task.external:
         cohort = externals[ext.name] = load_cohort(task, ext.name)
         problems += cohort.problems
+        if not cohort.problems:
+            problems += _class_problems(task, ext.labels, cohort)
         if internal.dim and cohort.dim and cohort.dim != internal.dim:
             problems.append(
                 f"{ext.features}: external cohort {ext.name!r} has D={cohort.dim} features but the internal "
                 f"cohort has D={internal.dim}. Fix: extract both cohorts with the same encoder."
             )
     return internal, externals, problems
+
+
+def _class_problems(task: TaskConfig, labels: Path, cohort: Cohort) -> list[str]:
+    """An external cohort whose patients are all of one class (or that has none) gives no AUC: an error."""
+    counts = cohort.patients.label.value_counts()
+    if len(counts) == 2:
+        return []
+    found = (
+        "no patients"
+        if counts.empty
+        else f"only {'positive' if counts.index[0] == 1 else 'negative'} patients ({int(counts.iloc[0])})"
+    )
+    return [
+        f"{labels}: external cohort {cohort.name!r} has {found} once its '{task.label_col}' values are mapped "
+        f"(positive: {task.positive}, negative: {task.negative or 'the other value'}); its AUC would be undefined. "
+        "Fix: check that the cohort codes labels as the task's 'positive'/'negative' values, or remove it from 'external'."
+    ]
 
 
 def raise_problems(problems: Sequence[str]) -> None:

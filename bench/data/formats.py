@@ -91,9 +91,7 @@ def _grid_step(path: Path, coords: np.ndarray, attrs: h5py.AttributeManager) -> 
     return step
 
 
-def _dataset(
-    f: h5py.File, name: str, path: Path, width: int | None, dtype: type = np.float32
-) -> np.ndarray:
+def _dataset(f: h5py.File, name: str, path: Path, width: int | None, dtype: type = np.float32) -> np.ndarray:
     """Dataset ``name`` as a ``(N, width)`` array of ``dtype`` (any width when None), refused when its shape or type
     is not the one TRIDENT/CLAM define. A leading axis of length one (CLAM's ``(1, N, D)``) is dropped."""
     ds = f[name]
@@ -161,7 +159,9 @@ def read_slide(path: str | Path) -> SlideFeatures:
                         "coords and features must describe the same patches, one row each.",
                     )
                 if not np.isfinite(raw).all():
-                    raise DataError("dataset 'coords' has NaN or infinite values", path, "re-extract the slide.")
+                    raise DataError(
+                        "dataset 'coords' has NaN or infinite values", path, "re-extract the slide."
+                    )
                 step = _grid_step(path, raw, f["coords"].attrs) if raw.shape[0] else 1.0
                 coords = (raw / step).astype(np.float32)
             for key in f:
