@@ -21,7 +21,8 @@ normalised-code (alignment, attention, orthogonality) readings are both exercise
 Fixtures: ``momkd`` (default; the tests check it with both of bench's GATv2 paths, the padded one and
 PyG's ``GATv2Conv``, ``fast_graph=False``) and ``momkd-paper`` (variant ``paper``: reconstruction weight
 0.01 and fixed τ, the reference's ``attn_log_tau`` frozen; its k-means budget does not enter a step).
-``momkd`` also records ``core_utils.bootstrap_codebooks`` on its two bags from a seeded RNG (the points it
+``momkd`` also records ``MKD.forward_inference`` (the code's validation and test path, eval mode) on each
+bag, ``core_utils.bootstrap_codebooks`` on its two bags from a seeded RNG (the points it
 clusters and the memories it leaves; its ``utils.utils`` imports ``torchvision`` for image transforms, which
 is stubbed) and the reference's parameter counts at D = 1536, G = 768 (class defaults and ``paper-run``).
 """
@@ -249,6 +250,12 @@ def main() -> None:
             outputs = {"logits": out["logits"][0], "attention": out["attention"].view(-1)}
             rec.case(name, [bag], [outputs], losses, grads)
             ref.zero_grad(set_to_none=True)
+            if fixture == "momkd":  # the validation/test path: forward_inference in eval mode
+                ref.eval()
+                logits, attention = ref.forward_inference((x, edges))
+                ref.train()
+                rec.extra(f"inference/{name}/logits", logits[0])
+                rec.extra(f"inference/{name}/attention", attention.view(-1))
         ref.forward_train = forward_train
         if fixture == "momkd":
             record_kmeans(rec, core_utils, ref, bags)

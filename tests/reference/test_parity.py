@@ -96,3 +96,15 @@ def test_momkd_parameter_count_matches_reference(method: str) -> None:
     ref = load_fixture("momkd").meta["reference_parameters"][method]
     model = create_method(method, ref["in_dim"], ref["omics_dim"])
     assert sum(p.numel() for p in model.parameters()) == ref["count"]
+
+
+def test_momkd_eval_forward_matches_forward_inference() -> None:
+    """In eval mode bench's forward is the code's separate inference path (validation and test)."""
+    fx = load_fixture("momkd")
+    model = build_model(fx).eval()
+    with torch.no_grad():
+        for case in fx.cases:
+            out = model(case.bags[0].without_omics())
+            for field in ("logits", "attention"):
+                expected = fx.extra[f"inference/{case.name}/{field}"]
+                torch.testing.assert_close(getattr(out, field), expected, atol=1e-5, rtol=1e-5)
