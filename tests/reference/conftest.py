@@ -28,9 +28,12 @@ one bag, or a window of bags for a method that steps once per window):
 ``extra/<key>``: optional arrays of a method-specific check (e.g. MoMKD's k-means initialisation), read by
     that method's test; ``meta`` may carry such facts too (e.g. reference parameter counts).
 
-Adding a method: write ``benchmarks/parity/<method>.py`` with ``common.py``'s helpers, run it with
-``--ref-dir`` pointing at a checkout of the authors' repository, and add a test calling
-:func:`check_fixture` (see ``test_parity.py``). Tolerance: 1e-5 absolute plus 1e-5 relative, fp32.
+Adding a method: write ``benchmarks/parity/<method>.py`` with ``common.py``'s helpers and run it with
+``--ref-dir`` pointing at a checkout of the authors' repository; ``test_parity.py`` checks every fixture it
+finds in ``fixtures/`` with :func:`check_fixture` (add the name to its list of expected fixtures too).
+Checks that do not fit the case layout read ``extra/`` (see the MoMKD tests). Tolerance: 1e-5 absolute
+plus 1e-5 relative, fp32. A refactor that renames parameters fails ``load_state_dict(strict=True)``
+naming the keys: rename them in the fixture (``state/`` and ``grad/``) or regenerate it.
 """
 
 from __future__ import annotations
