@@ -360,5 +360,5 @@ def run(
     for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
         method_config(data, method, opts)
     run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
-    summary = write_summary(opts.out, data.task.name)
+    summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
     return summary[summary.method.isin(methods)]
