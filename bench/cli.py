@@ -168,8 +168,17 @@ def sweep_cmd(
         typer.Option("--params", help="Comma-separated names to search (default: the method's whole space)."),
     ] = None,
     trials: Annotated[
-        int, typer.Option("--trials", help="Trials to run (all workers together).", min=0)
+        int, typer.Option("--trials", help="Trials per outer fold (all workers together).", min=0)
     ] = 20,
+    inner_folds: Annotated[
+        int,
+        typer.Option(
+            "--inner-folds",
+            help="1: score each outer fold's search on its validation patients; J >= 2: by a J-fold inner CV "
+            "of its training and validation patients (J times the cost).",
+            min=1,
+        ),
+    ] = 1,
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="Stop starting trials after this many seconds.")
     ] = None,
@@ -182,7 +191,10 @@ def sweep_cmd(
         ),
     ] = None,
     study_name: Annotated[
-        str | None, typer.Option("--study-name", help="Study name (default: <task>-<method>).")
+        str | None,
+        typer.Option(
+            "--study-name", help="Study name (default: <task>-<method>); fold k's is <name>-fold<k>."
+        ),
     ] = None,
     sampler_seed: Annotated[
         int | None,
@@ -191,7 +203,7 @@ def sweep_cmd(
         ),
     ] = None,
     pruning: Annotated[
-        bool, typer.Option("--pruning/--no-pruning", help="Median pruning after the first fold.")
+        bool, typer.Option("--pruning/--no-pruning", help="Median pruning after the first inner fold.")
     ] = True,
     run_best: Annotated[
         bool,
@@ -208,7 +220,7 @@ def sweep_cmd(
     quiet: Quiet = False,
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
-    """Optuna search on the validation folds (mean validation AUC); then <method>[best] on the usual folds."""
+    """Nested Optuna search, one per outer fold, blind to its test patients; then <method>[best] on the folds."""
     from .config import load_task
     from .sweep import SweepOptions, search, storage_url, write_best, write_sweep_report
 
@@ -223,17 +235,18 @@ def sweep_cmd(
         study_name=study_name,
         sampler_seed=sampler_seed,
         pruning=pruning,
+        inner_folds=inner_folds,
     )
     progress = _progress(quiet)
     if progress is None:
-        study = search(task, sw, opts)
+        studies = search(task, sw, opts)
     else:
         with progress:
-            study = search(task, sw, opts, progress)
+            studies = search(task, sw, opts, progress)
     task_name = load_task(task).name
-    best = write_best(study, out, task_name, method, storage_url(storage, out, task_name, method))
+    best = write_best(studies, out, task_name, method, storage_url(storage, out, task_name, method))
     console.print(f"wrote {best}")
-    for path in write_sweep_report(study, out, task_name, method, formats):
+    for path in write_sweep_report(studies, out, task_name, method, formats):
         console.print(f"wrote {path}")
     if run_best:
         _run_and_print(task, [f"{method}[best]"], opts)
