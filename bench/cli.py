@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import BenchError
+from .redact import redact
 
 app = typer.Typer(
     name="bench",
@@ -346,7 +347,7 @@ def report_cmd(
         )
     for n in names:
         write_summary(out, n)
-    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = redact("bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     path = write_report(
         out, names, _formats(fmt), vs, bootstrap, seed, loc_slides, device, command, log=console.print
     )
@@ -474,6 +475,7 @@ def _log_crash(exc: BaseException) -> Path | None:
     text = f"bench {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n" + "".join(
         traceback.format_exception(exc)
     )
+    text = redact(text)  # a --storage URL's password, on the command line or in a message
     name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     for folder in (_out_folder(sys.argv[1:]) / "logs", Path(tempfile.gettempdir()) / "bench-logs"):
         try:
@@ -491,7 +493,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except BenchError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted; finished folds are kept and a rerun resumes from them.")
@@ -509,7 +513,7 @@ def main() -> None:
         log = _log_crash(exc)
         where = f"the traceback is in {log}" if log else "no log could be written"
         err_console.print(
-            f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(str(exc))} "
+            f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(redact(str(exc)))} "
             f"({escape(where)}; please report it with that file).",
             highlight=False,
             soft_wrap=True,

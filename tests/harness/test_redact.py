@@ -84,3 +84,23 @@ def test_best_yaml_and_config_record_the_storage_without_its_password(small_task
         plan = runner.plan_job(data, runner.Job("toy", "abmil[best]", 1), RunOptions(out=tmp_path, folds=2))
         assert plan.cfg.lr == 1e-3 and SECRET not in str(plan.config)
         assert plan.config["tuned_by"]["study"] == "toy-abmil-fold1"
+
+
+def test_unexpected_error_log_holds_no_password(small_task, tmp_path, monkeypatch, capsys):
+    """An unexpected error of a sweep: its one line and the traceback log (command line included) are masked."""
+
+    def crash(*args, **kwargs):
+        raise RuntimeError(f"lost the connection to {URLS['query string']}")
+
+    monkeypatch.setattr(sweep, "search", crash)
+    out = tmp_path / "res"
+    args = ["bench", "sweep", "abmil", "--task", str(small_task), "--storage", URLS["user-info"]]
+    monkeypatch.setattr(sys, "argv", [*args, "--out", str(out), "--quiet"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    _, err = capsys.readouterr()
+    logs = list((out / "logs").glob("*.log"))
+    assert info.value.code == 1 and "lost the connection" in err and len(logs) == 1
+    text = logs[0].read_text()
+    assert "RuntimeError" in text and "alice:***@127.0.0.1" in text
+    assert SECRET not in err and SECRET not in text
