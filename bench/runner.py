@@ -27,7 +27,7 @@ from .config import TaskConfig, cache_root, load_task
 from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
 from .data.splits import check_splits, fold_parts, make_splits, membership_digest, read_splits
 from .errors import BenchError, DataError
-from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict, slide_predictions
+from .evaluate import best_f1_threshold, binary_metrics, cohort_metrics, patient_level, predict, slide_predictions
 from .provenance import versions
 from .store import atomic_write_text, config_hash, fold_dir, fold_status, write_fold, write_summary
 from .train import TrainResult, fit
@@ -308,7 +308,7 @@ def run_job(
         cohorts[name] = slide_predictions(bags, predict(model, bags, device), name)
     metrics = {
         "cohorts": {
-            name: binary_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)
+            name: cohort_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)
             for name, pred in cohorts.items()
             for p in [patient_level(pred, agg)]
         },

@@ -2,7 +2,8 @@
 
 ```
 <out>/<task>/<method>/fold_<k>/predictions.csv   slide_id, case_id, label, prob, cohort
-<out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold, n
+<out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold,
+                                                 acc@0.5, balanced_acc@0.5, f1@0.5, n
 <out>/<task>/<method>/fold_<k>/config.yaml       the fully resolved configuration (+ its hash)
 <out>/<task>/<method>/fold_<k>/model.pt          the kept weights (state_dict; optional, for `bench explain`)
 <out>/<task>/summary.csv                         task, method, cohort, metric, mean, std, n
@@ -40,7 +41,8 @@ __all__ = [
 
 FOLD_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `bench explain`
-METRICS = ("auc", "acc", "balanced_acc", "f1")
+# the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax
+METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -127,8 +129,9 @@ def read_fold_metrics(path: Path) -> dict[str, Any]:
     return json.loads((path / "metrics.json").read_text())
 
 
-def collect_metrics(out: Path, task: str) -> pd.DataFrame:
-    """Long table of every complete fold of ``task``: method, fold, cohort, metric, value."""
+def collect_metrics(out: Path, task: str, names: tuple[str, ...] = METRICS) -> pd.DataFrame:
+    """Long table of every complete fold of ``task``: method, fold, cohort, metric, value (of the metrics
+    ``names``; ``threshold`` may be asked for too)."""
     rows = []
     task_dir = Path(out) / task
     if not task_dir.is_dir():
@@ -141,7 +144,7 @@ def collect_metrics(out: Path, task: str) -> pd.DataFrame:
             for cohort, values in metrics.get("cohorts", {}).items():
                 if cohort == "val":  # selection data, not a result
                     continue
-                for metric in METRICS:
+                for metric in names:
                     if metric in values:
                         rows.append(
                             (method_dir.name, int(fd.name.split("_")[1]), cohort, metric, values[metric])

@@ -29,7 +29,15 @@ def test_run_writes_contract_files(small_task, opts):
         assert set(pred.cohort) == {"test", "ext"}
         metrics = json.loads((fold / "metrics.json").read_text())["cohorts"]
         for cohort in ("test", "ext"):
-            assert set(metrics[cohort]) == {"auc", "acc", "balanced_acc", "f1", "threshold", "n"}
+            assert set(metrics[cohort]) == {
+                *("auc", "acc", "balanced_acc", "f1", "threshold", "n"),
+                *("acc@0.5", "balanced_acc@0.5", "f1@0.5"),
+            }
+            # both operating points, recomputed from the saved predictions (patients: mean of their slides)
+            pat = pred[pred.cohort == cohort].groupby("case_id").agg(label=("label", "first"), prob=("prob", "mean"))
+            m = metrics[cohort]
+            assert m["acc"] == pytest.approx(((pat.prob >= m["threshold"]) == pat.label).mean())
+            assert m["acc@0.5"] == pytest.approx(((pat.prob > 0.5) == pat.label).mean())
         assert metrics["test"]["threshold"] == metrics["ext"]["threshold"] == metrics["val"]["threshold"]
         config = yaml.safe_load((fold / "config.yaml").read_text())
         assert config["method"] == "abmil" and config["fold"] == k and "hash" in config
@@ -37,6 +45,7 @@ def test_run_writes_contract_files(small_task, opts):
     disk = pd.read_csv(task_dir / "summary.csv")
     assert list(disk.columns) == ["task", "method", "cohort", "metric", "mean", "std", "n"]
     assert set(disk.cohort) == {"test", "ext"} and (disk.n == 3).all()
+    assert set(disk.metric) == {"auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5"}
     assert len(summary) == len(disk)
     splits = pd.read_csv(task_dir / "splits.tsv", sep="\t", dtype=str)
     assert {"case_id", "slide_id", "fold_0", "fold_1", "fold_2"} <= set(splits.columns)
