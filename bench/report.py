@@ -153,7 +153,9 @@ def _method_order(methods: Sequence[str], preferred: Sequence[str] | None) -> li
 def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
     """Rows method × cohort, columns AUC, then ACC/BACC/F1 at the validation-chosen threshold and at the
     argmax, mean ± SD (the terminal table of ``bench run``)."""
-    table = RichTable(title=title, title_justify="left", caption=OPERATING_POINTS_NOTE, caption_justify="left")
+    table = RichTable(
+        title=title, title_justify="left", caption=OPERATING_POINTS_NOTE, caption_justify="left"
+    )
     table.add_column("method", no_wrap=True)
     table.add_column("cohort", no_wrap=True)
     for name in METRIC_NAMES.values():

@@ -34,7 +34,11 @@ def test_run_writes_contract_files(small_task, opts):
                 *("acc@0.5", "balanced_acc@0.5", "f1@0.5"),
             }
             # both operating points, recomputed from the saved predictions (patients: mean of their slides)
-            pat = pred[pred.cohort == cohort].groupby("case_id").agg(label=("label", "first"), prob=("prob", "mean"))
+            pat = (
+                pred[pred.cohort == cohort]
+                .groupby("case_id")
+                .agg(label=("label", "first"), prob=("prob", "mean"))
+            )
             m = metrics[cohort]
             assert m["acc"] == pytest.approx(((pat.prob >= m["threshold"]) == pat.label).mean())
             assert m["acc@0.5"] == pytest.approx(((pat.prob > 0.5) == pat.label).mean())
