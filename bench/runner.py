@@ -333,7 +333,7 @@ def fold_genes(data: TaskData, fold: int) -> GeneSelection | None:
         log = OmicsScaler(data.task.omics_log1p).log_expression(data.internal.omics)
         labels = data.internal.patients.set_index("case_id").label
         data.gene_selections[fold] = select_genes(
-            log, labels, _train_cases(data, fold), spec.method, spec.k, data.seed
+            log, labels, _train_cases(data, fold), spec.method, spec.k, data.seed, cache_root() / "genes"
         )
     return data.gene_selections[fold]
 

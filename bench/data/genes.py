@@ -20,14 +20,21 @@ z-scoring starts from):
 
 Ties of any method are broken by training variance, then by the genes' order in the omics file, so a
 selection is a deterministic function of the training patients. The kept genes stay in the file's order.
+
+A ``gbdt`` ranking of ~20,000 genes takes minutes (``benchmarks/gene_selection.py``), and every job of a fold
+(each method, each Slurm array task) needs the same one; with ``cache_dir`` a selection is saved under a key
+that hashes exactly what it reads (the training patients' values and labels, the gene names, method, k,
+seed and the scikit-learn version) and reused from there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,6 +115,7 @@ def select_genes(
     method: str,
     k: int,
     seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> GeneSelection:
     """The ``k`` best genes by ``method``, fit on the training patients that have omics.
 
@@ -119,6 +127,7 @@ def select_genes(
         method: ``variance``, ``univariate`` or ``gbdt``.
         k: genes to keep, at most the number of columns.
         seed: seed of the tree model.
+        cache_dir: where selections are saved and looked up (None: always fit).
     """
     genes = log_omics.columns
     if not 1 <= k <= len(genes):
@@ -133,8 +142,33 @@ def select_genes(
         )
     x = log_omics.loc[cases].to_numpy(np.float64)
     y = labels.loc[cases].to_numpy().astype(int)
+    path = (
+        None
+        if cache_dir is None
+        else Path(cache_dir) / f"{_cache_key(log_omics.loc[cases], y, method, k, seed)}.json"
+    )
+    if path is not None and path.is_file():
+        return GeneSelection(method, k, tuple(json.loads(path.read_text())["genes"]), len(cases))
     score = gene_scores(x, y, method, seed)
     variance = x.var(axis=0)
     order = np.lexsort((np.arange(len(genes)), -variance, -score))  # last key first: score, variance, order
     kept = np.sort(order[:k])
-    return GeneSelection(method, k, tuple(str(g) for g in genes[kept]), len(cases))
+    selection = GeneSelection(method, k, tuple(str(g) for g in genes[kept]), len(cases))
+    if path is not None:
+        from ..store import atomic_write_text
+
+        atomic_write_text(path, json.dumps(selection.record()))
+    return selection
+
+
+def _cache_key(x: pd.DataFrame, y: np.ndarray, method: str, k: int, seed: int) -> str:
+    """Hash of everything a selection reads: the training rows (case ids, values, gene names), their labels,
+    the method's settings and the scikit-learn version."""
+    import sklearn
+
+    h = hashlib.sha256()
+    h.update(pd.util.hash_pandas_object(x, index=True).to_numpy().tobytes())
+    h.update("\0".join(map(str, x.columns)).encode())
+    h.update(np.asarray(y, dtype=np.int64).tobytes())
+    h.update(json.dumps([method, k, seed, GBDT, sklearn.__version__]).encode())
+    return f"{method}-{k}-{h.hexdigest()[:24]}"

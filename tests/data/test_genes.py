@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import bench.data.genes as genes
 from bench.config import load_task
 from bench.data.cohort import load_cohort
 from bench.data.genes import METHODS, select_genes
@@ -125,3 +126,20 @@ def test_k_above_the_file_s_genes_is_a_data_problem(small_task):
 def test_k_defaults_to_the_authors_768(small_task):
     small_task.write_text(small_task.read_text() + "omics_select: {method: gbdt}\n")
     assert load_task(small_task).omics_select.k == 768
+
+
+def test_cached_selection_is_reused_only_for_the_same_training_data(tmp_path, monkeypatch):
+    x, y = _planted()
+    train = x.index[:40]
+    first = select_genes(x, y, train, "gbdt", k=3, seed=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("gbdt-3-*.json"))) == 1
+    monkeypatch.setattr(genes, "gene_scores", lambda *a, **k: pytest.fail("refit despite a cached selection"))
+    x_held_out = x.copy()
+    x_held_out.loc[x.index[40:]] = 0.0  # not read: same key
+    assert select_genes(x_held_out, y, train, "gbdt", k=3, seed=0, cache_dir=tmp_path) == first
+    monkeypatch.undo()
+    x_train = x.copy()
+    x_train.loc[train[0], "g05"] += 1.0  # one training value: another key, fit again
+    select_genes(x_train, y, train, "gbdt", k=3, seed=0, cache_dir=tmp_path)
+    select_genes(x, y, train, "gbdt", k=3, seed=1, cache_dir=tmp_path)  # another seed
+    assert len(list(tmp_path.glob("gbdt-3-*.json"))) == 3

@@ -19,12 +19,14 @@ def _with_select(task, setting: str = "{method: gbdt, k: 4}"):
 
 
 @pytest.mark.parametrize("method", ["variance", "univariate", "gbdt"])
-def test_fold_selection_never_reads_validation_or_test_patients(small_task, tmp_path, method):
+def test_fold_selection_never_reads_validation_or_test_patients(small_task, tmp_path, method, monkeypatch):
     """Replacing the omics and flipping the labels of every patient outside fold 0's training part leaves
-    the fold's genes unchanged."""
+    the fold's genes unchanged (each selection fit afresh: separate caches)."""
     _with_select(small_task, f"{{method: {method}, k: 4}}")
     opts = RunOptions(out=tmp_path / "res", quiet=True)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache-a"))
     ref = fold_genes(prepare_task(str(small_task), opts), 0)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache-b"))
     data = prepare_task(str(small_task), opts)
     parts = fold_parts(data.splits, 0)
     slides = data.internal.slides
