@@ -24,9 +24,10 @@ from methods.base import Bag, MethodCfg
 from methods.registry import UnknownMethodError, parse_method_name
 
 from .config import TaskConfig, cache_root, load_task
+from .csvio import read_table
 from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
 from .data.genes import GeneSelection, select_genes
-from .data.splits import check_splits, fold_parts, make_splits, membership_digest, read_splits
+from .data.splits import fold_parts, make_splits, membership_digest, read_splits
 from .errors import BenchError, DataError
 from .evaluate import (
     best_f1_threshold,
@@ -115,7 +116,6 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
         folds = len([c for c in splits.columns if c.startswith("fold_")])
     else:
         splits = make_splits(internal.slides, folds, seed, task.val_fraction)
-        check_splits(splits)
     atomic_write_text(Path(opts.out) / task.name / "splits.tsv", splits.to_csv(sep="\t", index=False))
     return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
 
@@ -127,7 +127,7 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
     path = task.omics_groups
     if not path.is_file():
         raise DataError("omics_groups file not found", path, "correct 'omics_groups' in the task YAML.")
-    df = pd.read_csv(path, dtype=str)
+    df = read_table(path, ids=("gene", "group"))
     if not {"gene", "group"} <= set(df.columns):
         raise DataError("expected columns gene, group", path)
     names = {g: i for i, g in enumerate(sorted(df.group.unique()))}
