@@ -231,7 +231,7 @@ def table2(out: Path, tasks: Sequence[str], methods: Sequence[str] | None = None
 def operating_points_table(out: Path, task: str, methods: Sequence[str] | None = None) -> Table:
     """Rows method × cohort: the validation-chosen threshold, then ACC / BACC / F1 (%) at it and at the
     argmax, mean ± SD over folds. The authors' ``test.py`` reports both operating points."""
-    long = collect_metrics(out, task, (*METRIC_NAMES, "threshold"))
+    long = collect_metrics(out, task, names=(*METRIC_NAMES, "threshold"))
     stats = _stats(long)
     rows_methods = _method_order(sorted(set(long.method)), methods)
     cohorts = sorted(set(long.cohort), key=lambda c: (c != "test", c))

@@ -91,7 +91,8 @@ class TaskData:
     folds: int
     seed: int
     gene_groups: tuple[int, ...] | None = None
-    gene_selections: dict[int, GeneSelection] = field(default_factory=dict)  # per fold, fit once per process
+    # fit once per process, keyed by the fold's split membership (a sweep's inner folds reuse fold numbers)
+    gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -139,11 +140,17 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
 
 
 def method_config(
-    data: TaskData, method: str, opts: RunOptions, overrides: dict[str, Any] | None = None
+    data: TaskData,
+    method: str,
+    opts: RunOptions,
+    overrides: dict[str, Any] | None = None,
+    fold: int | None = None,
 ) -> MethodCfg:
     """The method's config with the task's training overrides, the --epochs cap and data-given settings.
 
-    ``M[best]`` is method ``M`` with the overrides of its sweep's best trial (``<out>/<task>/sweeps/M/best.yaml``).
+    ``M[best]`` on outer fold ``fold`` is method ``M`` with the overrides of the best trial of that fold's own
+    nested search (``<out>/<task>/sweeps/M/best.yaml``, refused if tuned on another split); with ``fold``
+    None every fold's entry is checked and fold 0's is resolved.
     """
     base_fields = {f.name for f in dataclasses.fields(MethodCfg)}
     unknown = sorted(set(data.task.train) - base_fields)
@@ -157,8 +164,10 @@ def method_config(
         if variant == "best":
             from .sweep import load_best
 
-            best = load_best(opts.out, data.task.name, base)
-            cfg = resolve_config(base, {**data.task.train, **best, **(overrides or {})})
+            tuned = [
+                load_best(opts.out, data, base, k) for k in (range(data.folds) if fold is None else [fold])
+            ]
+            cfg = resolve_config(base, {**data.task.train, **tuned[0], **(overrides or {})})
         else:
             cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
     except UnknownMethodError as exc:
@@ -246,8 +255,13 @@ class JobPlan:
 def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, Any] | None = None) -> JobPlan:
     """Resolve a job without running it (cheap: no data is read)."""
     device = resolve_device(opts.device)
-    cfg = method_config(data, job.method, opts, overrides)
+    cfg = method_config(data, job.method, opts, overrides, fold=job.fold)
     config, hash_ = job_config(data, job, cfg, device)
+    base, variant = parse_method_name(job.method)
+    if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
+        from .sweep import tuned_by
+
+        config["tuned_by"] = tuned_by(opts.out, data, base, job.fold)
     return JobPlan(cfg, device, config, hash_, fold_dir(opts.out, data.task.name, job.method, job.fold))
 
 
@@ -329,13 +343,14 @@ def fold_genes(data: TaskData, fold: int) -> GeneSelection | None:
     spec = data.task.omics_select
     if spec is None or data.internal.omics is None:
         return None
-    if fold not in data.gene_selections:
+    key = membership_digest(data.splits, fold)
+    if key not in data.gene_selections:
         log = OmicsScaler(data.task.omics_log1p).log_expression(data.internal.omics)
         labels = data.internal.patients.set_index("case_id").label
-        data.gene_selections[fold] = select_genes(
+        data.gene_selections[key] = select_genes(
             log, labels, _train_cases(data, fold), spec.method, spec.k, data.seed, cache_root() / "genes"
         )
-    return data.gene_selections[fold]
+    return data.gene_selections[key]
 
 
 def run_job(
@@ -421,5 +436,5 @@ def run(
     for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
         method_config(data, method, opts)
     run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
-    summary = write_summary(opts.out, data.task.name)
+    summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
     return summary[summary.method.isin(methods)]

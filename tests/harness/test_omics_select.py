@@ -106,3 +106,19 @@ def test_gene_groups_follow_the_selected_genes(small_task, tmp_path, monkeypatch
         runner.train_fold(data, 0, "ghanet", cfg, torch.device("cpu"))
     genes = fold_genes(data, 0).genes
     assert seen[0].gene_groups == tuple(int(g[1:]) % 6 for g in genes)
+
+
+def test_a_sweep_s_inner_folds_get_their_own_selection(small_task, tmp_path):
+    """Inner fold 0 of a nested sweep reuses fold number 0 but not outer fold 0's genes: its selection is
+    fit on its own training patients, none of them a test patient of the outer fold searched."""
+    from bench.sweep import search_folds
+
+    _with_select(small_task, "{method: univariate, k: 3}")
+    data = prepare_task(str(small_task), RunOptions(out=tmp_path / "res", quiet=True))
+    outer = fold_genes(data, 0)
+    inner_data, j = search_folds(data, 1, 2)[0]
+    inner = fold_genes(inner_data, j)
+    train = runner._train_cases(inner_data, j)
+    outer_test = set(data.splits.case_id[data.splits.fold_1 == "test"])
+    assert not set(train) & outer_test
+    assert inner.train_patients == len(set(train) & set(data.internal.omics.index)) != outer.train_patients
