@@ -233,13 +233,15 @@ def _read_config(path: Path) -> dict[str, Any]:
 def collect_metrics(
     out: Path, task: str, design: tuple[Any, Any] | None = None, names: tuple[str, ...] = METRICS
 ) -> pd.DataFrame:
-    """Long table of every complete, readable fold of ``task`` (of CV ``design`` only, when given): method,
-    fold, cohort, metric, value (of the metrics ``names``; ``threshold`` may be asked for too)."""
+    """Long table of the complete, readable folds of ``task`` of one CV ``design`` (default: the one most folds
+    share, :func:`current_design`): method, fold, cohort, metric, value (of the metrics ``names``;
+    ``threshold`` may be asked for too). Folds of another design come from other splits: never mixed in."""
+    design = design or current_design(out, task)
     rows = []
     for method, fold, fd in iter_fold_dirs(out, task):
         if not all((fd / f).is_file() for f in FOLD_FILES) or not fold_readable(fd):
             continue
-        if design is not None and fold_design(_read_config(fd)) != design:
+        if fold_design(_read_config(fd)) != design:
             continue
         for cohort, values in read_fold_metrics(fd).get("cohorts", {}).items():
             if cohort == "val":  # selection data, not a result
@@ -276,7 +278,7 @@ def write_summary(out: Path, task: str, design: tuple[Any, Any] | None = None) -
     fd = os.open(task_dir / ".summary.lock", os.O_CREAT | os.O_RDWR, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        long = collect_metrics(out, task, design or current_design(out, task))
+        long = collect_metrics(out, task, design)
         summary = (
             long.groupby(["method", "cohort", "metric"], sort=False)["value"]
             .agg(
