@@ -5,6 +5,7 @@ Bad input ends with one paragraph naming the file and the fix, exit code 2, and 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import BenchError
+from .redact import redact
 
 app = typer.Typer(
     name="bench",
@@ -186,8 +188,17 @@ def sweep_cmd(
         typer.Option("--params", help="Comma-separated names to search (default: the method's whole space)."),
     ] = None,
     trials: Annotated[
-        int, typer.Option("--trials", help="Trials to run (all workers together).", min=0)
+        int, typer.Option("--trials", help="Trials per outer fold (all workers together).", min=0)
     ] = 20,
+    inner_folds: Annotated[
+        int,
+        typer.Option(
+            "--inner-folds",
+            help="1: score each outer fold's search on its validation patients; J >= 2: by a J-fold inner CV "
+            "of its training and validation patients (J times the cost).",
+            min=1,
+        ),
+    ] = 1,
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="Stop starting trials after this many seconds.")
     ] = None,
@@ -200,7 +211,10 @@ def sweep_cmd(
         ),
     ] = None,
     study_name: Annotated[
-        str | None, typer.Option("--study-name", help="Study name (default: <task>-<method>).")
+        str | None,
+        typer.Option(
+            "--study-name", help="Study name (default: <task>-<method>); fold k's is <name>-fold<k>."
+        ),
     ] = None,
     sampler_seed: Annotated[
         int | None,
@@ -209,7 +223,7 @@ def sweep_cmd(
         ),
     ] = None,
     pruning: Annotated[
-        bool, typer.Option("--pruning/--no-pruning", help="Median pruning after the first fold.")
+        bool, typer.Option("--pruning/--no-pruning", help="Median pruning after the first inner fold.")
     ] = True,
     run_best: Annotated[
         bool,
@@ -227,7 +241,7 @@ def sweep_cmd(
     quiet: Quiet = False,
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
-    """Optuna search on the validation folds (mean validation AUC); then <method>[best] on the usual folds."""
+    """Nested Optuna search, one per outer fold, blind to its test patients; then <method>[best] on the folds."""
     from .config import load_task
     from .sweep import SweepOptions, search, storage_url, write_best, write_sweep_report
 
@@ -242,17 +256,18 @@ def sweep_cmd(
         study_name=study_name,
         sampler_seed=sampler_seed,
         pruning=pruning,
+        inner_folds=inner_folds,
     )
     progress = _progress(quiet)
     if progress is None:
-        study = search(task, sw, opts)
+        studies = search(task, sw, opts)
     else:
         with progress:
-            study = search(task, sw, opts, progress)
+            studies = search(task, sw, opts, progress)
     task_name = load_task(task).name
-    best = write_best(study, out, task_name, method, storage_url(storage, out, task_name, method))
+    best = write_best(studies, out, task_name, method, storage_url(storage, out, task_name, method))
     console.print(f"wrote {best}")
-    for path in write_sweep_report(study, out, task_name, method, formats):
+    for path in write_sweep_report(studies, out, task_name, method, formats):
         console.print(f"wrote {path}")
     if run_best:
         _run_and_print(task, [f"{method}[best]"], opts)
@@ -352,7 +367,7 @@ def report_cmd(
         )
     for n in names:
         write_summary(out, n)
-    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = redact("bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     path = write_report(
         out, names, _formats(fmt), vs, bootstrap, seed, loc_slides, device, command, log=console.print
     )
@@ -427,7 +442,7 @@ def data_check_cmd(task: TaskOpt) -> None:
     """Validate a task's files and print every problem found, without training."""
     from .config import load_task
     from .data.cohort import load_cohorts
-    from .data.splits import check_splits, make_splits, read_splits
+    from .data.splits import make_splits, read_splits
 
     cfg = load_task(task)
     internal, externals, problems = load_cohorts(cfg)
@@ -449,7 +464,7 @@ def data_check_cmd(task: TaskOpt) -> None:
             if cfg.splits is not None:
                 read_splits(cfg.splits, internal.slides)
             else:
-                check_splits(make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction))
+                make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction)
         except BenchError as exc:
             problems.append(str(exc))
     for line in summary:
@@ -461,25 +476,82 @@ def data_check_cmd(task: TaskOpt) -> None:
     console.print(f"[green]✓[/green] task {cfg.name!r}: no problems found.")
 
 
+def _out_folder(argv: list[str]) -> Path:
+    """The ``--out`` folder named on the command line (default ``results``), read without parsing."""
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--out="):
+            return Path(arg.split("=", 1)[1])
+    return Path("results")
+
+
+def _log_crash(exc: BaseException) -> Path | None:
+    """Write the traceback of an unexpected error under ``<out>/logs/`` (else the temp folder); its path."""
+    import tempfile
+    import time
+    import traceback
+
+    text = f"bench {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n" + "".join(
+        traceback.format_exception(exc)
+    )
+    text = redact(text)  # a --storage URL's password, on the command line or in a message
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (_out_folder(sys.argv[1:]) / "logs", Path(tempfile.gettempdir()) / "bench-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return None
+
+
 def main() -> None:
-    """Console entry point: run the app, turning user-facing errors into one paragraph and exit code 2."""
+    """Console entry point: usage errors give the usage message (exit 2), a ``BenchError`` its paragraph
+    (exit 2), and anything unexpected one line pointing at the traceback written under ``--out`` (exit 1)."""
     try:
         app(standalone_mode=False)
     except BenchError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted; finished folds are kept and a rerun resumes from them.")
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+    except (
+        OSError
+    ) as exc:  # the file system said no (a file where a folder should be, permissions, disk full)
+        where = f" {exc.filename}" if exc.filename else ""
+        err_console.print(
+            f"[bold red]error:[/bold red]{escape(redact(where))}: {escape(redact(exc.strerror or str(exc)))}. "
+            "Fix: check that "
+            "the path exists as the right kind (folder or file), that you may read and write it, and that "
+            "the disk has space; results already written are kept.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # typer's click: usage errors (exit 2) and other click errors
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err_console.print(f"error: {escape(exc.format_message())}", highlight=False)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        log = _log_crash(exc)
+        where = f"the traceback is in {log}" if log else "no log could be written"
+        err_console.print(
+            f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(redact(str(exc)))} "
+            f"({escape(where)}; please report it with that file).",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

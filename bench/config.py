@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BenchError
+from .names import unsafe_reason
 
 __all__ = [
     "ExternalCohort",
+    "OmicsSelect",
     "TaskConfig",
     "builtin_task_dir",
     "cache_root",
@@ -25,18 +27,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _file_name(value: str) -> str:
+    """A name bench uses as a folder name (task, cohort): refused when it could escape its folder."""
+    reason = unsafe_reason(value)
+    if reason:
+        raise ValueError(f"{value!r} cannot be used as a folder name: {reason}")
+    return value
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+
+
 class ExternalCohort(_Strict):
     """An external validation cohort: every fold's model is tested on it."""
 
-    name: str = Field(description="cohort name, written in predictions.csv's 'cohort' column")
+    name: FileName = Field(description="cohort name, written in predictions.csv's 'cohort' column")
     labels: Path | None = Field(None, description="labels CSV (case_id, slide_id, <label_col>)")
     features: Path | None = Field(None, description="folder of <slide_id>.h5 / .pt feature files")
+
+
+class OmicsSelect(_Strict):
+    """Gene selection, fit in each fold on that fold's training patients only (bench/data/genes.py)."""
+
+    method: Literal["variance", "univariate", "gbdt"] = Field(
+        description="variance of log-expression (unsupervised); univariate ANOVA F against the label; "
+        "gbdt: impurity importance of a gradient-boosted tree model (the authors' XGBoost settings)"
+    )
+    k: int = Field(768, ge=1, description="genes kept (the MoMKD authors keep 768)")
 
 
 class TaskConfig(_Strict):
     """One prediction task (the contract's task YAML)."""
 
-    name: str
+    name: FileName
     label_col: str
     positive: list[str] = Field(min_length=1, description="label values counted as the positive class")
     negative: list[str] | None = Field(
@@ -48,6 +71,9 @@ class TaskConfig(_Strict):
         None, description="optional CSV: case_id + one column per gene (train-time only)"
     )
     omics_log1p: bool = Field(True, description="apply log2(x + 1) to the omics before z-scoring")
+    omics_select: OmicsSelect | None = Field(
+        None, description="per-fold gene selection on the training patients (default: every gene given)"
+    )
     omics_groups: Path | None = Field(
         None, description="optional CSV gene,group for methods with gene groups"
     )
@@ -81,13 +107,12 @@ class TaskConfig(_Strict):
             for ext in self.external:
                 if ext.labels is None or ext.features is None:
                     raise ValueError(f"external cohort {ext.name!r} needs 'labels' and 'features'")
+        if self.omics_select is not None and self.source == "files" and self.omics is None:
+            raise ValueError("'omics_select' needs an 'omics' file to select genes from")
         names = [e.name for e in self.external]
         if len(set(names)) != len(names) or "test" in names:
             raise ValueError("external cohort names must be unique and must not be 'test'")
         return self
-
-    def is_positive(self, value: str) -> bool:
-        return value in self.positive
 
 
 def builtin_task_dir() -> Path:
