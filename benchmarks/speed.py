@@ -423,9 +423,12 @@ def fmt(value: Any) -> str:
 def header(args: argparse.Namespace) -> list[str]:
     import torch
 
+    dims = (
+        "the task's D and omics width" if args.validation else f"D = {args.dim}, omics width {args.omics_dim}"
+    )
     return [
         f"torch {torch.__version__}, {args.threads} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-        f"D = {args.dim}, omics width {args.omics_dim}, median of {args.repeats} after {args.warmup} warm-ups, "
+        f"{dims}, median of {args.repeats} after {args.warmup} warm-ups, "
         f"{args.clock} clock",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average at start {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
