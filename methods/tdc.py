@@ -40,6 +40,8 @@ __all__ = [
     "ema_alpha",
     "gradient_refine_weights",
     "kd_kl",
+    "mid_ranks",
+    "nce_contrast_loss",
 ]
 
 
@@ -60,6 +62,38 @@ def discrepancy_contrastive_loss(q: Tensor, keys: Tensor, num_pos: int, temperat
     """
     log_prob = (keys @ q / temperature).log_softmax(0)
     return -log_prob[:num_pos].mean()
+
+
+def nce_contrast_loss(scores: Tensor, num_pos: int, n_data: int, z: Tensor, temperature: float) -> Tensor:
+    r"""CRD's NCE form (``ContrastLoss_v2`` over ``ContrastMemory_v3``'s scores), positives first.
+
+    :math:`P_j = \exp(s_j/\tau) / Z`, :math:`m` = number of negatives, :math:`P_n = 1/n_{data}`:
+
+    .. math::
+        L = -\Big[\frac1P \sum_{p<P} \log\frac{P_p}{P_p + m P_n + \epsilon}
+            + \sum_{j \ge P} \log\frac{m P_n}{P_j + m P_n + \epsilon}\Big],\quad \epsilon = 10^{-7}
+
+    (per sample as the reference at its batch size 16; with a batch of one its ``squeeze`` would sum the
+    positives instead of averaging them). ``z`` is the normalisation constant the memory fixes on its first
+    call, :math:`Z = \overline{\exp(s/\tau)}\, n_{data}`.
+
+    Shapes: ``scores`` ``(P + m,)`` cosines, ``z`` ``()`` -> scalar.
+    """
+    out = (scores / temperature).exp() / z
+    m = scores.shape[0] - num_pos
+    noise = m / n_data
+    log_d1 = (out[:num_pos] / (out[:num_pos] + noise + 1e-7)).log()
+    log_d0 = (noise / (out[num_pos:] + noise + 1e-7)).log()
+    return -(log_d1.mean() + log_d0.sum())
+
+
+def mid_ranks(n: int, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """``select_pos_mode="mid"`` scaled to a bank of ``n`` candidates: ``k`` distinct ranks drawn at random from
+    the band ``[n // 10, max(n // 10 + 1, n // 3))`` (the reference draws 20 of ranks 30..99 of its 300 sampled
+    positives, the 10 %-33 % band), as many as the band holds when it holds fewer."""
+    lo = n // 10
+    hi = min(n, max(lo + 1, n // 3))
+    return lo + torch.randperm(max(0, hi - lo), generator=generator)[: max(0, min(k, hi - lo))]
 
 
 def ema_alpha(step: int, decay: float) -> float:
@@ -123,14 +157,17 @@ class TDCCfg(MethodCfg):
     proj_dim: int = 128  # --feat_dim
     nce_temperature: float = 0.07  # --nce_t
     bank_momentum: float = 0.5  # --nce_m
-    num_pos: int = 20  # --nce_p2
+    num_pos: int = 20  # --nce_p2: positives, the slide itself included
     num_neg: int = 512  # --nce_k2
     refine: str = "aekd"  # aekd (AEKD_loss, run) | mask (AEKD_loss_v2, commented out) | none
     num_teachers: int = 2  # --num_teachers: 2 = frozen multimodal + self-EMA teacher; 1 = multimodal only
     ema_decay: float = 0.99  # --ema_decay of the self-EMA teacher
-    #: both: CRDLoss's two halves (student query over teacher keys + teacher query over student keys, the
-    #: keys a memory without gradient); student: the student-anchored half alone, keys with gradient
-    contrast_halves: str = "both"
+    #: crd: CRDLoss as the code runs it (two halves over key memories without gradient, relations in each
+    #: CRD's projected space, NCE with a fixed Z); infonce: the benchmark's earlier one-sided reading
+    contrast: str = "crd"
+    rank_by: str = "code"  # code: student minus teacher relation (what it computes) | paper: the reverse
+    select_pos: str = "mid"  # --select_pos_mode: mid (random ranks of the 10-33 % band) | hard (top ranks)
+    teacher_dropout: bool = True  # fix_model.train(): the frozen teacher runs with dropout in stage 2
 
 
 class _Teacher(nn.Module):
@@ -179,9 +216,11 @@ class TDC(MILMethod):
 
     Stage 1 (:meth:`prepare`): the teacher trains ``min(teacher_epochs, epochs)`` epochs on the training bags
     with omics, one bag per step, seeded by ``teacher_seed``, loss :math:`CE(z_p) + CE(z_o) + CE(z_f)`
-    (Xing's stage 1 without its self-EMA and L1 terms), then is frozen (no gradients, eval mode throughout).
-    Its fused features of those bags form a fixed bank :math:`B_t`; the student's features form a bank
-    :math:`B_s`, momentum-updated as each bag is seen (``ContrastMemory_v3``).
+    (Xing's stage 1 without its self-EMA and L1 terms), then is frozen (no gradients, never optimised). In
+    stage 2 it runs in train mode, dropout active, as the reference's ``fix_model.train()``
+    (``teacher_dropout``; variant ``eval-teacher``: eval mode, outputs computed once). Its fused features
+    form a bank :math:`B_t`, the student's a bank :math:`B_s`, both momentum-updated (``nce_m`` 0.5) as each
+    bag is seen (the memories of ``ContrastMemory_v3``); initialised with the eval-mode features.
 
     Self-EMA teacher (``--num_teachers 2``): a copy of the student that is never optimised; after optimiser
     step k its weights become :math:`a\,\theta_{ema} + (1 - a)\,\theta`, :math:`a = \min(1 - 1/(k+1),
@@ -197,19 +236,24 @@ class TDC(MILMethod):
         L = CE(z) + \sum_k w^{KL}_k\,\alpha\,T^2\,KL(\sigma(z_k/T)\,\|\,\sigma(z/T))
               + \sum_k w^{DC}_k\,\beta\,L_{DC}(f, t_k)
 
-    :math:`L_{DC}` (DC-Distill, MIL form; one pair of projections :math:`E_s, E_t` per teacher, as the
-    reference's two ``CRDLoss`` objects): relation discrepancy
-    :math:`\delta_j = \cos(t_k, B_k^j) - \cos(sg(f), B_s^j)`; positives = the slide's own row and the
-    ``num_pos`` same-class bank slides of largest :math:`\delta` (close for the teacher, far for the
-    student); negatives = the ``num_neg`` other-class slides of smallest :math:`\delta`. ``CRDLoss`` has two
-    halves over the same samples, both InfoNCE at :math:`\tau = 0.07` (:func:`discrepancy_contrastive_loss`):
-    the student query :math:`\mathrm{norm}(E_s f)` over the teacher keys :math:`\mathrm{norm}(E_t B_k^j)`, and
-    the teacher query :math:`\mathrm{norm}(E_t t_k)` over the student keys :math:`\mathrm{norm}(E_s B_s^j)`;
-    the keys are a memory (no gradient), so each half trains its query's side (``contrast_halves="both"``;
-    ``"student"``: the first half alone, keys with gradient, the benchmark's earlier form). The slide's own
-    row is read before this step's bank update, as ``memory_v1/v2[y]``. Replaced for MIL banks (a few hundred
-    slides, not the reference's 300 + 700 sampled rows): the "mid" random ranks by top-k, the NCE form and its
-    constant Z by InfoNCE; memories hold raw features and are projected when read.
+    :math:`L_{DC}` (DC-Distill as ``CRDLoss``, ``contrast="crd"``; one pair of projections
+    :math:`E_s, E_t` per teacher, as the reference's two ``CRDLoss`` objects): queries
+    :math:`q_s = \mathrm{norm}(E_s f)`, :math:`q_t = \mathrm{norm}(E_t t_k)`; memories
+    :math:`M_s = \mathrm{norm}(E_s B_s)`, :math:`M_k = \mathrm{norm}(E_t B_k)` (no gradient). Relations
+    :math:`r_s = M_s\,sg(q_s)`, :math:`r_t = M_k\,sg(q_t)`; ranking key :math:`r_s - r_t` (``rank_by="code"``:
+    what the reference computes, its ``t_relation`` being the student's; ``"paper"``: :math:`r_t - r_s`, the
+    paper's and the code comments' "close for the teacher, far for the student"). Positives: the slide's own
+    row and ``num_pos - 1`` same-class rows at ranks drawn by :func:`mid_ranks` of the key sorted down
+    (``select_pos="mid"``, the README's; ``"hard"``: the top ranks); negatives: the ``num_neg`` other-class
+    rows of smallest key. Two halves over these rows, each :func:`nce_contrast_loss` with its own fixed Z:
+    :math:`q_s` against :math:`M_k` (trains the student and :math:`E_s`) plus :math:`q_t` against
+    :math:`M_s` (trains :math:`E_t`). The slide's own rows are read before this step's bank update, as
+    ``memory_v1/v2[y]``. Adapted to MIL banks (every training slide with omics, a few hundred, instead of the
+    reference's 300 + 700 sampled rows): candidates are all same-class / other-class rows, and the memories
+    hold raw features projected by the current :math:`E` when read. Variant ``infonce`` (the benchmark's
+    earlier reading): relations on raw features with the paper's direction, top ranks, the student-anchored
+    half alone with keys :math:`\mathrm{norm}(E_t\,\cdot)` that keep their gradient, InfoNCE at
+    :math:`\tau` (:func:`discrepancy_contrastive_loss`).
 
     :math:`w` (GK-Refine, ``AEKD_loss``, what the README's run executes; :func:`gradient_refine_weights`):
     from the gradients of each KD term and of CE on f, :math:`w_i = n \sum_j \cos(g_i, g_j)` over the n KD
@@ -217,12 +261,6 @@ class TDC(MILMethod):
     when its gradient agrees with CE's; for two classes and one teacher the logit-KD weight is then exactly
     :math:`[p_t(y) > p_s(y)]`. Slides without omics train on CE alone (the teacher needs omics) and are left
     out of the banks.
-
-    Not matched: the reference also runs its frozen teacher in train mode (``fix_model.train()``: dropout
-    active in every stage-2 step); here the frozen teacher is deterministic (eval) and its outputs are
-    computed once. The reference's positive ranking sorts by student relation minus teacher relation (its
-    ``t_relation`` is computed from the student memory), the opposite of its comments and paper; the paper's
-    direction is kept here.
     """
 
     cfg_class = TDCCfg
@@ -231,9 +269,17 @@ class TDC(MILMethod):
         "no-refine": {"refine": "none"},
         "logit-kd-only": {"beta": 0.0},
         "one-teacher": {"num_teachers": 1},
-        "student-anchored": {"contrast_halves": "student"},
-        # the benchmark's reading before issue 17: one teacher, AEKD_loss_v2's mask, student-anchored half
-        "one-teacher-mask": {"num_teachers": 1, "refine": "mask", "contrast_halves": "student"},
+        "eval-teacher": {"teacher_dropout": False},
+        "paper-ranking": {"rank_by": "paper"},
+        "hard-positives": {"select_pos": "hard"},
+        "infonce": {"contrast": "infonce"},
+        # the benchmark's reading before issue 17 (with the reference's positive count, self included)
+        "one-teacher-mask": {
+            "num_teachers": 1,
+            "refine": "mask",
+            "contrast": "infonce",
+            "teacher_dropout": False,
+        },
     }
     summary = (
         "ASSUMED SPEC (TDC's original not identified): frozen multimodal + self-EMA teachers -> ABMIL "
@@ -244,8 +290,13 @@ class TDC(MILMethod):
         super().__init__(cfg, in_dim, omics_dim)
         if cfg.num_teachers not in (1, 2):
             raise ValueError(f"num_teachers must be 1 or 2, not {cfg.num_teachers}")
-        if cfg.contrast_halves not in ("both", "student"):
-            raise ValueError(f"unknown contrast_halves {cfg.contrast_halves!r}; use 'both' or 'student'")
+        for name, allowed in (
+            ("contrast", ("crd", "infonce")),
+            ("rank_by", ("code", "paper")),
+            ("select_pos", ("mid", "hard")),
+        ):
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; use one of {', '.join(allowed)}")
         abmil_cfg = ABMILCfg(hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout)
         self.student = ABMIL(abmil_cfg, in_dim)
         self.teacher = _Teacher(cfg, in_dim, omics_dim or 1)
@@ -257,6 +308,7 @@ class TDC(MILMethod):
             self.embed_s_ema = nn.Linear(cfg.hidden_dim, cfg.proj_dim)
             self.embed_t_ema = nn.Linear(cfg.hidden_dim, cfg.proj_dim)
         self._ema_steps = 0
+        self._nce_z: dict[str, Tensor] = {}  # each NCE half's normalisation constant, fixed on first use
         # banks over the training slides with omics (rows), filled by ``prepare``; not checkpointed
         for name, width in (
             ("bank_t", cfg.fusion_dim),
@@ -274,7 +326,7 @@ class TDC(MILMethod):
     def train(self, mode: bool = True) -> TDC:
         super().train(mode)
         if self.frozen:
-            self.teacher.eval()
+            self.teacher.train(mode and self.cfg.teacher_dropout)
         return self
 
     def forward(self, bag: Bag) -> MILOutput:
@@ -326,6 +378,7 @@ class TDC(MILMethod):
             return
         student_mode = self.student.training
         self.student.eval()
+        self.teacher.eval()
         with torch.no_grad():
             teacher = [self.teacher(b)[:2] for b in bags]
             self.bank_z = torch.stack([z for z, _ in teacher]).float()
@@ -333,6 +386,7 @@ class TDC(MILMethod):
             self.bank_s = torch.stack([self.student(b).embedding for b in bags]).float()
         self.bank_e = self.bank_s.clone()  # the EMA teacher starts as a copy of the student
         self.student.train(student_mode)
+        self.train(self.training)
         self._rows = {b.slide_id: i for i, b in enumerate(bags) if b.slide_id}
         self._row_class = [int(b.label) for b in bags]
         classes = torch.tensor(self._row_class)
@@ -358,10 +412,10 @@ class TDC(MILMethod):
         if bag.omics is None or not self.training or not self.frozen:
             return terms
         row = self._rows.get(bag.slide_id)
-        if row is None:
+        if row is None or cfg.teacher_dropout:
             with torch.no_grad():
                 z_t, t = self.teacher(bag)[:2]
-        else:  # the frozen teacher's outputs, computed once in ``prepare``
+        else:  # the deterministic frozen teacher's outputs, computed once in ``prepare``
             z_t, t = self.bank_z[row], self.bank_t[row]
         teachers = [("", z_t.float(), t.float(), self.bank_t, self.embed_s, self.embed_t)]
         if self.ema is not None:
@@ -383,12 +437,13 @@ class TDC(MILMethod):
             for suffix, z_k, *_ in teachers:
                 kd["kd_logit" + suffix] = cfg.alpha * kd_kl(out.logits.float(), z_k, cfg.temperature)
         if cfg.beta and self.bank_t.shape[0]:
-            pos, neg = self._contrast_rows(f, t.float(), bag, row)
+            label = self._row_class[row] if row is not None else int(bag.label)
             for suffix, _, t_k, bank_k, embed_s, embed_t in teachers:
-                kd["kd_feature" + suffix] = cfg.beta * self._dc_loss(
-                    f, t_k, bank_k, row, pos, neg, embed_s, embed_t
+                dc = self._crd if cfg.contrast == "crd" else self._infonce
+                kd["kd_feature" + suffix] = cfg.beta * dc(
+                    suffix, f, t_k, bank_k, row, label, embed_s, embed_t
                 )
-            self._update_banks(f, teachers[1][2] if self.ema is not None else None, row)
+            self._update_banks(f, [(bank_k, t_k) for _, _, t_k, bank_k, *_ in teachers], row)
         if kd and cfg.refine != "none":
             grads = [self._grad_on(term, f) for term in (*kd.values(), ce)]
             w = gradient_refine_weights(torch.stack(grads[:-1]), grads[-1], cfg.refine)
@@ -403,70 +458,102 @@ class TDC(MILMethod):
         return torch.zeros_like(f) if g is None else g
 
     @torch.no_grad()
-    def _contrast_rows(self, f: Tensor, t: Tensor, bag: Bag, row: int | None) -> tuple[Tensor, Tensor]:
-        """Bank rows of the positives and negatives: the relation discrepancy against the multimodal teacher
-        (see the class docstring), one selection for every teacher as the reference's shared ``sample_idx``."""
+    def _select(self, key: Tensor, row: int | None, label: int, mid: bool) -> tuple[Tensor, Tensor]:
+        """Bank rows of the positives besides the slide itself (``num_pos - 1`` same-class rows by the key
+        sorted down: the top ranks, or :func:`mid_ranks`) and of the negatives (the ``num_neg`` other-class
+        rows of smallest key). Shapes: ``key`` ``(rows,)`` -> two index vectors."""
         cfg = self.cfg
-        label = self._row_class[row] if row is not None else int(bag.label)
         if label in self._class_rows:
             same, other = self._class_rows[label]
         else:  # a class with no slide in the bank
             same, other = (
                 self.bank_t.new_zeros(0, dtype=torch.long),
-                torch.arange(len(self._row_class), device=f.device),
+                torch.arange(len(self._row_class), device=key.device),
             )
-        delta = F.cosine_similarity(self.bank_t, t.unsqueeze(0), dim=1) - F.cosine_similarity(
-            self.bank_s, f.detach().float().unsqueeze(0), dim=1
-        )  # (rows,)
-        d_same = delta[same]
+        k_same = key[same]
         n_same = same.numel()
         if row is not None:  # the slide itself is the exact positive, not a bank candidate
-            d_same[self._position[row]] = -torch.inf
+            k_same[self._position[row]] = -torch.inf
             n_same -= 1
-        pos = same[d_same.topk(min(cfg.num_pos, n_same)).indices]
-        neg = other[(-delta[other]).topk(min(cfg.num_neg, other.numel())).indices]
+        order = k_same.argsort(descending=True)[:n_same]
+        ranks = mid_ranks(n_same, cfg.num_pos - 1).to(order.device) if mid else slice(0, cfg.num_pos - 1)
+        pos = same[order[ranks]]
+        neg = other[key[other].argsort()[: cfg.num_neg]]
         return pos, neg
 
-    def _dc_loss(
+    def _nce(self, name: str, scores: Tensor, num_pos: int) -> Tensor:
+        """:func:`nce_contrast_loss` with the half ``name``'s Z, fixed from its first scores."""
+        if name not in self._nce_z:
+            self._nce_z[name] = (scores.detach() / self.cfg.nce_temperature).exp().mean() * len(
+                self._row_class
+            )
+        return nce_contrast_loss(
+            scores, num_pos, len(self._row_class), self._nce_z[name], self.cfg.nce_temperature
+        )
+
+    def _crd(
         self,
+        name: str,
         f: Tensor,
         t: Tensor,
         bank: Tensor,
         row: int | None,
-        pos: Tensor,
-        neg: Tensor,
+        label: int,
         embed_s: nn.Linear,
         embed_t: nn.Linear,
     ) -> Tensor:
-        """DC-Distill against one teacher (feature ``t``, bank ``bank``): the student-anchored InfoNCE over
-        teacher keys, plus (``contrast_halves="both"``) the teacher-anchored one over student keys."""
-        cfg = self.cfg
-        n_pos = 1 + pos.numel()
-        own_t = bank[row] if row is not None else t  # the slide's own memory row, before this step's update
-        own_s = self.bank_s[row] if row is not None else f.detach().float()
+        """``CRDLoss`` against one teacher (feature ``t``, bank ``bank``); see the class docstring."""
         q_s = F.normalize(embed_s(f.float()), dim=0)
-        if cfg.contrast_halves == "student":
-            keys_t = F.normalize(embed_t(torch.cat((own_t.unsqueeze(0), bank[pos], bank[neg]))), dim=1)
-            return discrepancy_contrastive_loss(q_s, keys_t, n_pos, cfg.nce_temperature)
-        with torch.no_grad():  # the memories: keys without gradient, as ``ContrastMemory_v3``
-            keys_t = F.normalize(embed_t(torch.cat((own_t.unsqueeze(0), bank[pos], bank[neg]))), dim=1)
-            keys_s = F.normalize(
-                embed_s(torch.cat((own_s.unsqueeze(0), self.bank_s[pos], self.bank_s[neg]))), dim=1
-            )
         q_t = F.normalize(embed_t(t), dim=0)
-        return discrepancy_contrastive_loss(
-            q_s, keys_t, n_pos, cfg.nce_temperature
-        ) + discrepancy_contrastive_loss(q_t, keys_s, n_pos, cfg.nce_temperature)
+        with torch.no_grad():  # the memories, as ``ContrastMemory_v3`` (no gradient)
+            mem_s = F.normalize(embed_s(self.bank_s), dim=1)
+            mem_t = F.normalize(embed_t(bank), dim=1)
+            r_s, r_t = mem_s @ q_s.detach(), mem_t @ q_t.detach()
+            key = r_s - r_t if self.cfg.rank_by == "code" else r_t - r_s
+            pos, neg = self._select(key, row, label, self.cfg.select_pos == "mid")
+            if row is None:  # not in the bank: the current features stand for its own rows
+                own_s, own_t = q_s.detach().unsqueeze(0), q_t.detach().unsqueeze(0)
+            else:  # the slide's own memory rows, before this step's update
+                own_s, own_t = mem_s[row].unsqueeze(0), mem_t[row].unsqueeze(0)
+            keys_t = torch.cat((own_t, mem_t[pos], mem_t[neg]))
+            keys_s = torch.cat((own_s, mem_s[pos], mem_s[neg]))
+        n_pos = 1 + pos.numel()
+        return self._nce(name + "_s", keys_t @ q_s, n_pos) + self._nce(name + "_t", keys_s @ q_t, n_pos)
+
+    def _infonce(
+        self,
+        name: str,
+        f: Tensor,
+        t: Tensor,
+        bank: Tensor,
+        row: int | None,
+        label: int,
+        embed_s: nn.Linear,
+        embed_t: nn.Linear,
+    ) -> Tensor:
+        """The benchmark's earlier one-sided reading (variant ``infonce``): raw-feature relations with the
+        paper's direction, top ranks, InfoNCE of the student query over teacher keys that keep their gradient."""
+        with torch.no_grad():
+            key = F.cosine_similarity(bank, t.unsqueeze(0), dim=1) - F.cosine_similarity(
+                self.bank_s, f.detach().float().unsqueeze(0), dim=1
+            )
+            pos, neg = self._select(key, row, label, mid=False)
+        own = bank[row] if row is not None else t
+        keys = F.normalize(embed_t(torch.cat((own.unsqueeze(0), bank[pos], bank[neg]))), dim=1)
+        q = F.normalize(embed_s(f.float()), dim=0)
+        return discrepancy_contrastive_loss(q, keys, 1 + pos.numel(), self.cfg.nce_temperature)
 
     @torch.no_grad()
-    def _update_banks(self, f: Tensor, e: Tensor | None, row: int | None) -> None:
-        """Momentum update of the slide's rows of the student and EMA-teacher banks (``nce_m``)."""
+    def _update_banks(self, f: Tensor, teachers: list[tuple[Tensor, Tensor]], row: int | None) -> None:
+        """Momentum update (``nce_m``) of the slide's row in the student bank and in each teacher's bank (the
+        deterministic frozen teacher's row does not change: it is left alone)."""
         if row is None:
             return
         m = self.cfg.bank_momentum
         self.bank_s[row] = m * self.bank_s[row] + (1 - m) * f.detach().float()
-        if e is not None:
-            self.bank_e[row] = m * self.bank_e[row] + (1 - m) * e
+        for bank, t in teachers:
+            if bank is not self.bank_t or self.cfg.teacher_dropout:
+                bank[row] = m * bank[row] + (1 - m) * t
 
     def training_report(self) -> dict[str, Any]:
         return {
