@@ -177,3 +177,11 @@ def test_last_epoch_modules_are_not_restored(monkeypatch):
     for k, v in r.model.state_dict().items():
         want = states[2][k] if k.startswith("classifier.") else states[0][k]
         torch.testing.assert_close(v, want, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("method", ["abmil", "wikg", "tdc", "mkd", "ghanet", "momkd"])
+def test_only_ghanet_averages_its_window_and_carries_it_over(method):
+    cfg = get_method_class(method).cfg_class()
+    want = method == "ghanet"
+    assert (cfg.accumulation_mean, cfg.carry_partial_window) == (want, want)
+    assert cfg.accumulation_steps == {"ghanet": 32, "mkd": 16}.get(method, 1)
