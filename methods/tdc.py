@@ -438,11 +438,12 @@ class TDC(MILMethod):
                 kd["kd_logit" + suffix] = cfg.alpha * kd_kl(out.logits.float(), z_k, cfg.temperature)
         if cfg.beta and self.bank_t.shape[0]:
             label = self._row_class[row] if row is not None else int(bag.label)
-            for suffix, _, t_k, bank_k, embed_s, embed_t in teachers:
-                dc = self._crd if cfg.contrast == "crd" else self._infonce
-                kd["kd_feature" + suffix] = cfg.beta * dc(
-                    suffix, f, t_k, bank_k, row, label, embed_s, embed_t
-                )
+            dc = self._crd if cfg.contrast == "crd" else self._infonce
+            with torch.autocast(f.device.type, enabled=False):  # exp(cos / 0.07) needs fp32 under bf16
+                for suffix, _, t_k, bank_k, embed_s, embed_t in teachers:
+                    kd["kd_feature" + suffix] = cfg.beta * dc(
+                        suffix, f.float(), t_k, bank_k, row, label, embed_s, embed_t
+                    )
             self._update_banks(f, [(bank_k, t_k) for _, _, t_k, bank_k, *_ in teachers], row)
         if kd and cfg.refine != "none":
             grads = [self._grad_on(term, f) for term in (*kd.values(), ce)]
