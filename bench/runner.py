@@ -24,8 +24,9 @@ from methods.base import Bag, MethodCfg
 from methods.registry import UnknownMethodError, parse_method_name
 
 from .config import TaskConfig, cache_root, load_task
+from .csvio import read_table
 from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
-from .data.splits import check_splits, fold_parts, make_splits, membership_digest, read_splits
+from .data.splits import fold_parts, make_splits, membership_digest, read_splits
 from .errors import BenchError, DataError
 from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict, slide_predictions
 from .provenance import versions
@@ -105,7 +106,6 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
         folds = len([c for c in splits.columns if c.startswith("fold_")])
     else:
         splits = make_splits(internal.slides, folds, seed, task.val_fraction)
-        check_splits(splits)
     atomic_write_text(Path(opts.out) / task.name / "splits.tsv", splits.to_csv(sep="\t", index=False))
     return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
 
@@ -117,7 +117,7 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
     path = task.omics_groups
     if not path.is_file():
         raise DataError("omics_groups file not found", path, "correct 'omics_groups' in the task YAML.")
-    df = pd.read_csv(path, dtype=str)
+    df = read_table(path, ids=("gene", "group"))
     if not {"gene", "group"} <= set(df.columns):
         raise DataError("expected columns gene, group", path)
     names = {g: i for i, g in enumerate(sorted(df.group.unique()))}
@@ -129,11 +129,17 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
 
 
 def method_config(
-    data: TaskData, method: str, opts: RunOptions, overrides: dict[str, Any] | None = None
+    data: TaskData,
+    method: str,
+    opts: RunOptions,
+    overrides: dict[str, Any] | None = None,
+    fold: int | None = None,
 ) -> MethodCfg:
     """The method's config with the task's training overrides, the --epochs cap and data-given settings.
 
-    ``M[best]`` is method ``M`` with the overrides of its sweep's best trial (``<out>/<task>/sweeps/M/best.yaml``).
+    ``M[best]`` on outer fold ``fold`` is method ``M`` with the overrides of the best trial of that fold's own
+    nested search (``<out>/<task>/sweeps/M/best.yaml``, refused if tuned on another split); with ``fold``
+    None every fold's entry is checked and fold 0's is resolved.
     """
     base_fields = {f.name for f in dataclasses.fields(MethodCfg)}
     unknown = sorted(set(data.task.train) - base_fields)
@@ -147,8 +153,10 @@ def method_config(
         if variant == "best":
             from .sweep import load_best
 
-            best = load_best(opts.out, data.task.name, base)
-            cfg = resolve_config(base, {**data.task.train, **best, **(overrides or {})})
+            tuned = [
+                load_best(opts.out, data, base, k) for k in (range(data.folds) if fold is None else [fold])
+            ]
+            cfg = resolve_config(base, {**data.task.train, **tuned[0], **(overrides or {})})
         else:
             cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
     except UnknownMethodError as exc:
@@ -224,8 +232,13 @@ class JobPlan:
 def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, Any] | None = None) -> JobPlan:
     """Resolve a job without running it (cheap: no data is read)."""
     device = resolve_device(opts.device)
-    cfg = method_config(data, job.method, opts, overrides)
+    cfg = method_config(data, job.method, opts, overrides, fold=job.fold)
     config, hash_ = job_config(data, job, cfg, device)
+    base, variant = parse_method_name(job.method)
+    if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
+        from .sweep import tuned_by
+
+        config["tuned_by"] = tuned_by(opts.out, data, base, job.fold)
     return JobPlan(cfg, device, config, hash_, fold_dir(opts.out, data.task.name, job.method, job.fold))
 
 
@@ -360,5 +373,5 @@ def run(
     for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
         method_config(data, method, opts)
     run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
-    summary = write_summary(opts.out, data.task.name)
+    summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
     return summary[summary.method.isin(methods)]

@@ -36,24 +36,66 @@ def make_splits(slides: pd.DataFrame, folds: int, seed: int, val_fraction: float
     """Stratified k-fold over patients (seeded), then validation patients carved from each training part
     (stratified). ``slides`` has case_id, slide_id, label."""
     patients = slides.groupby("case_id", sort=True)["label"].first()
-    counts = patients.value_counts()
-    if len(counts) < 2 or counts.min() < folds:
-        raise DataError(
-            f"stratified {folds}-fold CV needs at least {folds} patients of each class; found "
-            f"{counts.to_dict()}. Fix: lower 'folds' or add patients of the rarer class."
-        )
+    _check_design(patients.value_counts(), folds, val_fraction)
     cases, y = patients.index.to_numpy(), patients.to_numpy()
     table = slides[["case_id", "slide_id", "label"]].copy()
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (train_idx, test_idx) in enumerate(skf.split(cases, y)):
-        _, va = train_test_split(
-            train_idx, test_size=val_fraction, stratify=y[train_idx], random_state=seed + k
+    try:
+        for k, (train_idx, test_idx) in enumerate(skf.split(cases, y)):
+            _, va = train_test_split(
+                train_idx, test_size=val_fraction, stratify=y[train_idx], random_state=seed + k
+            )
+            part = pd.Series("train", index=cases)
+            part.iloc[va] = "val"
+            part.iloc[test_idx] = "test"
+            table[f"fold_{k}"] = table.case_id.map(part).to_numpy()
+    except ValueError as exc:  # a corner the check above does not foresee: still one paragraph
+        raise DataError(
+            f"cannot split {len(cases)} patients ({patients.value_counts().to_dict()}) into {folds} folds "
+            f"with val_fraction {val_fraction}: {exc}",
+            fix="use fewer folds, a larger val_fraction, or add patients of the rarer class.",
+        ) from exc
+    try:
+        check_splits(
+            table, source=f"{folds}-fold CV of {patients.value_counts().to_dict()} patients per class"
         )
-        part = pd.Series("train", index=cases)
-        part.iloc[va] = "val"
-        part.iloc[test_idx] = "test"
-        table[f"fold_{k}"] = table.case_id.map(part).to_numpy()
+    except DataError as exc:
+        raise DataError(f"{exc} (val_fraction {val_fraction}, seed {seed})") from exc
     return table
+
+
+def _check_design(counts: pd.Series, folds: int, val_fraction: float) -> None:
+    """Refuse, before any split is drawn, a design that cannot give every fold's test, validation and training
+    parts at least one patient of each class (the numbers and the fix in the message)."""
+    fix = "lower 'folds' (or --folds), change 'val_fraction', or add patients of the rarer class."
+    if len(counts) < 2:
+        raise DataError(
+            f"the labels have one class only ({counts.to_dict()}); a binary task needs patients of both",
+            fix="check 'positive'/'negative' in the task YAML against the label column's values.",
+        )
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction {val_fraction} must be between 0 and 1 (exclusive)", fix=fix)
+    for label, n in counts.items():
+        if n < folds:
+            raise DataError(
+                f"stratified {folds}-fold CV needs at least {folds} patients of each class; class {label} has "
+                f"{n} (all classes: {counts.to_dict()})",
+                fix=fix,
+            )
+        train = n - -(-n // folds)  # the fewest of this class a training part can keep
+        if train < 2:
+            raise DataError(
+                f"class {label} has {n} patients, so in {folds}-fold CV a training part keeps as few as "
+                f"{train}, but it needs one for training and one for validation",
+                fix=fix,
+            )
+    n_train = int(counts.sum()) - -(-int(counts.sum()) // folds)
+    if -(-val_fraction * n_train // 1) < len(counts):
+        raise DataError(
+            f"val_fraction {val_fraction} of a {n_train}-patient training part gives fewer validation "
+            f"patients than the {len(counts)} classes",
+            fix=fix,
+        )
 
 
 def read_splits(path: Path, slides: pd.DataFrame) -> pd.DataFrame:
@@ -66,18 +108,18 @@ def read_splits(path: Path, slides: pd.DataFrame) -> pd.DataFrame:
             )
         table = slides[["case_id", "slide_id", "label"]].copy()
         for k, f in enumerate(files):
-            df = pd.read_csv(f, dtype=str)
+            df = pd.read_csv(f, dtype=str, keep_default_na=False)
             missing = [c for c in PARTS if c not in df.columns]
             if missing:
                 raise DataError(
                     f"missing column(s) {missing}", f, "CLAM split files have train, val, test columns."
                 )
-            part = {s: name for name in PARTS for s in df[name].dropna()}
+            part = {s: name for name in PARTS for s in df[name] if s}
             table[f"fold_{k}"] = table.slide_id.map(part)
     else:
         if not path.is_file():
             raise DataError("splits file not found", path, "correct 'splits' in the task YAML.")
-        df = pd.read_csv(path, sep="\t", dtype=str)
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         if "slide_id" not in df.columns or not fold_columns(df):
             raise DataError("expected a Patho-Bench TSV with slide_id and fold_0 … fold_k columns", path)
         df = df.set_index("slide_id")[fold_columns(df)]
@@ -111,9 +153,10 @@ def check_splits(table: pd.DataFrame, source: Path | str = "splits") -> None:
         for part in PARTS:
             labels = table.label[table[col] == part]
             if labels.nunique() < 2:
+                per_class = table[table[col] == part].groupby("label").case_id.nunique().to_dict()
                 raise DataError(
-                    f"{col}'s {part} part has {'no slides' if labels.empty else 'one class only'}; AUC and "
-                    "early stopping need both classes",
+                    f"{col}'s {part} part has {'no slides' if labels.empty else 'one class only'} "
+                    f"(patients per class: {per_class}); AUC and early stopping need both classes",
                     source,
                     "use fewer folds, a larger val_fraction, or add patients of the rarer class.",
                 )
