@@ -500,6 +500,19 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted; finished folds are kept and a rerun resumes from them.")
         sys.exit(130)
+    except (
+        OSError
+    ) as exc:  # the file system said no (a file where a folder should be, permissions, disk full)
+        where = f" {exc.filename}" if exc.filename else ""
+        err_console.print(
+            f"[bold red]error:[/bold red]{escape(redact(where))}: {escape(redact(exc.strerror or str(exc)))}. "
+            "Fix: check that "
+            "the path exists as the right kind (folder or file), that you may read and write it, and that "
+            "the disk has space; results already written are kept.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # typer's click: usage errors (exit 2) and other click errors

@@ -105,7 +105,11 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
     if not path.is_file():
         problems.append(f"{path}: labels file not found. Fix: correct 'labels' in {task.path}.")
         return None
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = read_table(path, ids=None)
+    except DataError as exc:
+        problems.append(str(exc))
+        return None
     missing = [c for c in (*ID_COLS, task.label_col) if c not in df.columns]
     if missing:
         problems.append(
@@ -188,6 +192,7 @@ def _check_features(df: pd.DataFrame, folder: Path, problems: list[str]) -> tupl
             shape = _feature_shape(p)
         except Exception as exc:
             problems.append(f"{p}: cannot read ({exc}). Fix: re-extract or re-copy the file.")
+            df.loc[df.slide_id == slide_id, "path"] = ""  # one message per file: its values are not read
             continue
         if len(shape) != 2 or shape[0] == 0:
             problems.append(
@@ -239,7 +244,11 @@ def _read_omics(task: TaskConfig, cases: pd.Index, problems: list[str]) -> pd.Da
     if not path.is_file():
         problems.append(f"{path}: omics file not found. Fix: correct 'omics' in {task.path} or remove it.")
         return None
-    df = read_table(path, ids=("case_id",))
+    try:
+        df = read_table(path, ids=("case_id",))
+    except DataError as exc:
+        problems.append(str(exc))
+        return None
     if "case_id" not in df.columns:
         problems.append(f"{path}: no 'case_id' column. Fix: the omics CSV is case_id + one column per gene.")
         return None
