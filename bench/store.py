@@ -2,7 +2,8 @@
 
 ```
 <out>/<task>/<method>/fold_<k>/predictions.csv   slide_id, case_id, label, prob, cohort
-<out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold, n
+<out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold,
+                                                 acc@0.5, balanced_acc@0.5, f1@0.5, n
 <out>/<task>/<method>/fold_<k>/config.yaml       the fully resolved configuration (+ its hash)
 <out>/<task>/<method>/fold_<k>/model.pt          the kept weights (state_dict; optional, for `bench explain`)
 <out>/<task>/summary.csv                         task, method, cohort, metric, mean, std, n
@@ -50,7 +51,8 @@ __all__ = [
 
 FOLD_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `bench explain`
-METRICS = ("auc", "acc", "balanced_acc", "f1")
+# the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax
+METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5")
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "cohort")
 NOT_METHODS = {"report", "sweeps", "logs", "slurm"}  # folders under <out>/<task> that hold no method
 
@@ -228,19 +230,23 @@ def _read_config(path: Path) -> dict[str, Any]:
     return yaml.safe_load((path / "config.yaml").read_text()) or {}
 
 
-def collect_metrics(out: Path, task: str, design: tuple[Any, Any] | None = None) -> pd.DataFrame:
-    """Long table of every complete, readable fold of ``task`` (of CV ``design`` only, when given): method,
-    fold, cohort, metric, value."""
+def collect_metrics(
+    out: Path, task: str, design: tuple[Any, Any] | None = None, names: tuple[str, ...] = METRICS
+) -> pd.DataFrame:
+    """Long table of the complete, readable folds of ``task`` of one CV ``design`` (default: the one most folds
+    share, :func:`current_design`): method, fold, cohort, metric, value (of the metrics ``names``;
+    ``threshold`` may be asked for too). Folds of another design come from other splits: never mixed in."""
+    design = design or current_design(out, task)
     rows = []
     for method, fold, fd in iter_fold_dirs(out, task):
         if not all((fd / f).is_file() for f in FOLD_FILES) or not fold_readable(fd):
             continue
-        if design is not None and fold_design(_read_config(fd)) != design:
+        if fold_design(_read_config(fd)) != design:
             continue
         for cohort, values in read_fold_metrics(fd).get("cohorts", {}).items():
             if cohort == "val":  # selection data, not a result
                 continue
-            rows.extend((method, fold, cohort, m, values[m]) for m in METRICS if m in values)
+            rows.extend((method, fold, cohort, m, values[m]) for m in names if m in values)
     return pd.DataFrame(rows, columns=["method", "fold", "cohort", "metric", "value"])
 
 
@@ -272,7 +278,7 @@ def write_summary(out: Path, task: str, design: tuple[Any, Any] | None = None) -
     fd = os.open(task_dir / ".summary.lock", os.O_CREAT | os.O_RDWR, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        long = collect_metrics(out, task, design or current_design(out, task))
+        long = collect_metrics(out, task, design)
         summary = (
             long.groupby(["method", "cohort", "metric"], sort=False)["value"]
             .agg(

@@ -271,6 +271,11 @@ def _read_omics(task: TaskConfig, cases: pd.Index, problems: list[str]) -> pd.Da
         )
     if not len(df.index.intersection(cases)):
         problems.append(f"{path}: no case_id in common with the labels CSV. Fix: use the same patient IDs.")
+    if task.omics_select is not None and task.omics_select.k > df.shape[1]:
+        problems.append(
+            f"{path}: omics_select keeps k = {task.omics_select.k} genes but the file has {df.shape[1]}. "
+            f"Fix: lower 'k' under 'omics_select' in {task.path}, or remove 'omics_select' to use every gene."
+        )
     return df.astype(np.float32)
 
 
@@ -351,11 +356,12 @@ class OmicsScaler:
         self.mean: pd.Series | None = None
         self.std: pd.Series | None = None
 
-    def _transform_raw(self, df: pd.DataFrame) -> pd.DataFrame:
+    def log_expression(self, df: pd.DataFrame) -> pd.DataFrame:
+        """log2(x + 1) when ``log1p``, else ``df`` unchanged: what is z-scored (and ranked by omics_select)."""
         return np.log2(df + 1.0) if self.log1p else df
 
     def fit(self, omics: pd.DataFrame, train_cases: Sequence[str]) -> OmicsScaler:
-        x = self._transform_raw(omics.loc[omics.index.intersection(list(train_cases))])
+        x = self.log_expression(omics.loc[omics.index.intersection(list(train_cases))])
         if len(x) == 0:
             raise DataError("no training patient has omics in this fold; omics-based methods cannot train.")
         self.mean = x.mean(axis=0)
@@ -366,4 +372,4 @@ class OmicsScaler:
     def transform(self, omics: pd.DataFrame) -> pd.DataFrame:
         if self.mean is None:
             raise RuntimeError("OmicsScaler.transform called before fit")
-        return ((self._transform_raw(omics) - self.mean) / self.std).astype(np.float32)
+        return ((self.log_expression(omics) - self.mean) / self.std).astype(np.float32)
