@@ -83,7 +83,14 @@ class MKDCfg(MethodCfg):
     AdamW 2e-4, weight decay 1e-5 (``--reg``), cosine schedule with ``T_max=50`` over up to 100 epochs,
     dropout 0.25, weighted sampling (README command), ``--gc 16`` (the window), temperature 4. Early stopping:
     ``EarlyStopping(patience=5, stop_epoch=5, metric='auc')``, which stops only after epoch index 5, i.e.
-    no stop before 7 epochs (``min_epochs=7`` under this trainer's rule).
+    no stop before 7 epochs (``min_epochs=7`` under this trainer's rule); that class counts a tie as no
+    improvement (``score <= best_score``), so only a strictly better mean AUC is kept.
+
+    ``validate_classification_coattn`` puts only the student in eval mode: the teachers are scored with
+    their dropout active (``teacher_val_dropout``), and ``core_utils_train`` saves the teachers after every
+    epoch while ``EarlyStopping`` saves the student alone, so the teachers kept are the last epoch's
+    (``teachers_last_epoch``; only the student predicts, so this changes what ``model.pt`` holds, not any
+    prediction).
     """
 
     optimizer: str = "adamw"
@@ -106,6 +113,8 @@ class MKDCfg(MethodCfg):
     sp_weight: float = 1.0  # --intermediate_loss_fn SP (0 = NOT)
     kl_weight: float = 1.0  # --logits_loss_fn KL (0 = NOT)
     decomposition_weight: float = 1.0  # --OR: orthogonality + CORAL (0 = NOR)
+    teacher_val_dropout: bool = True  # teachers keep dropout on when scored for the mean-auc monitor
+    teachers_last_epoch: bool = True  # the teachers keep their last epoch's weights, not the best epoch's
 
 
 class _Student(nn.Module):
@@ -227,6 +236,9 @@ class MKD(MILMethod):
     Model selection: as the reference, early stopping and the kept checkpoint follow the mean validation AUC
     of the three models (``monitor="mean-auc"``; the teachers are scored on the validation patients with
     omics, which the runner attaches for this monitor only); variant ``student-monitor``: the student's AUC.
+    As the code, the teachers are scored in train mode (dropout active) and keep their last epoch's weights;
+    variant ``eval-teachers`` scores them in eval mode and keeps them at the selected epoch with the student
+    (deterministic teacher scores: a cleaner monitor, not the authors' run).
     """
 
     cfg_class = MKDCfg
@@ -235,6 +247,7 @@ class MKD(MILMethod):
         "no-kl": {"kl_weight": 0.0},
         "no-decomposition": {"decomposition_weight": 0.0},
         "student-monitor": {"monitor": "auc"},
+        "eval-teachers": {"teacher_val_dropout": False, "teachers_last_epoch": False},
     }
     summary = (
         "Online KD: ABMIL student + omics and bilinear-fusion teachers, SP/KL/orthogonal/CORAL (Zhang 2025)"
@@ -256,14 +269,22 @@ class MKD(MILMethod):
         return self.student.predict_packed(pack_bags(bags))
 
     def validation_logits_batch(self, bags: Sequence[Bag]) -> dict[str, tuple[list[int], Tensor]]:
-        """:meth:`validation_logits` of several bags in packed forwards (the teachers: the bags with omics)."""
+        """:meth:`validation_logits` of several bags in packed forwards (the teachers: the bags with omics, in
+        train mode when ``teacher_val_dropout``: every dropout is elementwise, so each bag's scores have the
+        distribution they have alone)."""
         out = {"student": (list(range(len(bags))), self.student.predict_packed(pack_bags(bags)))}
         rows = [i for i, b in enumerate(bags) if b.omics is not None]
         if rows:
             sub = [bags[i] for i in rows]
             tokens = torch.stack([self._tokens(b.omics) for b in sub])  # (B', T, 512)
+            teachers = (self.omics_teacher, self.multimodal_teacher)
+            modes = [t.training for t in teachers]
+            for t in teachers:
+                t.train(self.cfg.teacher_val_dropout or t.training)
             out["omics_teacher"] = (rows, self.omics_teacher.predict_many(tokens))
             out["multimodal_teacher"] = (rows, self.multimodal_teacher.predict_many(pack_bags(sub), tokens))
+            for t, mode in zip(teachers, modes, strict=True):
+                t.train(mode)
         return out
 
     def _tokens(self, omics: Tensor) -> Tensor:
@@ -272,13 +293,23 @@ class MKD(MILMethod):
         return F.pad(omics, (0, pad)).view(self.num_tokens, self.cfg.token_size)
 
     def validation_logits(self, bag: Bag) -> dict[str, Tensor]:
-        """Logits ``(C,)`` of the student and, when the bag has omics, of both teachers."""
+        """Logits ``(C,)`` of the student and, when the bag has omics, of both teachers (in train mode when
+        ``teacher_val_dropout``, as the reference; their modes are restored)."""
         out = {"student": self.student(bag.features)[0]}
         if bag.omics is not None:
             tokens = self._tokens(bag.omics)
+            teachers = (self.omics_teacher, self.multimodal_teacher)
+            modes = [t.training for t in teachers]
+            for t in teachers:
+                t.train(self.cfg.teacher_val_dropout or t.training)
             out["omics_teacher"] = self.omics_teacher(tokens)[0]
             out["multimodal_teacher"] = self.multimodal_teacher(bag.features, tokens)[0]
+            for t, mode in zip(teachers, modes, strict=True):
+                t.train(mode)
         return out
+
+    def last_epoch_modules(self) -> tuple[str, ...]:
+        return ("omics_teacher", "multimodal_teacher") if self.cfg.teachers_last_epoch else ()
 
     def on_epoch_start(self, epoch: int) -> None:
         self._window.clear()

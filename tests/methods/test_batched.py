@@ -69,7 +69,7 @@ def test_predict_chunks_give_the_same_probabilities():
     assert model.training is False
 
 
-@pytest.mark.parametrize("name", ["mkd", "abmil"])
+@pytest.mark.parametrize("name", ["mkd[eval-teachers]", "abmil"])
 def test_validation_logits_batch_equals_one_bag_at_a_time(name):
     model = _model(name)
     bags = _bags(2)
@@ -80,7 +80,19 @@ def test_validation_logits_batch_equals_one_bag_at_a_time(name):
             want = [(i, z[model_name]) for i, z in want if model_name in z]
             assert rows == [i for i, _ in want]
             torch.testing.assert_close(logits, torch.stack([z for _, z in want]), rtol=1e-5, atol=1e-5)
-    expected = {"student", "omics_teacher", "multimodal_teacher"} if name == "mkd" else {"model"}
+    expected = {"student", "omics_teacher", "multimodal_teacher"} if name != "abmil" else {"model"}
     assert set(got) == expected
-    if name == "mkd":
+    if name != "abmil":
         assert got["omics_teacher"][0] == [0, 1, 3, 4, 5]  # bag 2 has no omics
+
+
+def test_mkd_teachers_scored_with_dropout_as_alone():
+    """MKD's default scores its teachers in train mode (the reference): packed, they still draw dropout, the
+    student does not, and every module's mode is restored."""
+    model = _model("mkd")
+    bags = _bags(3)
+    with torch.inference_mode():
+        a, b = model.validation_logits_batch(bags), model.validation_logits_batch(bags)
+    torch.testing.assert_close(a["student"][1], b["student"][1], rtol=0, atol=0)
+    assert not torch.equal(a["multimodal_teacher"][1], b["multimodal_teacher"][1])
+    assert not any(m.training for m in model.modules())
