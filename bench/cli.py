@@ -57,10 +57,15 @@ TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path
 
 def _options(out: Path, folds, seed, epochs, device: str, workers: int, quiet: bool, precision: str = "auto"):
     from .runner import RunOptions
-    from .train import PRECISIONS
+    from .train import PRECISIONS, cpu_has_bf16
 
     if precision not in PRECISIONS:
         raise BenchError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    if precision == "bf16" and device == "cpu" and cpu_has_bf16() is False:
+        err_console.print(
+            "warning: --precision bf16 on a CPU without native bf16 (no AVX-512-BF16/AMX): "
+            "expect it to be several times slower than fp32."
+        )
     return RunOptions(
         out=out,
         folds=folds,

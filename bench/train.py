@@ -23,6 +23,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,16 @@ __all__ = [
 MONITORS = {"auc": "val_auc", "loss": "val_loss", "mean-auc": "val_mean_auc"}
 #: ``--precision``: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512-BF16 or AMX; None where unknown). Without
+    it bf16 autocast on the CPU is far slower than fp32 (this repo's 2-core AVX2 machine: ~9x per step)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
