@@ -3,9 +3,9 @@
 Per epoch: ``on_epoch_start``; for each bag (class-balanced sampling with replacement when the method's
 config says so): forward, the method's named loss terms summed, backward; an optimiser step every
 ``accumulation_steps`` bags (and on leftover gradients at the end of the epoch), gradient clipping, then
-``after_step``. After each epoch the validation patients are scored (``cfg.monitor``: AUC, loss, or the
-mean AUC of the models a method exposes through ``validation_logits``, e.g. MKD's student and teachers): the
-best epoch's weights are kept, the plateau scheduler steps on that score, and training stops early after
+``after_step``. After each epoch: ``on_epoch_end`` (its facts join the epoch's history record), then the
+validation patients are scored (``cfg.monitor``: AUC, loss, or the mean AUC of the models a method exposes
+through ``validation_logits``, e.g. MKD's student and teachers): the best epoch's weights are kept, the plateau scheduler steps on that score, and training stops early after
 ``patience`` epochs without improvement (never before ``min_epochs``).
 
 The hot loop has no host synchronisation: losses are accumulated on the device and read once per epoch.
@@ -39,7 +39,7 @@ class TrainResult:
     best_epoch: int
     epochs_run: int
     best_score: float
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,7 +126,7 @@ def fit(
         raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
     maximise = cfg.monitor != "loss"
     best_score, best_epoch, best_state = -math.inf if maximise else math.inf, -1, None
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     acc = max(1, cfg.accumulation_steps)
 
     epoch = 0
@@ -152,6 +152,7 @@ def fit(
         if pending:
             _step(model, optimizer, cfg)
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, len(labels))}
+        record.update(model.on_epoch_end(epoch))
         record.update(_validate(model, val_bags, device, autocast, aggregation))
         history.append(record)
         score = record[MONITORS[cfg.monitor]]

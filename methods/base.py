@@ -7,7 +7,8 @@ are the authors' own. The trainer, evaluator and runner only ever call the metho
 - ``loss(bag, out) -> dict[str, Tensor]``: every named term, already weighted; the trainer sums them;
 - ``prepare(train_bags)``: optional one-off fitting on the training split (k-means memory init, gene masks, ...);
 - ``after_step()``: optional hook after each optimiser step (EMA memory updates, ...);
-- ``on_epoch_start(epoch)``, ``training_report()``: optional hooks (window buffers; facts for metrics.json);
+- ``on_epoch_start(epoch)``, ``on_epoch_end(epoch)``, ``training_report()``: optional hooks (window
+  buffers; per-epoch facts for the history and final facts for metrics.json; e.g. memory pruning);
 - ``configure_optimizer()``: the optimiser and scheduler of the authors' code, read from the config;
 - ``search_space(trial)``: Optuna search space as config overrides.
 
@@ -187,6 +188,11 @@ class MILMethod(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (default: nothing); e.g. to drop a partial window's buffer."""
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        """Called after each training epoch, before validation (default: nothing); may change the model
+        (e.g. prune memory components) and returns JSON-able facts the trainer adds to the epoch's history."""
+        return {}
 
     def validation_logits(self, bag: Bag) -> dict[str, Tensor]:
         """Logits ``(C,)`` of every model whose validation AUC the ``mean-auc`` monitor averages; the bag
