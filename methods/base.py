@@ -159,6 +159,8 @@ class MILMethod(nn.Module):
     #: e.g. ``{"ablation": [("WSI baseline", "wsi-baseline"), ("Full", "")]}``; each table lands in
     #: ``<out>/<task>/report/<table name>.{md,tex}``.
     ablations: ClassVar[dict[str, list[tuple[str, str]]]] = {}
+    #: table name -> a sentence or two added to that ablation table's caption (e.g. what each row changes).
+    ablation_notes: ClassVar[dict[str, str]] = {}
     #: one line for ``bench methods``.
     summary: ClassVar[str] = ""
 

@@ -165,6 +165,8 @@ def test_report_assembles_tables_figures_and_report_md(trained, monkeypatch):
     folder = out / "toy" / "report"
     for stem in ("table_headline", "tests_toy", "table_localisation", "table1_internal", "runs_toy"):
         assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.tex").is_file()
+    memory = (folder / "table_memory.md").read_text()  # MoMKD's memories, per class; ABMIL has none
+    assert "| momkd | " in memory and "abmil" not in memory and memory.count(" of 4") == 2
     tex = (folder / "table_headline.tex").read_text()
     assert r"\toprule" in tex and "{[}" in tex and "†" not in tex
     images = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]

@@ -357,9 +357,7 @@ def test_adaptive_memory_prunes_components_that_stay_unused():
 
 
 def test_adaptive_memory_never_prunes_the_most_used_and_splits_an_overloaded_one():
-    model = _model(
-        "momkd[adaptive-memory]", prune_patience=1, active_threshold=0.2, split_threshold=0.5
-    )
+    model = _model("momkd[adaptive-memory]", prune_patience=1, active_threshold=0.2, split_threshold=0.5)
     model.usage.copy_(torch.tensor([[1.0, 1.0, 1.0], [9.0, 1.0, 0.0]]))  # class 0: all at 1/3
     before = model.memory.detach().clone()
     record = model.on_epoch_end(0)
