@@ -5,6 +5,7 @@ Bad input ends with one paragraph naming the file and the fix, exit code 2, and 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -415,7 +416,7 @@ def data_check_cmd(task: TaskOpt) -> None:
     """Validate a task's files and print every problem found, without training."""
     from .config import load_task
     from .data.cohort import load_cohorts
-    from .data.splits import check_splits, make_splits, read_splits
+    from .data.splits import make_splits, read_splits
 
     cfg = load_task(task)
     internal, externals, problems = load_cohorts(cfg)
@@ -437,7 +438,7 @@ def data_check_cmd(task: TaskOpt) -> None:
             if cfg.splits is not None:
                 read_splits(cfg.splits, internal.slides)
             else:
-                check_splits(make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction))
+                make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction)
         except BenchError as exc:
             problems.append(str(exc))
     for line in summary:
@@ -449,25 +450,66 @@ def data_check_cmd(task: TaskOpt) -> None:
     console.print(f"[green]✓[/green] task {cfg.name!r}: no problems found.")
 
 
+def _out_folder(argv: list[str]) -> Path:
+    """The ``--out`` folder named on the command line (default ``results``), read without parsing."""
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--out="):
+            return Path(arg.split("=", 1)[1])
+    return Path("results")
+
+
+def _log_crash(exc: BaseException) -> Path | None:
+    """Write the traceback of an unexpected error under ``<out>/logs/`` (else the temp folder); its path."""
+    import tempfile
+    import time
+    import traceback
+
+    text = f"bench {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n" + "".join(
+        traceback.format_exception(exc)
+    )
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (_out_folder(sys.argv[1:]) / "logs", Path(tempfile.gettempdir()) / "bench-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return None
+
+
 def main() -> None:
-    """Console entry point: run the app, turning user-facing errors into one paragraph and exit code 2."""
+    """Console entry point: usage errors give the usage message (exit 2), a ``BenchError`` its paragraph
+    (exit 2), and anything unexpected one line pointing at the traceback written under ``--out`` (exit 1)."""
     try:
         app(standalone_mode=False)
     except BenchError as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted; finished folds are kept and a rerun resumes from them.")
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # typer's click: usage errors (exit 2) and other click errors
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err_console.print(f"error: {escape(exc.format_message())}", highlight=False)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        log = _log_crash(exc)
+        where = f"the traceback is in {log}" if log else "no log could be written"
+        err_console.print(
+            f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(str(exc))} "
+            f"({escape(where)}; please report it with that file).",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

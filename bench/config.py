@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BenchError
+from .names import unsafe_reason
 
 __all__ = [
     "ExternalCohort",
@@ -25,10 +26,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _file_name(value: str) -> str:
+    """A name bench uses as a folder name (task, cohort): refused when it could escape its folder."""
+    reason = unsafe_reason(value)
+    if reason:
+        raise ValueError(f"{value!r} cannot be used as a folder name: {reason}")
+    return value
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+
+
 class ExternalCohort(_Strict):
     """An external validation cohort: every fold's model is tested on it."""
 
-    name: str = Field(description="cohort name, written in predictions.csv's 'cohort' column")
+    name: FileName = Field(description="cohort name, written in predictions.csv's 'cohort' column")
     labels: Path | None = Field(None, description="labels CSV (case_id, slide_id, <label_col>)")
     features: Path | None = Field(None, description="folder of <slide_id>.h5 / .pt feature files")
 
@@ -36,7 +48,7 @@ class ExternalCohort(_Strict):
 class TaskConfig(_Strict):
     """One prediction task (the contract's task YAML)."""
 
-    name: str
+    name: FileName
     label_col: str
     positive: list[str] = Field(min_length=1, description="label values counted as the positive class")
     negative: list[str] | None = Field(
@@ -85,9 +97,6 @@ class TaskConfig(_Strict):
         if len(set(names)) != len(names) or "test" in names:
             raise ValueError("external cohort names must be unique and must not be 'test'")
         return self
-
-    def is_positive(self, value: str) -> bool:
-        return value in self.positive
 
 
 def builtin_task_dir() -> Path:

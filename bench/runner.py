@@ -25,7 +25,7 @@ from methods.registry import UnknownMethodError, parse_method_name
 
 from .config import TaskConfig, cache_root, load_task
 from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
-from .data.splits import check_splits, fold_parts, make_splits, membership_digest, read_splits
+from .data.splits import fold_parts, make_splits, membership_digest, read_splits
 from .errors import BenchError, DataError
 from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict, slide_predictions
 from .provenance import versions
@@ -105,7 +105,6 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
         folds = len([c for c in splits.columns if c.startswith("fold_")])
     else:
         splits = make_splits(internal.slides, folds, seed, task.val_fraction)
-        check_splits(splits)
     atomic_write_text(Path(opts.out) / task.name / "splits.tsv", splits.to_csv(sep="\t", index=False))
     return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
 

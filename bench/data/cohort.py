@@ -20,6 +20,7 @@ from methods.base import Bag
 
 from ..config import TaskConfig
 from ..errors import DataError
+from ..names import normalisation_clashes, unsafe_reason
 from .formats import SlideFeatures, feature_path, read_slide
 
 __all__ = ["Cohort", "OmicsScaler", "load_cohort", "load_cohorts", "raise_problems", "read_slide_cached"]
@@ -119,6 +120,7 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
         problems.append(
             f"{path}: {len(empty)} row(s) with an empty case_id or slide_id. Fix: fill or remove them."
         )
+    _check_ids(df, path, problems)
     dup = df.slide_id[df.slide_id.duplicated()].unique()
     if len(dup):
         problems.append(f"{path}: slide_id(s) listed twice: {', '.join(dup[:5])}. Fix: one row per slide.")
@@ -143,6 +145,25 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
             "Fix: give every slide of a patient the same label."
         )
     return df.drop(columns="raw_label")
+
+
+def _check_ids(df: pd.DataFrame, path: Path, problems: list[str]) -> None:
+    """Refuse IDs that cannot be file names (a slide_id names its feature file; IDs name report files)."""
+    for col in ID_COLS:
+        for row, value in zip(df.index, df[col], strict=True):
+            reason = unsafe_reason(value) if value else None
+            if reason:
+                problems.append(
+                    f"{path}: row {row + 2} has {col} {value!r}, which cannot name a file: {reason}. "
+                    f"Fix: rename the {col} (and its feature file) without path characters."
+                )
+        clashes = normalisation_clashes(df[col].unique())
+        if clashes:
+            a, b = clashes[0]
+            problems.append(
+                f"{path}: {col}s {a!r} and {b!r} differ only in Unicode normalisation and would name the same "
+                f"file on some file systems ({len(clashes)} such pair(s)). Fix: spell each ID one way (NFC)."
+            )
 
 
 def _check_features(df: pd.DataFrame, folder: Path, problems: list[str]) -> tuple[pd.DataFrame, int | None]:
@@ -276,12 +297,31 @@ def load_cohorts(task: TaskConfig) -> tuple[Cohort, dict[str, Cohort], list[str]
     for ext in task.external:
         cohort = externals[ext.name] = load_cohort(task, ext.name)
         problems += cohort.problems
+        if not cohort.problems:
+            problems += _class_problems(task, ext.labels, cohort)
         if internal.dim and cohort.dim and cohort.dim != internal.dim:
             problems.append(
                 f"{ext.features}: external cohort {ext.name!r} has D={cohort.dim} features but the internal "
                 f"cohort has D={internal.dim}. Fix: extract both cohorts with the same encoder."
             )
     return internal, externals, problems
+
+
+def _class_problems(task: TaskConfig, labels: Path, cohort: Cohort) -> list[str]:
+    """An external cohort whose patients are all of one class (or that has none) gives no AUC: an error."""
+    counts = cohort.patients.label.value_counts()
+    if len(counts) == 2:
+        return []
+    found = (
+        "no patients"
+        if counts.empty
+        else f"only {'positive' if counts.index[0] == 1 else 'negative'} patients ({int(counts.iloc[0])})"
+    )
+    return [
+        f"{labels}: external cohort {cohort.name!r} has {found} once its '{task.label_col}' values are mapped "
+        f"(positive: {task.positive}, negative: {task.negative or 'the other value'}); its AUC would be undefined. "
+        "Fix: check that the cohort codes labels as the task's 'positive'/'negative' values, or remove it from 'external'."
+    ]
 
 
 def raise_problems(problems: Sequence[str]) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from ..errors import DataError
+from ..names import unsafe_reason
 
 __all__ = ["FEATURE_SUFFIXES", "SlideFeatures", "feature_path", "read_slide", "write_trident_h5"]
 
@@ -43,7 +45,11 @@ class SlideFeatures:
 
 
 def feature_path(folder: Path, slide_id: str) -> Path | None:
-    """The feature file of ``slide_id`` in ``folder`` (``.h5`` preferred over ``.pt``), or None."""
+    """The feature file of ``slide_id`` in ``folder`` (``.h5`` preferred over ``.pt``), or None.
+
+    A slide_id that is not a plain file name (``../x``, an absolute path, NUL) is never looked up."""
+    if unsafe_reason(slide_id) is not None:
+        return None
     for suffix in FEATURE_SUFFIXES:
         p = folder / f"{slide_id}{suffix}"
         if p.is_file():
@@ -85,24 +91,55 @@ def _grid_step(path: Path, coords: np.ndarray, attrs: h5py.AttributeManager) -> 
     return step
 
 
+def _dataset(f: h5py.File, name: str, path: Path, width: int | None, dtype: type = np.float32) -> np.ndarray:
+    """Dataset ``name`` as a ``(N, width)`` array of ``dtype`` (any width when None), refused when its shape or type
+    is not the one TRIDENT/CLAM define. A leading axis of length one (CLAM's ``(1, N, D)``) is dropped."""
+    ds = f[name]
+    shape = ds.shape
+    if not isinstance(ds, h5py.Dataset) or not np.issubdtype(ds.dtype, np.number):
+        raise DataError(
+            f"dataset {name!r} is not numeric (type {getattr(ds, 'dtype', type(ds).__name__)})",
+            path,
+            "re-extract the slide with TRIDENT or CLAM.",
+        )
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2 or (width is not None and shape[1] != width):
+        expected = f"(N, {width})" if width is not None else "(N, D)"
+        raise DataError(
+            f"dataset {name!r} has shape {ds.shape}, expected {expected}",
+            path,
+            "re-extract the slide with TRIDENT or CLAM; bench does not reshape arrays it does not recognise.",
+        )
+    return np.asarray(ds[()], dtype=dtype).reshape(shape)
+
+
 def read_slide(path: str | Path) -> SlideFeatures:
     """Read one TRIDENT/CLAM ``.h5`` or CLAM ``.pt`` feature file."""
     path = Path(path)
     if not path.is_file():
         raise DataError("feature file not found", path, "check the task's 'features' folder and slide_id.")
     if path.suffix == ".pt":
-        import torch
-
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise DataError(f"cannot read as a torch file ({exc})", path) from exc
         if isinstance(obj, dict) and "features" in obj:
             obj = obj["features"]
-        feats = np.asarray(obj.float().numpy() if hasattr(obj, "numpy") else obj, dtype=np.float32)
-        if feats.ndim != 2:
-            raise DataError(f"expected an (N, D) tensor, found shape {feats.shape}", path)
-        return SlideFeatures(features=feats, coords=None)
+        if not isinstance(obj, torch.Tensor) or not obj.dtype.is_floating_point:
+            raise DataError(
+                f"expected a float (N, D) tensor, found {type(obj).__name__}"
+                + (f" of dtype {obj.dtype}" if isinstance(obj, torch.Tensor) else ""),
+                path,
+                "CLAM .pt feature files hold one (N, D) tensor of patch features.",
+            )
+        if obj.ndim != 2:
+            raise DataError(
+                f"expected an (N, D) tensor, found shape {tuple(obj.shape)}",
+                path,
+                "CLAM .pt feature files hold one (N, D) tensor of patch features.",
+            )
+        return SlideFeatures(features=obj.float().numpy(), coords=None)
     try:
         with h5py.File(path, "r") as f:
             if "features" not in f:
@@ -111,15 +148,19 @@ def read_slide(path: str | Path) -> SlideFeatures:
                     path,
                     "point the task at TRIDENT/CLAM feature .h5 files (datasets 'features' and 'coords').",
                 )
-            feats = np.asarray(f["features"][()], dtype=np.float32)
-            if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM sometimes stores (1, N, D)
-                feats = feats[0]
+            feats = _dataset(f, "features", path, width=None)
             coords, step, extras = None, None, {}
             if "coords" in f:
-                raw = np.asarray(f["coords"][()], dtype=np.float64).reshape(-1, 2)
+                raw = _dataset(f, "coords", path, width=2, dtype=np.float64)
                 if raw.shape[0] != feats.shape[0]:
                     raise DataError(
-                        f"'coords' has {raw.shape[0]} rows but 'features' has {feats.shape[0]}", path
+                        f"dataset 'coords' has {raw.shape[0]} rows but 'features' has {feats.shape[0]}",
+                        path,
+                        "coords and features must describe the same patches, one row each.",
+                    )
+                if not np.isfinite(raw).all():
+                    raise DataError(
+                        "dataset 'coords' has NaN or infinite values", path, "re-extract the slide."
                     )
                 step = _grid_step(path, raw, f["coords"].attrs) if raw.shape[0] else 1.0
                 coords = (raw / step).astype(np.float32)
@@ -130,8 +171,6 @@ def read_slide(path: str | Path) -> SlideFeatures:
                         extras[key] = np.asarray(value)
     except OSError as exc:
         raise DataError(f"cannot open as HDF5 ({exc})", path, "re-extract or re-copy the file.") from exc
-    if feats.ndim != 2:
-        raise DataError(f"'features' should be (N, D), found shape {feats.shape}", path)
     return SlideFeatures(features=feats, coords=coords, step_level0=step, extras=extras)
 
 

@@ -36,24 +36,56 @@ def make_splits(slides: pd.DataFrame, folds: int, seed: int, val_fraction: float
     """Stratified k-fold over patients (seeded), then validation patients carved from each training part
     (stratified). ``slides`` has case_id, slide_id, label."""
     patients = slides.groupby("case_id", sort=True)["label"].first()
-    counts = patients.value_counts()
-    if len(counts) < 2 or counts.min() < folds:
-        raise DataError(
-            f"stratified {folds}-fold CV needs at least {folds} patients of each class; found "
-            f"{counts.to_dict()}. Fix: lower 'folds' or add patients of the rarer class."
-        )
+    _check_design(patients.value_counts(), folds, val_fraction)
     cases, y = patients.index.to_numpy(), patients.to_numpy()
     table = slides[["case_id", "slide_id", "label"]].copy()
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (train_idx, test_idx) in enumerate(skf.split(cases, y)):
-        _, va = train_test_split(
-            train_idx, test_size=val_fraction, stratify=y[train_idx], random_state=seed + k
-        )
-        part = pd.Series("train", index=cases)
-        part.iloc[va] = "val"
-        part.iloc[test_idx] = "test"
-        table[f"fold_{k}"] = table.case_id.map(part).to_numpy()
+    try:
+        for k, (train_idx, test_idx) in enumerate(skf.split(cases, y)):
+            _, va = train_test_split(
+                train_idx, test_size=val_fraction, stratify=y[train_idx], random_state=seed + k
+            )
+            part = pd.Series("train", index=cases)
+            part.iloc[va] = "val"
+            part.iloc[test_idx] = "test"
+            table[f"fold_{k}"] = table.case_id.map(part).to_numpy()
+    except ValueError as exc:  # a corner the check above does not foresee: still one paragraph
+        raise DataError(
+            f"cannot split {len(cases)} patients ({patients.value_counts().to_dict()}) into {folds} folds "
+            f"with val_fraction {val_fraction}: {exc}",
+            fix="use fewer folds, a larger val_fraction, or add patients of the rarer class.",
+        ) from exc
+    check_splits(table)
     return table
+
+
+def _check_design(counts: pd.Series, folds: int, val_fraction: float) -> None:
+    """Refuse, before any split is drawn, a design that cannot give every fold's test, validation and training
+    parts at least one patient of each class (the numbers and the fix in the message)."""
+    fix = "lower 'folds' (or --folds), change 'val_fraction', or add patients of the rarer class."
+    if len(counts) < 2:
+        raise DataError(
+            f"the labels have one class only ({counts.to_dict()}); a binary task needs patients of both",
+            fix="check 'positive'/'negative' in the task YAML against the label column's values.",
+        )
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction {val_fraction} must be between 0 and 1 (exclusive)", fix=fix)
+    for label, n in counts.items():
+        if n < folds:
+            raise DataError(
+                f"stratified {folds}-fold CV needs at least {folds} patients of each class; class {label} has "
+                f"{n} (all classes: {counts.to_dict()})",
+                fix=fix,
+            )
+        train = n - -(-n // folds)  # the fewest of this class a training part can keep
+        val, rest = val_fraction * train, (1 - val_fraction) * train
+        if val < 1 or rest < 1:
+            raise DataError(
+                f"class {label} has {n} patients, so in {folds}-fold CV a training part keeps as few as {train}; "
+                f"val_fraction {val_fraction} then gives {val:.2f} validation and {rest:.2f} training "
+                "patients of it, and each part needs at least one",
+                fix=fix,
+            )
 
 
 def read_splits(path: Path, slides: pd.DataFrame) -> pd.DataFrame:

@@ -82,3 +82,22 @@ def test_bad_input_is_reported_with_file_and_fix(small_task, what, pattern):
     problems = load_cohort(load_task(small_task)).problems
     assert any(re.search(pattern, p) for p in problems), problems
     assert all("Fix:" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("recode", "message"),
+    [
+        ({"high": "low"}, "only negative patients"),
+        ({"low": "high"}, "only positive patients"),
+        ({"high": "1", "low": "0"}, "not in the task's classes"),
+    ],
+)
+def test_external_labels_checked_like_internal_ones(small_task, recode, message):
+    from bench.data.cohort import load_cohorts
+
+    labels = small_task.parent / "ext" / "labels.csv"
+    df = pd.read_csv(labels, dtype=str)
+    df["odx_risk"] = df.odx_risk.replace(recode)
+    df.to_csv(labels, index=False)
+    _, _, problems = load_cohorts(load_task(small_task))
+    assert any(message in p and "ext" in p for p in problems), problems

@@ -82,3 +82,40 @@ def test_extra_datasets_are_kept(tmp_path):
         extras={"relevance": np.array([0.0, 1.0, 0.0], np.float32)},
     )
     np.testing.assert_allclose(read_slide(tmp_path / "r.h5").extras["relevance"], [0, 1, 0])
+
+
+@pytest.mark.parametrize(
+    ("features", "coords", "dataset"),
+    [
+        (np.zeros((6, 8)), np.zeros((6, 3)), "coords"),  # (N, 3) must not be reread as (9, 2)
+        (np.zeros((6, 8)), np.zeros((12,)), "coords"),  # flat coords
+        (np.zeros((6, 8)), np.zeros((2, 6, 2)), "coords"),
+        (np.zeros((6,)), np.zeros((6, 2)), "features"),
+        (np.zeros((2, 6, 8)), np.zeros((6, 2)), "features"),
+        (np.array([b"a", b"b"]), np.zeros((2, 2)), "features"),
+    ],
+)
+def test_arrays_of_the_wrong_shape_are_refused_naming_file_and_dataset(tmp_path, features, coords, dataset):
+    path = tmp_path / "s.h5"
+    _clam_h5(path, features, coords, patch_size=256, downsample=1.0)
+    with pytest.raises(DataError, match=rf"s\.h5: dataset '{dataset}'"):
+        read_slide(path)
+
+
+def test_clam_style_leading_axis_of_one_is_accepted(tmp_path):
+    feats = np.ones((1, 4, 8), dtype=np.float32)
+    _clam_h5(
+        tmp_path / "s.h5", feats, np.zeros((1, 4, 2)) + np.arange(4)[None, :, None] * 256, patch_size=256
+    )
+    sf = read_slide(tmp_path / "s.h5")
+    assert sf.features.shape == (4, 8) and sf.coords.shape == (4, 2)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [torch.zeros(3, 4, 5), torch.zeros(7), {"features": "x"}, [1, 2], torch.zeros(3, 4, dtype=torch.int64)],
+)
+def test_pt_files_of_the_wrong_shape_or_type_are_refused(tmp_path, obj):
+    torch.save(obj, tmp_path / "s.pt")
+    with pytest.raises(DataError, match=r"s\.pt: expected"):
+        read_slide(tmp_path / "s.pt")

@@ -85,3 +85,37 @@ def test_one_class_part_is_rejected():
     table.loc[(table.fold_1 == "val") & (table.label == 1), "fold_1"] = "train"
     with pytest.raises(DataError, match=r"fold_1's val part has one class only"):
         check_splits(table)
+
+
+def _patients(pos: int, neg: int) -> pd.DataFrame:
+    n = pos + neg
+    return pd.DataFrame(
+        {
+            "case_id": [f"c{i}" for i in range(n)],
+            "slide_id": [f"s{i}" for i in range(n)],
+            "label": [1] * pos + [0] * neg,
+        }
+    )
+
+
+@pytest.mark.parametrize("pos", [1, 2, 3, 4, 5, 7, 12])
+@pytest.mark.parametrize("folds", [2, 3, 5, 10])
+@pytest.mark.parametrize("val_fraction", [0.05, 0.2, 0.5, 0.9])
+def test_any_design_splits_or_is_refused_in_one_paragraph(pos, folds, val_fraction):
+    """Never a scikit-learn traceback: either every part of every fold has both classes, or a DataError
+    with the numbers and the fix."""
+    try:
+        table = make_splits(_patients(pos, 40), folds, 0, val_fraction)
+    except DataError as exc:
+        assert "Fix:" in str(exc) and str(folds) in str(exc)
+        return
+    check_splits(table)
+
+
+def test_one_class_and_bad_val_fraction_are_refused():
+    with pytest.raises(DataError, match="one class only"):
+        make_splits(_patients(0, 30), 5, 0, 0.2)
+    with pytest.raises(DataError, match="val_fraction 1.5"):
+        make_splits(_patients(15, 30), 5, 0, 1.5)
+    with pytest.raises(DataError, match=r"class 1 has 3 patients, so in 2-fold CV.*validation"):
+        make_splits(_patients(3, 30), 2, 0, 0.2)
