@@ -420,9 +420,10 @@ class MoMKD(MILMethod):
                 memory_wsi = self.momentum_memory + (memory_n - memory_n.detach())
             own = self.memory.index_select(0, label.view(1)).squeeze(0)  # (K, S), own class, raw
             if cfg.mem_weight > 0:
-                committed = self.momentum_memory if cfg.memory_mode == "momentum" else self.memory
-                own_read = committed.index_select(0, label.view(1)).squeeze(0)
-                mem = self._commitment(z, own_read, own_mask)
+                read = own
+                if cfg.memory_mode == "momentum":  # patches commit to the codes the attention reads
+                    read = self.momentum_memory.index_select(0, label.view(1)).squeeze(0)
+                mem = self._commitment(z, read, own_mask)
                 if self.memory.requires_grad:
                     mem = mem + cfg.ortho_weight * _orthogonality(own, own_mask)
                 terms["mem"] = cfg.mem_weight * mem
