@@ -30,6 +30,7 @@ from methods import create_method, get_method_class
 from methods.base import Bag, MILMethod
 
 from .config import cache_root
+from .csvio import read_table
 from .data.formats import feature_path, read_slide
 from .data.graph import load_or_build_graph
 from .errors import BenchError
@@ -311,7 +312,7 @@ def localisation_table(
         if not fd.name.split("_")[1].isdigit():
             continue
         fold = int(fd.name.split("_")[1])
-        pred = pd.read_csv(fd / "predictions.csv", dtype={"slide_id": str, "case_id": str})
+        pred = read_table(fd / "predictions.csv")
         slides = np.sort(pred.slide_id[pred.cohort == "test"].to_numpy())
         if len(slides) > n_slides:  # the same sample for every method of a fold
             slides = np.random.default_rng([seed, fold]).choice(slides, n_slides, replace=False)

@@ -24,6 +24,7 @@ from methods.base import Bag, MethodCfg
 from methods.registry import UnknownMethodError, parse_method_name
 
 from .config import TaskConfig, cache_root, load_task
+from .csvio import read_table
 from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
 from .data.splits import fold_parts, make_splits, membership_digest, read_splits
 from .errors import BenchError, DataError
@@ -116,7 +117,7 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
     path = task.omics_groups
     if not path.is_file():
         raise DataError("omics_groups file not found", path, "correct 'omics_groups' in the task YAML.")
-    df = pd.read_csv(path, dtype=str)
+    df = read_table(path, ids=("gene", "group"))
     if not {"gene", "group"} <= set(df.columns):
         raise DataError("expected columns gene, group", path)
     names = {g: i for i, g in enumerate(sorted(df.group.unique()))}

@@ -33,6 +33,7 @@ import yaml
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
+from .csvio import read_table
 from .data.splits import membership_digest
 from .errors import BenchError
 from .evaluate import patient_level
@@ -125,8 +126,8 @@ def delong_contrast(y: np.ndarray, scores: np.ndarray, contrast: Sequence[float]
     d = delong(y, scores)
     estimate = float(c @ d.aucs)
     var = float(c @ d.cov @ c)
-    if var <= 1e-15:  # every structural component agrees (e.g. identical rankings): no variance to test
-        return PairedTest(estimate, float("nan"), 1.0 if abs(estimate) < 1e-12 else 0.0)
+    if var <= 1e-15:  # every structural component agrees (e.g. identical rankings): nothing to test
+        return PairedTest(estimate, float("nan"), float("nan"))
     z = estimate / np.sqrt(var)
     return PairedTest(estimate, float(z), float(2 * sps.norm.sf(abs(z))))
 
@@ -151,8 +152,8 @@ def corrected_resampled_ttest(diffs: Sequence[float], test_train_ratio: float) -
     if k < 2:
         return PairedTest(float(d.mean()) if k else float("nan"), float("nan"), float("nan"))
     mean, var = float(d.mean()), float(d.var(ddof=1))
-    if var <= 1e-15:  # every fold gives the same difference
-        return PairedTest(mean, float("nan"), 1.0 if abs(mean) < 1e-12 else 0.0)
+    if var <= 1e-15:  # every fold gives the same difference: no spread, so no test (not p = 0 or 1)
+        return PairedTest(mean, float("nan"), float("nan"))
     t = mean / np.sqrt((1.0 / k + test_train_ratio) * var)
     return PairedTest(mean, float(t), float(2 * sps.t.sf(abs(t), df=k - 1)))
 
@@ -237,7 +238,7 @@ def collect_runs(out: Path, task: str) -> list[FoldRun]:
                 (fd / f).is_file() for f in ("predictions.csv", "config.yaml")
             ):
                 continue
-            pred = pd.read_csv(fd / "predictions.csv", dtype={"slide_id": str, "case_id": str, "cohort": str})
+            pred = read_table(fd / "predictions.csv")
             config = yaml.safe_load((fd / "config.yaml").read_text()) or {}
             runs.append(FoldRun(method_dir.name, int(suffix), pred, config))
     return runs

@@ -19,6 +19,7 @@ import torch
 from methods.base import Bag
 
 from ..config import TaskConfig
+from ..csvio import read_table
 from ..errors import DataError
 from ..names import normalisation_clashes, unsafe_reason
 from .formats import SlideFeatures, feature_path, read_slide
@@ -238,7 +239,7 @@ def _read_omics(task: TaskConfig, cases: pd.Index, problems: list[str]) -> pd.Da
     if not path.is_file():
         problems.append(f"{path}: omics file not found. Fix: correct 'omics' in {task.path} or remove it.")
         return None
-    df = pd.read_csv(path, dtype={"case_id": str})
+    df = read_table(path, ids=("case_id",))
     if "case_id" not in df.columns:
         problems.append(f"{path}: no 'case_id' column. Fix: the omics CSV is case_id + one column per gene.")
         return None

@@ -55,7 +55,10 @@ def make_splits(slides: pd.DataFrame, folds: int, seed: int, val_fraction: float
             f"with val_fraction {val_fraction}: {exc}",
             fix="use fewer folds, a larger val_fraction, or add patients of the rarer class.",
         ) from exc
-    check_splits(table)
+    try:
+        check_splits(table, source=f"{folds}-fold CV of {patients.value_counts().to_dict()} patients per class")
+    except DataError as exc:
+        raise DataError(f"{exc} (val_fraction {val_fraction}, seed {seed})") from exc
     return table
 
 
@@ -78,14 +81,19 @@ def _check_design(counts: pd.Series, folds: int, val_fraction: float) -> None:
                 fix=fix,
             )
         train = n - -(-n // folds)  # the fewest of this class a training part can keep
-        val, rest = val_fraction * train, (1 - val_fraction) * train
-        if val < 1 or rest < 1:
+        if train < 2:
             raise DataError(
-                f"class {label} has {n} patients, so in {folds}-fold CV a training part keeps as few as {train}; "
-                f"val_fraction {val_fraction} then gives {val:.2f} validation and {rest:.2f} training "
-                "patients of it, and each part needs at least one",
+                f"class {label} has {n} patients, so in {folds}-fold CV a training part keeps as few as "
+                f"{train}, but it needs one for training and one for validation",
                 fix=fix,
             )
+    n_train = int(counts.sum()) - -(-int(counts.sum()) // folds)
+    if -(-val_fraction * n_train // 1) < len(counts):
+        raise DataError(
+            f"val_fraction {val_fraction} of a {n_train}-patient training part gives fewer validation "
+            f"patients than the {len(counts)} classes",
+            fix=fix,
+        )
 
 
 def read_splits(path: Path, slides: pd.DataFrame) -> pd.DataFrame:
@@ -98,18 +106,18 @@ def read_splits(path: Path, slides: pd.DataFrame) -> pd.DataFrame:
             )
         table = slides[["case_id", "slide_id", "label"]].copy()
         for k, f in enumerate(files):
-            df = pd.read_csv(f, dtype=str)
+            df = pd.read_csv(f, dtype=str, keep_default_na=False)
             missing = [c for c in PARTS if c not in df.columns]
             if missing:
                 raise DataError(
                     f"missing column(s) {missing}", f, "CLAM split files have train, val, test columns."
                 )
-            part = {s: name for name in PARTS for s in df[name].dropna()}
+            part = {s: name for name in PARTS for s in df[name] if s}
             table[f"fold_{k}"] = table.slide_id.map(part)
     else:
         if not path.is_file():
             raise DataError("splits file not found", path, "correct 'splits' in the task YAML.")
-        df = pd.read_csv(path, sep="\t", dtype=str)
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         if "slide_id" not in df.columns or not fold_columns(df):
             raise DataError("expected a Patho-Bench TSV with slide_id and fold_0 … fold_k columns", path)
         df = df.set_index("slide_id")[fold_columns(df)]
@@ -143,9 +151,10 @@ def check_splits(table: pd.DataFrame, source: Path | str = "splits") -> None:
         for part in PARTS:
             labels = table.label[table[col] == part]
             if labels.nunique() < 2:
+                per_class = table[table[col] == part].groupby("label").case_id.nunique().to_dict()
                 raise DataError(
-                    f"{col}'s {part} part has {'no slides' if labels.empty else 'one class only'}; AUC and "
-                    "early stopping need both classes",
+                    f"{col}'s {part} part has {'no slides' if labels.empty else 'one class only'} "
+                    f"(patients per class: {per_class}); AUC and early stopping need both classes",
                     source,
                     "use fewer folds, a larger val_fraction, or add patients of the rarer class.",
                 )

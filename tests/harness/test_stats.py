@@ -87,7 +87,7 @@ def test_delong_test_is_calibrated_under_the_null_and_detects_a_difference():
     y = (rng.random(200) < 0.5).astype(int)
     good, poor = y + rng.normal(scale=0.5, size=200), y + rng.normal(scale=3.0, size=200)
     assert delong_test(y, good, poor).p_value < 1e-3
-    assert delong_test(y, good, good).p_value == 1.0
+    assert math.isnan(delong_test(y, good, good).p_value)  # nothing to test: not p = 1 (or 0)
 
 
 # ---------------------------------------------------------------- corrected resampled t-test
@@ -251,3 +251,51 @@ def test_unknown_reference_is_a_clear_error(saved_results):
 
     with pytest.raises(BenchError, match="--vs momkd"):
         analyse_task(saved_results, "toy", reference="momkd")
+
+
+def test_no_significance_from_zero_variance():
+    """Identical or constant paired differences have nothing to test: NaN (shown as –), never p = 0 or 1."""
+    assert math.isnan(corrected_resampled_ttest([0.03] * 5, 0.25).p_value)
+    assert math.isnan(corrected_resampled_ttest([0.0] * 5, 0.25).p_value)
+    y = np.array([0, 0, 1, 1, 0, 1])
+    s = np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7])
+    assert math.isnan(delong_test(y, s, s).p_value)
+    assert math.isnan(delong_test(y, s, s + 1.0).p_value)  # same ranking, shifted scores
+
+
+def test_ids_that_look_missing_are_real_ids(tmp_path, cohort_tools):
+    """Patients called NA, None, null survive every read: metrics.json and the report count the same."""
+    import json
+
+    from bench.runner import RunOptions, run
+
+    make_cohort, write_task = cohort_tools
+    root = make_cohort(tmp_path / "c", n_patients=24)
+    labels = pd.read_csv(root / "labels.csv", dtype=str)
+    omics = pd.read_csv(root / "omics.csv", dtype=str)
+    rename = {"P-0000": "NA", "P-0001": "None", "P-0002": "null", "P-0003": "nan"}
+    labels["case_id"] = labels.case_id.replace(rename)
+    omics["case_id"] = omics.case_id.replace(rename)
+    labels.to_csv(root / "labels.csv", index=False)
+    omics.to_csv(root / "omics.csv", index=False)
+    task = write_task(
+        tmp_path / "t.yaml",
+        name="ids",
+        label_col="odx_risk",
+        positive=["high"],
+        labels="c/labels.csv",
+        features="c/features",
+        omics="c/omics.csv",
+        folds=2,
+        train={"epochs": 1, "patience": 1, "min_epochs": 0},
+    )
+    out = tmp_path / "res"
+    run(str(task), ["abmil"], RunOptions(out=out, quiet=True))
+    st = analyse_task(out, "ids", n_boot=0)
+    on_disk = sum(
+        json.loads((out / "ids" / "abmil" / f"fold_{k}" / "metrics.json").read_text())["cohorts"]["test"]["n"]
+        for k in range(2)
+    )
+    row = st.summary[(st.summary.method == "abmil") & (st.summary.cohort == "test")].iloc[0]
+    assert row.patients == on_disk == 24
+    assert set(rename.values()) <= set(st.patients.case_id)

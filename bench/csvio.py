@@ -1,0 +1,32 @@
+"""Reading the CSV/TSV tables bench exchanges with users and with itself, IDs kept exactly as written.
+
+pandas turns ``NA``, ``None``, ``null``, ``NaN`` … into missing values by default; as a case or slide ID
+they are real IDs (``NA`` is a patient's initials somewhere), so ID columns are read as strings with no
+missing-value conversion, and only the other columns get the usual missing-value markers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["ID_COLUMNS", "read_table"]
+
+ID_COLUMNS = ("case_id", "slide_id", "cohort", "gene", "group")
+_MISSING = ("", "NA", "N/A", "n/a", "NaN", "nan", "-NaN", "-nan", "NULL", "null", "None", "#N/A", "<NA>")
+
+
+def read_table(path: str | Path, sep: str = ",", ids: Collection[str] = ID_COLUMNS, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` with the ``ids`` columns (when present) as strings taken literally."""
+    header = pd.read_csv(path, sep=sep, nrows=0).columns
+    id_cols = [c for c in header if c in ids]
+    return pd.read_csv(
+        path,
+        sep=sep,
+        dtype={c: str for c in id_cols} | kwargs.pop("dtype", {}),
+        keep_default_na=False,
+        na_values={c: list(_MISSING) for c in header if c not in id_cols},
+        **kwargs,
+    )
