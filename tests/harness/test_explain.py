@@ -38,10 +38,10 @@ def _bench(monkeypatch, *args: str) -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cohort_tools) -> tuple[Path, Path]:
-    """ABMIL and MoMKD, 2 folds x 1 epoch, on 18 patients (+ 8 external) with relevance in every file."""
+    """ABMIL and MoMKD, 2 folds x 1 epoch, on 30 patients (+ 8 external) with relevance in every file."""
     make_cohort, write_task = cohort_tools
     root = tmp_path_factory.mktemp("explain")
-    make_cohort(root / "internal", n_patients=18, genes=8)
+    make_cohort(root / "internal", n_patients=30, genes=8)
     make_cohort(root / "ext", n_patients=8, seed=1, prefix="E", omics=False)
     for cohort in ("internal", "ext"):
         _add_relevance(root / cohort / "features")
