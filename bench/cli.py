@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import BenchError
+from .redact import redact
 
 app = typer.Typer(
     name="bench",
@@ -169,8 +170,17 @@ def sweep_cmd(
         typer.Option("--params", help="Comma-separated names to search (default: the method's whole space)."),
     ] = None,
     trials: Annotated[
-        int, typer.Option("--trials", help="Trials to run (all workers together).", min=0)
+        int, typer.Option("--trials", help="Trials per outer fold (all workers together).", min=0)
     ] = 20,
+    inner_folds: Annotated[
+        int,
+        typer.Option(
+            "--inner-folds",
+            help="1: score each outer fold's search on its validation patients; J >= 2: by a J-fold inner CV "
+            "of its training and validation patients (J times the cost).",
+            min=1,
+        ),
+    ] = 1,
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="Stop starting trials after this many seconds.")
     ] = None,
@@ -183,7 +193,10 @@ def sweep_cmd(
         ),
     ] = None,
     study_name: Annotated[
-        str | None, typer.Option("--study-name", help="Study name (default: <task>-<method>).")
+        str | None,
+        typer.Option(
+            "--study-name", help="Study name (default: <task>-<method>); fold k's is <name>-fold<k>."
+        ),
     ] = None,
     sampler_seed: Annotated[
         int | None,
@@ -192,7 +205,7 @@ def sweep_cmd(
         ),
     ] = None,
     pruning: Annotated[
-        bool, typer.Option("--pruning/--no-pruning", help="Median pruning after the first fold.")
+        bool, typer.Option("--pruning/--no-pruning", help="Median pruning after the first inner fold.")
     ] = True,
     run_best: Annotated[
         bool,
@@ -209,7 +222,7 @@ def sweep_cmd(
     quiet: Quiet = False,
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
-    """Optuna search on the validation folds (mean validation AUC); then <method>[best] on the usual folds."""
+    """Nested Optuna search, one per outer fold, blind to its test patients; then <method>[best] on the folds."""
     from .config import load_task
     from .sweep import SweepOptions, search, storage_url, write_best, write_sweep_report
 
@@ -224,17 +237,18 @@ def sweep_cmd(
         study_name=study_name,
         sampler_seed=sampler_seed,
         pruning=pruning,
+        inner_folds=inner_folds,
     )
     progress = _progress(quiet)
     if progress is None:
-        study = search(task, sw, opts)
+        studies = search(task, sw, opts)
     else:
         with progress:
-            study = search(task, sw, opts, progress)
+            studies = search(task, sw, opts, progress)
     task_name = load_task(task).name
-    best = write_best(study, out, task_name, method, storage_url(storage, out, task_name, method))
+    best = write_best(studies, out, task_name, method, storage_url(storage, out, task_name, method))
     console.print(f"wrote {best}")
-    for path in write_sweep_report(study, out, task_name, method, formats):
+    for path in write_sweep_report(studies, out, task_name, method, formats):
         console.print(f"wrote {path}")
     if run_best:
         _run_and_print(task, [f"{method}[best]"], opts)
@@ -341,7 +355,7 @@ def report_cmd(
         )
     for n in names:
         write_summary(out, n)
-    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = redact("bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     path = write_report(
         out, names, _formats(fmt), vs, bootstrap, seed, loc_slides, device, command, log=console.print
     )
@@ -469,6 +483,7 @@ def _log_crash(exc: BaseException) -> Path | None:
     text = f"bench {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n" + "".join(
         traceback.format_exception(exc)
     )
+    text = redact(text)  # a --storage URL's password, on the command line or in a message
     name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     for folder in (_out_folder(sys.argv[1:]) / "logs", Path(tempfile.gettempdir()) / "bench-logs"):
         try:
@@ -486,11 +501,26 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except BenchError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted; finished folds are kept and a rerun resumes from them.")
         sys.exit(130)
+    except (
+        OSError
+    ) as exc:  # the file system said no (a file where a folder should be, permissions, disk full)
+        where = f" {exc.filename}" if exc.filename else ""
+        err_console.print(
+            f"[bold red]error:[/bold red]{escape(redact(where))}: {escape(redact(exc.strerror or str(exc)))}. "
+            "Fix: check that "
+            "the path exists as the right kind (folder or file), that you may read and write it, and that "
+            "the disk has space; results already written are kept.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # typer's click: usage errors (exit 2) and other click errors
@@ -504,7 +534,7 @@ def main() -> None:
         log = _log_crash(exc)
         where = f"the traceback is in {log}" if log else "no log could be written"
         err_console.print(
-            f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(str(exc))} "
+            f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(redact(str(exc)))} "
             f"({escape(where)}; please report it with that file).",
             highlight=False,
             soft_wrap=True,

@@ -14,6 +14,7 @@ from .names import unsafe_reason
 
 __all__ = [
     "ExternalCohort",
+    "OmicsSelect",
     "TaskConfig",
     "builtin_task_dir",
     "cache_root",
@@ -45,6 +46,16 @@ class ExternalCohort(_Strict):
     features: Path | None = Field(None, description="folder of <slide_id>.h5 / .pt feature files")
 
 
+class OmicsSelect(_Strict):
+    """Gene selection, fit in each fold on that fold's training patients only (bench/data/genes.py)."""
+
+    method: Literal["variance", "univariate", "gbdt"] = Field(
+        description="variance of log-expression (unsupervised); univariate ANOVA F against the label; "
+        "gbdt: impurity importance of a gradient-boosted tree model (the authors' XGBoost settings)"
+    )
+    k: int = Field(768, ge=1, description="genes kept (the MoMKD authors keep 768)")
+
+
 class TaskConfig(_Strict):
     """One prediction task (the contract's task YAML)."""
 
@@ -60,6 +71,9 @@ class TaskConfig(_Strict):
         None, description="optional CSV: case_id + one column per gene (train-time only)"
     )
     omics_log1p: bool = Field(True, description="apply log2(x + 1) to the omics before z-scoring")
+    omics_select: OmicsSelect | None = Field(
+        None, description="per-fold gene selection on the training patients (default: every gene given)"
+    )
     omics_groups: Path | None = Field(
         None, description="optional CSV gene,group for methods with gene groups"
     )
@@ -93,6 +107,8 @@ class TaskConfig(_Strict):
             for ext in self.external:
                 if ext.labels is None or ext.features is None:
                     raise ValueError(f"external cohort {ext.name!r} needs 'labels' and 'features'")
+        if self.omics_select is not None and self.source == "files" and self.omics is None:
+            raise ValueError("'omics_select' needs an 'omics' file to select genes from")
         names = [e.name for e in self.external]
         if len(set(names)) != len(names) or "test" in names:
             raise ValueError("external cohort names must be unique and must not be 'test'")

@@ -1,9 +1,13 @@
 """Prediction and patient-level metrics.
 
 Slides are predicted one bag at a time from the H&E features alone; several slides of one patient get one
-patient probability (mean by default, ``max`` selectable) and every metric is patient-level. The decision
-threshold is the one with the best F1 on the validation patients, then applied unchanged to test and
-external cohorts.
+patient probability (mean by default, ``max`` selectable) and every metric is patient-level.
+
+Threshold-dependent metrics are reported at two operating points, as the MoMKD authors' ``test.py`` does:
+- at the threshold with the best F1 on the validation patients, applied unchanged to test and external
+  cohorts (keys ``acc``, ``balanced_acc``, ``f1``; the threshold itself is ``threshold``);
+- at the argmax of the two-class softmax, i.e. probability > 0.5 (keys ``acc@0.5``, ``balanced_acc@0.5``,
+  ``f1@0.5``): no fitted threshold, so it does not move with a small validation split.
 """
 
 from __future__ import annotations
@@ -23,7 +27,19 @@ from sklearn.metrics import (
 
 from methods.base import Bag, MILMethod
 
-__all__ = ["best_f1_threshold", "binary_metrics", "patient_level", "predict", "slide_predictions"]
+__all__ = [
+    "ARGMAX",
+    "THRESHOLD_METRICS",
+    "best_f1_threshold",
+    "binary_metrics",
+    "cohort_metrics",
+    "patient_level",
+    "predict",
+    "slide_predictions",
+]
+
+THRESHOLD_METRICS = ("acc", "balanced_acc", "f1")  # the metrics that depend on an operating point
+ARGMAX = "@0.5"  # suffix of those metrics at the argmax operating point (probability > 0.5)
 
 
 @torch.inference_mode()
@@ -73,14 +89,34 @@ def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
+def _at(y: np.ndarray, y_hat: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy (NaN with one class) and positive-class F1 of hard predictions."""
+    two = len(np.unique(y)) == 2
+    return {
+        "acc": float(accuracy_score(y, y_hat)),
+        "balanced_acc": float(balanced_accuracy_score(y, y_hat)) if two else float("nan"),
+        "f1": float(f1_score(y, y_hat, zero_division=0)),
+    }
+
+
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     """AUC, accuracy, balanced accuracy and F1 at ``threshold``; AUC is NaN when only one class is present."""
-    y_hat = (p >= threshold).astype(int)
     return {
         "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
-        "acc": float(accuracy_score(y, y_hat)),
-        "balanced_acc": float(balanced_accuracy_score(y, y_hat)) if len(np.unique(y)) == 2 else float("nan"),
-        "f1": float(f1_score(y, y_hat, zero_division=0)),
+        **_at(y, (p >= threshold).astype(int)),
         "threshold": float(threshold),
         "n": len(y),
     }
+
+
+def cohort_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """:func:`binary_metrics` at the validation-chosen ``threshold``, plus the same threshold-dependent
+    metrics at the argmax (``acc@0.5``, ``balanced_acc@0.5``, ``f1@0.5``).
+
+    The argmax of a two-class softmax predicts positive when probability > 0.5 (a tie goes to class 0, as
+    ``torch.argmax`` does in the authors' ``test.py``).
+    """
+    metrics = binary_metrics(y, p, threshold)
+    n = metrics.pop("n")
+    at_argmax = _at(y, (p > 0.5).astype(int))
+    return {**metrics, **{f"{k}{ARGMAX}": at_argmax[k] for k in THRESHOLD_METRICS}, "n": n}

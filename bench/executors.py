@@ -30,7 +30,7 @@ import torch
 from .errors import BenchError
 from .locks import claim_path, describe_holder, try_claim
 from .runner import Job, RunOptions, TaskData, plan_job, resolve_device, run_job
-from .store import fold_status
+from .store import fold_status, remove_stale_temporaries
 
 __all__ = [
     "POLL_S",
@@ -70,6 +70,7 @@ def run_claimed(
     if claim is None:
         return "busy"
     with claim:  # run_job looks at the disk again: another process may have finished the job meanwhile
+        remove_stale_temporaries(plan.path)
         claim.outcome = run_job(data, job, opts, on_epoch=on_epoch)
     return claim.outcome
 

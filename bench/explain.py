@@ -35,7 +35,7 @@ from .data.formats import feature_path, read_slide
 from .data.graph import load_or_build_graph
 from .errors import BenchError
 from .figures import PatchPanel, explain_figure
-from .store import MODEL_FILE, fold_dir
+from .store import MODEL_FILE, fold_dir, iter_fold_dirs
 
 __all__ = [
     "SlideExplanation",
@@ -307,11 +307,9 @@ def localisation_table(
     dev = resolve_device(device)
     columns = ["method", "fold", "slides", "auc", "auc_untrained"]
     rows = []
-    for weights in sorted((Path(out) / task).glob(f"*/fold_*/{MODEL_FILE}")):
-        fd = weights.parent
-        if not fd.name.split("_")[1].isdigit():
+    for method, fold, fd in iter_fold_dirs(out, task):
+        if not (fd / MODEL_FILE).is_file():
             continue
-        fold = int(fd.name.split("_")[1])
         pred = read_table(fd / "predictions.csv")
         slides = np.sort(pred.slide_id[pred.cohort == "test"].to_numpy())
         if len(slides) > n_slides:  # the same sample for every method of a fold
@@ -333,7 +331,7 @@ def localisation_table(
         if valid.any():
             rows.append(
                 [
-                    fd.parent.name,
+                    method,
                     fold,
                     int(valid.sum()),
                     float(np.mean(np.asarray(trained_aucs)[valid])),

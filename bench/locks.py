@@ -152,7 +152,7 @@ def _create(path: Path, label: str, log: Path | None) -> Claim | None:
         }
     )
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
         return None
     with os.fdopen(fd, "w") as f:
@@ -163,7 +163,7 @@ def _create(path: Path, label: str, log: Path | None) -> Claim | None:
 @contextlib.contextmanager
 def _guard(folder: Path) -> Iterator[None]:
     """Exclusive flock on ``folder/.claims.lock`` (serialises stale-claim recovery)."""
-    fd = os.open(folder / ".claims.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(folder / ".claims.lock", os.O_CREAT | os.O_RDWR, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -200,7 +200,7 @@ def _log(log: Path | None, event: str, label: str) -> None:
         return
     line = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {HOST} {os.getpid()} {event} {label}\n"
     log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, line.encode())
     finally:

@@ -1,7 +1,10 @@
 """Tables from what is on disk (never retrains): the terminal table, and the paper's tables as .md and .tex.
 
 - Table 1 (``table1``): methods × tasks, internal test AUC (%) mean ± SD over folds, best per task in bold.
-- Table 2 (``table2``): methods × external cohorts, AUC / ACC / F1 (%) mean ± SD over the folds' models.
+- Table 2 (``table2``): methods × external cohorts, AUC / ACC / F1 (%) mean ± SD over the folds' models;
+  ACC and F1 at the threshold of best F1 on the validation patients.
+- Operating points (``operating_points_table``): per task, ACC / BACC / F1 at that threshold and at the argmax
+  (probability > 0.5), with the threshold's spread over folds.
 - Variant tables (``variant_table``): a method's ablation or memory-mode variants, internal and external AUC.
 LaTeX uses ``booktabs`` rules and needs only ``\\usepackage{booktabs}``.
 """
@@ -23,7 +26,7 @@ from rich.table import Table as RichTable
 
 from . import provenance
 from .stats import TaskStats
-from .store import atomic_write_text, collect_metrics
+from .store import atomic_write_text, collect_metrics, read_fold_metrics
 
 __all__ = [
     "Table",
@@ -33,6 +36,7 @@ __all__ = [
     "headline_table",
     "localisation_md_table",
     "memory_table",
+    "operating_points_table",
     "summary_rich_table",
     "table1",
     "table2",
@@ -42,7 +46,19 @@ __all__ = [
     "write_table",
 ]
 
-METRIC_NAMES = {"auc": "AUC", "acc": "ACC", "balanced_acc": "BACC", "f1": "F1"}
+METRIC_NAMES = {
+    "auc": "AUC",
+    "acc": "ACC",
+    "balanced_acc": "BACC",
+    "f1": "F1",
+    "acc@0.5": "ACC@0.5",
+    "balanced_acc@0.5": "BACC@0.5",
+    "f1@0.5": "F1@0.5",
+}
+OPERATING_POINTS_NOTE = (
+    "ACC, BACC, F1: at the threshold of best F1 on each fold's validation patients, applied unchanged to the "
+    "test part and every external cohort; @0.5: at the argmax (probability > 0.5), no fitted threshold."
+)
 
 
 @dataclass
@@ -111,13 +127,13 @@ class Table:
         )
 
 
-def fmt(mean: float, std: float, scale: float = 100.0) -> str:
+def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
     """``79.6 ± 0.7`` (percent, one decimal); ``–`` when missing; no ``± nan`` for a single fold."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
     if std is None or math.isnan(std):
-        return f"{mean * scale:.1f}"
-    return f"{mean * scale:.1f} ± {std * scale:.1f}"
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def _stats(long: pd.DataFrame) -> pd.DataFrame:
@@ -136,8 +152,11 @@ def _method_order(methods: Sequence[str], preferred: Sequence[str] | None) -> li
 
 
 def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
-    """Rows method × cohort, columns AUC/ACC/BACC/F1 mean ± SD (the terminal table of ``bench run``)."""
-    table = RichTable(title=title, title_justify="left")
+    """Rows method × cohort, columns AUC, then ACC/BACC/F1 at the validation-chosen threshold and at the
+    argmax, mean ± SD (the terminal table of ``bench run``)."""
+    table = RichTable(
+        title=title, title_justify="left", caption=OPERATING_POINTS_NOTE, caption_justify="left"
+    )
     table.add_column("method", no_wrap=True)
     table.add_column("cohort", no_wrap=True)
     for name in METRIC_NAMES.values():
@@ -175,8 +194,8 @@ def table1(out: Path, tasks: Sequence[str], methods: Sequence[str] | None = None
         rows.append([m] + [fmt(*_get(stats[t], m, "test", "auc")) for t in tasks])
         bold.append([False] + [bold_cols[t][i] for t in tasks])
     caption = (
-        "Internal patient-level stratified cross-validation: test AUC (%), mean ± SD over folds; "
-        "best per task in bold."
+        "Internal patient-level stratified cross-validation: test AUC (%; threshold-free), mean ± SD over "
+        "folds; best per task in bold."
     )
     return Table(["Method"] + [t.upper() for t in tasks], rows, bold, caption, "tab:internal")
 
@@ -202,8 +221,42 @@ def table2(out: Path, tasks: Sequence[str], methods: Sequence[str] | None = None
             for i, v in enumerate(values):
                 rows[i].append(fmt(*v))
                 bold[i].append(flags[i])
-    caption = "External validation: each fold's model tested on the external cohort; % mean ± SD over folds."
+    caption = (
+        "External validation: each fold's model tested on the external cohort; % mean ± SD over folds. ACC and "
+        "F1 at the threshold of best F1 on each fold's validation patients (at the argmax: the operating-points "
+        "tables)."
+    )
     return Table(header, rows, bold, caption, "tab:external")
+
+
+def operating_points_table(out: Path, task: str, methods: Sequence[str] | None = None) -> Table:
+    """Rows method × cohort: the validation-chosen threshold, then ACC / BACC / F1 (%) at it and at the
+    argmax, mean ± SD over folds. The authors' ``test.py`` reports both operating points."""
+    long = collect_metrics(out, task, names=(*METRIC_NAMES, "threshold"))
+    stats = _stats(long)
+    rows_methods = _method_order(sorted(set(long.method)), methods)
+    cohorts = sorted(set(long.cohort), key=lambda c: (c != "test", c))
+    metrics = [k for k in METRIC_NAMES if k != "auc"]
+    header = ["Method", "Cohort", "Threshold (val.)"] + [METRIC_NAMES[k] for k in metrics]
+    rows = []
+    for m in rows_methods:
+        for c in cohorts:
+            if (m, c, "threshold") not in stats.index:
+                continue
+            thr, thr_sd = _get(stats, m, c, "threshold")
+            rows.append(
+                [m, _cohort_label(c), fmt(thr, thr_sd, scale=1.0, digits=2)]
+                + [fmt(*_get(stats, m, c, k)) for k in metrics]
+            )
+    caption = (
+        f"{task.upper()}: threshold-dependent metrics (%) at two operating points, mean ± SD over folds. "
+        f"{OPERATING_POINTS_NOTE} Threshold (val.): that threshold (a probability), mean ± SD over folds; a "
+        "large SD means the validation split is too small to place it reliably. The @0.5 columns do not depend "
+        "on it, but on calibration instead (with imbalanced classes the argmax may call most patients "
+        "negative). F1 is the positive class's. Table 2 and the terminal table of `bench run` show the "
+        "validation-threshold ones as ACC and F1."
+    )
+    return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:operating-points-{task}")
 
 
 def variant_table(
@@ -367,7 +420,8 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
     refs = "; ".join(f"{st.task.upper()}: {st.reference}" for st in analyses)
     n_boot = analyses[0].n_boot if analyses else 0
     caption = (
-        "Patient-level AUC (%): mean ± SD over the cross-validation folds; in brackets a 95 % percentile "
+        "Patient-level AUC (%; threshold-free, so no operating point is involved): mean ± SD over the "
+        "cross-validation folds; in brackets a 95 % percentile "
         f"bootstrap CI ({n_boot} class-stratified resamples of patients, seeded). Internal: CI of the AUC of the "
         "pooled out-of-fold test predictions. External: each fold's model predicts the whole cohort; the CI is "
         "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
@@ -495,11 +549,8 @@ def memory_table(out: Path, analyses: Sequence[TaskStats]) -> Table | None:
     cells: dict[str, dict[tuple[str, str], str]] = {}
     for st in analyses:
         for method in sorted({r.method for r in st.runs}):
-            reports = []
-            for r in st.runs:
-                path = Path(out) / st.task / method / f"fold_{r.fold}" / "metrics.json"
-                if r.method == method and path.is_file():
-                    reports.append(json.loads(path.read_text()).get("method_report", {}))
+            folds = [Path(out) / st.task / method / f"fold_{r.fold}" for r in st.runs if r.method == method]
+            reports = [read_fold_metrics(fd).get("method_report", {}) for fd in folds]
             reports = [m for m in reports if "memory_positive_num_active" in m]
             if not reports:
                 continue
@@ -696,6 +747,9 @@ def write_report(
     md += ["## Tables in the paper's form", ""]
     table_block(table1(out, tasks), "table1_internal")
     table_block(table2(out, tasks), "table2_external")
+    md += ["## Accuracy and F1 at two operating points", ""]
+    for t in tasks:
+        table_block(operating_points_table(out, t, all_methods), f"operating_points_{t}")
     md += [
         "## How the numbers were computed",
         "",
@@ -708,6 +762,10 @@ def write_report(
         "fold AUCs; its CI applies each bootstrap resample of patients to every fold and averages the fold AUCs; "
         "DeLong's test compares the two methods' mean fold AUCs (a linear contrast of correlated AUCs).",
         f"- Bootstrap: {n_boot} resamples, stratified by class, percentile interval, seed {seed}.",
+        "- Accuracy, balanced accuracy and F1 (each fold's `metrics.json`) need an operating point and are given "
+        "at two, as the MoMKD authors' `test.py` does: at the threshold of best F1 on the fold's validation "
+        "patients (never the test part; Table 2 and `bench run`'s table) and at the argmax (probability > 0.5). "
+        "AUC, the headline, needs none.",
         "- Reference method per task: "
         + ("given by `--vs`" if reference else "the best mean internal AUC")
         + f" ({'; '.join(f'{st.task.upper()}: {st.reference}' for st in analyses)}).",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,17 @@ from methods.registry import UnknownMethodError, parse_method_name
 from .config import TaskConfig, cache_root, load_task
 from .csvio import read_table
 from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
+from .data.genes import GeneSelection, select_genes
 from .data.splits import fold_parts, make_splits, membership_digest, read_splits
 from .errors import BenchError, DataError
-from .evaluate import best_f1_threshold, binary_metrics, patient_level, predict, slide_predictions
+from .evaluate import (
+    best_f1_threshold,
+    binary_metrics,
+    cohort_metrics,
+    patient_level,
+    predict,
+    slide_predictions,
+)
 from .provenance import versions
 from .store import atomic_write_text, config_hash, fold_dir, fold_status, write_fold, write_summary
 from .train import TrainResult, fit
@@ -40,6 +48,7 @@ __all__ = [
     "RunOptions",
     "TaskData",
     "expand_jobs",
+    "fold_genes",
     "method_config",
     "plan_job",
     "prepare_task",
@@ -82,6 +91,8 @@ class TaskData:
     folds: int
     seed: int
     gene_groups: tuple[int, ...] | None = None
+    # fit once per process, keyed by the fold's split membership (a sweep's inner folds reuse fold numbers)
+    gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -129,11 +140,17 @@ def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | N
 
 
 def method_config(
-    data: TaskData, method: str, opts: RunOptions, overrides: dict[str, Any] | None = None
+    data: TaskData,
+    method: str,
+    opts: RunOptions,
+    overrides: dict[str, Any] | None = None,
+    fold: int | None = None,
 ) -> MethodCfg:
     """The method's config with the task's training overrides, the --epochs cap and data-given settings.
 
-    ``M[best]`` is method ``M`` with the overrides of its sweep's best trial (``<out>/<task>/sweeps/M/best.yaml``).
+    ``M[best]`` on outer fold ``fold`` is method ``M`` with the overrides of the best trial of that fold's own
+    nested search (``<out>/<task>/sweeps/M/best.yaml``, refused if tuned on another split); with ``fold``
+    None every fold's entry is checked and fold 0's is resolved.
     """
     base_fields = {f.name for f in dataclasses.fields(MethodCfg)}
     unknown = sorted(set(data.task.train) - base_fields)
@@ -147,8 +164,10 @@ def method_config(
         if variant == "best":
             from .sweep import load_best
 
-            best = load_best(opts.out, data.task.name, base)
-            cfg = resolve_config(base, {**data.task.train, **best, **(overrides or {})})
+            tuned = [
+                load_best(opts.out, data, base, k) for k in (range(data.folds) if fold is None else [fold])
+            ]
+            cfg = resolve_config(base, {**data.task.train, **tuned[0], **(overrides or {})})
         else:
             cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
     except UnknownMethodError as exc:
@@ -160,14 +179,26 @@ def method_config(
     return cfg
 
 
-def _task_identity(task: TaskConfig) -> dict[str, Any]:
-    return task.model_dump(exclude={"path", "train", "synthetic", "folds", "seed"}, mode="json")
+def _selects_genes(data: TaskData, cfg: MethodCfg) -> bool:
+    """Whether the task's ``omics_select`` applies to this method (it reads omics, and there are some)."""
+    return data.task.omics_select is not None and cfg.uses_omics and data.internal.omics is not None
+
+
+def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
+    """The task settings that change results; ``omics_select`` only where it applies (so a task without it,
+    or a method without omics, keeps the hash it had before the key existed)."""
+    identity = task.model_dump(exclude={"path", "train", "synthetic", "folds", "seed"}, mode="json")
+    if not selects_genes:
+        identity.pop("omics_select", None)
+    return identity
 
 
 def job_config(data: TaskData, job: Job, cfg: MethodCfg, device: torch.device) -> tuple[dict[str, Any], str]:
     """The resolved configuration of a job and the hash of its result-changing part."""
+    selects = _selects_genes(data, cfg)
+    omics_dim = None if data.internal.omics is None else data.internal.omics.shape[1]
     hashed = {
-        "task": _task_identity(data.task),
+        "task": _task_identity(data.task, selects),
         "method": job.method,
         "method_config": cfg.to_dict(),
         "fold": job.fold,
@@ -175,7 +206,7 @@ def job_config(data: TaskData, job: Job, cfg: MethodCfg, device: torch.device) -
         "seed": data.seed,
         "split": membership_digest(data.splits, job.fold),
         "in_dim": data.internal.dim,
-        "omics_dim": None if data.internal.omics is None else data.internal.omics.shape[1],
+        "omics_dim": data.task.omics_select.k if selects else omics_dim,
     }
     recorded = {
         **hashed,
@@ -224,17 +255,25 @@ class JobPlan:
 def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, Any] | None = None) -> JobPlan:
     """Resolve a job without running it (cheap: no data is read)."""
     device = resolve_device(opts.device)
-    cfg = method_config(data, job.method, opts, overrides)
+    cfg = method_config(data, job.method, opts, overrides, fold=job.fold)
     config, hash_ = job_config(data, job, cfg, device)
+    base, variant = parse_method_name(job.method)
+    if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
+        from .sweep import tuned_by
+
+        config["tuned_by"] = tuned_by(opts.out, data, base, job.fold)
     return JobPlan(cfg, device, config, hash_, fold_dir(opts.out, data.task.name, job.method, job.fold))
 
 
 @dataclass
 class FoldFit:
-    """A model trained on one fold and selected on its validation patients, with its validation predictions."""
+    """A model trained on one fold and selected on its validation patients, with its validation predictions,
+    the configuration it was built with (gene groups restricted to the selected genes) and its genes."""
 
     result: TrainResult
     val: pd.DataFrame  # slide_id, case_id, label, prob, cohort="val"
+    cfg: MethodCfg
+    genes: GeneSelection | None = None
 
     def val_auc(self, aggregation: str) -> float:
         pat = patient_level(self.val, aggregation)
@@ -256,10 +295,19 @@ def train_fold(
     """
     parts = fold_parts(data.splits, fold)
     internal = data.internal
-    omics = None
+    omics, genes = None, None
+    omics_dim = None if internal.omics is None else internal.omics.shape[1]
     if internal.omics is not None and cfg.uses_omics:
-        train_cases = internal.slides.case_id[internal.slides.slide_id.isin(parts["train"])].unique()
-        omics = OmicsScaler(data.task.omics_log1p).fit(internal.omics, train_cases).transform(internal.omics)
+        table = internal.omics
+        genes = fold_genes(data, fold)
+        if genes is not None:
+            table = genes.apply(table)
+            omics_dim = table.shape[1]
+            if data.gene_groups is not None and hasattr(cfg, "gene_groups"):
+                where = internal.omics.columns.get_indexer(genes.genes)
+                cfg = cfg.replace(gene_groups=tuple(data.gene_groups[i] for i in where))
+        train_cases = _train_cases(data, fold)
+        omics = OmicsScaler(data.task.omics_log1p).fit(table, train_cases).transform(table)
     val_omics = omics if cfg.monitor == "mean-auc" else None  # model selection on teachers that read omics
     train_bags, val_bags = stage_bags(
         [_bags(internal, parts["train"], cfg, omics), _bags(internal, parts["val"], cfg, val_omics)], device
@@ -268,7 +316,7 @@ def train_fold(
         method,
         cfg,
         internal.dim,
-        None if internal.omics is None else internal.omics.shape[1],
+        omics_dim,
         train_bags,
         val_bags,
         device,
@@ -277,7 +325,32 @@ def train_fold(
         on_epoch=on_epoch,
     )
     val = slide_predictions(val_bags, predict(result.model, val_bags, device), "val")
-    return FoldFit(result, val)
+    return FoldFit(result, val, cfg, genes)
+
+
+def _train_cases(data: TaskData, fold: int) -> list[str]:
+    """The patients of fold ``fold``'s training part (not its validation or test part)."""
+    slides = data.internal.slides
+    return slides.case_id[slides.slide_id.isin(fold_parts(data.splits, fold)["train"])].unique().tolist()
+
+
+def fold_genes(data: TaskData, fold: int) -> GeneSelection | None:
+    """The task's ``omics_select`` fit on fold ``fold``'s training patients (once per process), or None.
+
+    It reads the omics and labels of the training patients only; validation, test and external patients
+    get the genes it chose (bench/data/genes.py says why this differs from the MoMKD authors).
+    """
+    spec = data.task.omics_select
+    if spec is None or data.internal.omics is None:
+        return None
+    key = membership_digest(data.splits, fold)
+    if key not in data.gene_selections:
+        log = OmicsScaler(data.task.omics_log1p).log_expression(data.internal.omics)
+        labels = data.internal.patients.set_index("case_id").label
+        data.gene_selections[key] = select_genes(
+            log, labels, _train_cases(data, fold), spec.method, spec.k, data.seed, cache_root() / "genes"
+        )
+    return data.gene_selections[key]
 
 
 def run_job(
@@ -308,7 +381,7 @@ def run_job(
         cohorts[name] = slide_predictions(bags, predict(model, bags, device), name)
     metrics = {
         "cohorts": {
-            name: binary_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)
+            name: cohort_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)
             for name, pred in cohorts.items()
             for p in [patient_level(pred, agg)]
         },
@@ -320,7 +393,10 @@ def run_job(
         "method_report": model.training_report(),
     }
     predictions = pd.concat([cohorts[k] for k in cohorts if k != "val"], ignore_index=True)
-    write_fold(plan.path, predictions, metrics, plan.config, plan.hash, model.state_dict())
+    config = {**plan.config, "method_config": fitted.cfg.to_dict()}
+    if fitted.genes is not None:
+        config["omics_selection"] = fitted.genes.record()
+    write_fold(plan.path, predictions, metrics, config, plan.hash, model.state_dict())
     return "trained"
 
 
@@ -360,5 +436,5 @@ def run(
     for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
         method_config(data, method, opts)
     run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
-    summary = write_summary(opts.out, data.task.name)
+    summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
     return summary[summary.method.isin(methods)]

@@ -37,6 +37,7 @@ from .csvio import read_table
 from .data.splits import membership_digest
 from .errors import BenchError
 from .evaluate import patient_level
+from .store import FOLD_FILES, choose_design, fold_design, fold_readable, iter_fold_dirs
 
 __all__ = [
     "DeLong",
@@ -226,22 +227,14 @@ class FoldRun:
 
 
 def collect_runs(out: Path, task: str) -> list[FoldRun]:
-    """Every complete fold folder of ``task`` under ``out`` (predictions.csv + config.yaml)."""
-    task_dir = Path(out) / task
-    runs = []
-    if not task_dir.is_dir():
-        return runs
-    for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir() and p.name != "report"):
-        for fd in sorted(method_dir.glob("fold_*")):
-            suffix = fd.name.split("_", 1)[1]
-            if not suffix.isdigit() or not all(
-                (fd / f).is_file() for f in ("predictions.csv", "config.yaml")
-            ):
-                continue
-            pred = read_table(fd / "predictions.csv")
-            config = yaml.safe_load((fd / "config.yaml").read_text()) or {}
-            runs.append(FoldRun(method_dir.name, int(suffix), pred, config))
-    return runs
+    """Every complete, readable fold folder of ``task`` under ``out``."""
+    return [
+        FoldRun(
+            method, fold, read_table(fd / "predictions.csv"), yaml.safe_load((fd / "config.yaml").read_text())
+        )
+        for method, fold, fd in iter_fold_dirs(out, task)
+        if all((fd / f).is_file() for f in FOLD_FILES) and fold_readable(fd)
+    ]
 
 
 # ---------------------------------------------------------------- one task's analysis
@@ -452,8 +445,8 @@ def _one_design(runs: list[FoldRun]) -> tuple[list[FoldRun], list[str]]:
     Folds of another design (an earlier ``--folds 2`` run left ``fold_2`` … of a 5-fold run, say) come from
     other splits: pooling them would count patients twice and pair folds that do not match.
     """
-    designs = pd.Series([(r.config.get("folds"), r.config.get("seed")) for r in runs])
-    keep = designs.mode().iloc[0] if designs.nunique() > 1 else designs.iloc[0]
+    designs = [fold_design(r.config) for r in runs]
+    keep = choose_design(designs)
     kept = [r for r, d in zip(runs, designs, strict=True) if d == keep]
     notes = [
         f"ignored {r.method}/fold_{r.fold}: from a {r.config.get('folds')}-fold run with seed "

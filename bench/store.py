@@ -2,7 +2,8 @@
 
 ```
 <out>/<task>/<method>/fold_<k>/predictions.csv   slide_id, case_id, label, prob, cohort
-<out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold, n
+<out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold,
+                                                 acc@0.5, balanced_acc@0.5, f1@0.5, n
 <out>/<task>/<method>/fold_<k>/config.yaml       the fully resolved configuration (+ its hash)
 <out>/<task>/<method>/fold_<k>/model.pt          the kept weights (state_dict; optional, for `bench explain`)
 <out>/<task>/summary.csv                         task, method, cohort, metric, mean, std, n
@@ -13,11 +14,15 @@ A fold whose configuration changed is moved aside (``fold_<k>.replaced-<old hash
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +34,27 @@ __all__ = [
     "FOLD_FILES",
     "MODEL_FILE",
     "atomic_write_text",
+    "choose_design",
     "collect_metrics",
     "config_hash",
+    "current_design",
+    "fold_design",
     "fold_dir",
+    "fold_readable",
     "fold_status",
+    "iter_fold_dirs",
     "read_fold_metrics",
+    "remove_stale_temporaries",
     "write_fold",
     "write_summary",
 ]
 
 FOLD_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `bench explain`
-METRICS = ("auc", "acc", "balanced_acc", "f1")
+# the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax
+METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5")
+PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "cohort")
+NOT_METHODS = {"report", "sweeps", "logs", "slurm"}  # folders under <out>/<task> that hold no method
 
 
 def _jsonable(obj: Any) -> Any:
@@ -65,24 +79,102 @@ def fold_dir(out: Path, task: str, method: str, fold: int) -> Path:
     return Path(out) / task / method / f"fold_{fold}"
 
 
+def iter_fold_dirs(out: Path, task: str) -> Iterator[tuple[str, int, Path]]:
+    """``(method, fold, folder)`` of every ``<method>/fold_<k>`` folder of ``task`` (asides and temporaries
+    excluded), in a stable order: the one walker of the results tree."""
+    task_dir = Path(out) / task
+    if not task_dir.is_dir():
+        return
+    for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir() and p.name not in NOT_METHODS):
+        folds = [(int(fd.name[5:]), fd) for fd in method_dir.glob("fold_*") if fd.name[5:].isdigit()]
+        for k, fd in sorted(folds):
+            if fd.is_dir():
+                yield method_dir.name, k, fd
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (no window with another mask)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename never publishes data still in cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
+    """Write ``text`` to ``path`` through a flushed temporary file and a rename (readers never see half a
+    file); the file gets the user's umask like any other (a shared ``--out`` stays shared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def fold_readable(path: Path) -> bool:
+    """Whether a fold folder's files can be read as the contract defines them (a crash can leave an empty
+    or truncated file that exists)."""
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        metrics = json.loads((path / "metrics.json").read_text())
+        with (path / "predictions.csv").open() as f:
+            header = f.readline().strip().split(",")
+    except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(metrics, dict) and set(PREDICTION_COLUMNS) <= set(header)
 
 
 def fold_status(path: Path, expected_hash: str) -> str:
-    """``done`` (complete, same hash), ``changed`` (complete, other hash), or ``missing``."""
+    """``done`` (complete, same hash), ``changed`` (complete, other hash), ``corrupt`` (complete but a file
+    cannot be read), or ``missing``."""
     if not all((path / f).is_file() for f in FOLD_FILES):
         return "missing"
-    try:
-        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    except yaml.YAMLError:
-        return "changed"
+    if not fold_readable(path):
+        return "corrupt"
+    saved = yaml.safe_load((path / "config.yaml").read_text())
     return "done" if saved.get("hash") == expected_hash else "changed"
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary folders a killed writer of fold folder ``path`` left behind. Call it only while
+    holding the fold's claim: no live process is writing that fold then."""
+    stale = [p for p in path.parent.glob(f".{path.name}.tmp-*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _aside(path: Path, status: str) -> Path:
+    """A free name to move an old fold folder to: ``.replaced-<hash>`` for another configuration,
+    ``.corrupt-<time>`` / ``.incomplete-<time>`` otherwise; never an existing folder (nothing is deleted)."""
+    if status == "changed":
+        tag = f"replaced-{(yaml.safe_load((path / 'config.yaml').read_text()) or {}).get('hash', 'unknown')}"
+    else:
+        tag = f"{'corrupt' if status == 'corrupt' else 'incomplete'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = path.with_name(f"{path.name}.{tag}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{tag}-{n}")
+    return aside
 
 
 def write_fold(
@@ -94,10 +186,12 @@ def write_fold(
     state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Write a fold's three files (and ``model.pt``, the kept weights, when ``state_dict`` is given) into a
-    temporary folder, then rename it into place."""
+    temporary folder, flush them to disk, then rename the folder into place; an older folder there is moved
+    aside, never deleted."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         if state_dict is not None:
             import torch
 
@@ -107,17 +201,17 @@ def write_fold(
         (tmp / "config.yaml").write_text(
             yaml.safe_dump(_jsonable({"hash": hash_, **config}), sort_keys=False)
         )
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
         if path.exists():
             old = fold_status(path, hash_)
             if old == "done":  # another worker finished the same job meanwhile: keep theirs
                 shutil.rmtree(tmp)
                 return
-            saved = (yaml.safe_load((path / "config.yaml").read_text()) or {}) if old == "changed" else {}
-            aside = path.with_name(f"{path.name}.replaced-{saved.get('hash', 'incomplete')}")
-            if aside.exists():
-                shutil.rmtree(aside)
-            path.rename(aside)
+            path.rename(_aside(path, old))
         tmp.rename(path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,36 +221,73 @@ def read_fold_metrics(path: Path) -> dict[str, Any]:
     return json.loads((path / "metrics.json").read_text())
 
 
-def collect_metrics(out: Path, task: str) -> pd.DataFrame:
-    """Long table of every complete fold of ``task``: method, fold, cohort, metric, value."""
+def fold_design(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The CV design a fold belongs to: (number of folds, split seed)."""
+    return config.get("folds"), config.get("seed")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load((path / "config.yaml").read_text()) or {}
+
+
+def collect_metrics(
+    out: Path, task: str, design: tuple[Any, Any] | None = None, names: tuple[str, ...] = METRICS
+) -> pd.DataFrame:
+    """Long table of the complete, readable folds of ``task`` of one CV ``design`` (default: the one most folds
+    share, :func:`current_design`): method, fold, cohort, metric, value (of the metrics ``names``;
+    ``threshold`` may be asked for too). Folds of another design come from other splits: never mixed in."""
+    design = design or current_design(out, task)
     rows = []
-    task_dir = Path(out) / task
-    if not task_dir.is_dir():
-        return pd.DataFrame(columns=["method", "fold", "cohort", "metric", "value"])
-    for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir() and p.name != "report"):
-        for fd in sorted(method_dir.glob("fold_*")):
-            if not fd.name.split("_")[1].isdigit() or not (fd / "metrics.json").is_file():
+    for method, fold, fd in iter_fold_dirs(out, task):
+        if not all((fd / f).is_file() for f in FOLD_FILES) or not fold_readable(fd):
+            continue
+        if fold_design(_read_config(fd)) != design:
+            continue
+        for cohort, values in read_fold_metrics(fd).get("cohorts", {}).items():
+            if cohort == "val":  # selection data, not a result
                 continue
-            metrics = read_fold_metrics(fd)
-            for cohort, values in metrics.get("cohorts", {}).items():
-                if cohort == "val":  # selection data, not a result
-                    continue
-                for metric in METRICS:
-                    if metric in values:
-                        rows.append(
-                            (method_dir.name, int(fd.name.split("_")[1]), cohort, metric, values[metric])
-                        )
+            rows.extend((method, fold, cohort, m, values[m]) for m in names if m in values)
     return pd.DataFrame(rows, columns=["method", "fold", "cohort", "metric", "value"])
 
 
-def write_summary(out: Path, task: str) -> pd.DataFrame:
-    """Rebuild ``summary.csv`` (mean, SD over folds, n folds) from the fold files on disk."""
-    long = collect_metrics(out, task)
-    summary = (
-        long.groupby(["method", "cohort", "metric"], sort=False)["value"]
-        .agg(mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), n="count")
-        .reset_index()
-    )
-    summary.insert(0, "task", task)
-    atomic_write_text(Path(out) / task / "summary.csv", summary.to_csv(index=False))
+def choose_design(designs: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+    """The design most folds share (ties: the smallest), the one summaries and reports show."""
+    counts = pd.Series(designs, dtype=object).value_counts()
+    return min(counts.index[counts == counts.max()])
+
+
+def current_design(out: Path, task: str) -> tuple[Any, Any] | None:
+    """The CV design of the readable folds of ``task`` that :func:`choose_design` picks, or None."""
+    designs = [
+        fold_design(_read_config(fd))
+        for _, _, fd in iter_fold_dirs(out, task)
+        if all((fd / f).is_file() for f in FOLD_FILES) and fold_readable(fd)
+    ]
+    return choose_design(designs) if designs else None
+
+
+def write_summary(out: Path, task: str, design: tuple[Any, Any] | None = None) -> pd.DataFrame:
+    """Rebuild ``summary.csv`` (mean, SD over folds, n folds) from the fold files of one CV design on disk
+    (``design`` = (folds, seed); default: the most common one, as the report does).
+
+    Writers of one task's summary take a lock and collect inside it, so a slower process never replaces a
+    newer summary with an older view of the disk.
+    """
+    task_dir = Path(out) / task
+    task_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(task_dir / ".summary.lock", os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        long = collect_metrics(out, task, design)
+        summary = (
+            long.groupby(["method", "cohort", "metric"], sort=False)["value"]
+            .agg(
+                mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), n="count"
+            )
+            .reset_index()
+        )
+        summary.insert(0, "task", task)
+        atomic_write_text(task_dir / "summary.csv", summary.to_csv(index=False))
+    finally:
+        os.close(fd)
     return summary

@@ -1,53 +1,73 @@
-"""``bench sweep M --task T``: Optuna search of a method's hyper-parameters on the validation folds; the best
-configuration is then run as method ``M[best]`` on the usual folds and reported like any method.
+"""``bench sweep M --task T``: a nested Optuna search of a method's hyper-parameters, one search per outer
+fold, each blind to that fold's test patients; ``M[best]`` then runs each outer fold with the configuration
+its own search chose, and is reported like any method.
 
-- Objective: the mean validation AUC (patient level) over the CV folds. A trial trains each fold's model on
-  the fold's training patients and selects it on its validation patients (``runner.train_fold``), which
-  reads and predicts nothing else: no test part and no external cohort is seen while searching. Trial
-  results live in the study's storage only; no fold folder is written.
+Why nested: fold k's validation patients are test patients of other folds. A single search scored on every
+fold's validation patients picks a configuration that has seen every fold's test patients, so ``M[best]``'s
+test results would be optimistically biased. Here the search for outer fold k reads fold k's training and
+validation patients only, and ``M[best]`` on fold k uses that search's best configuration.
+
+- Objective of outer fold k's search (``inner_folds``): with 1 (the default), train on fold k's training
+  patients and score the patient-level AUC on fold k's validation patients (the split that fold's model is
+  already early-stopped and thresholded on); with J >= 2, the mean over a stratified J-fold CV of fold k's
+  training and validation patients together (each inner model trained on J-1 parts, selected and scored on
+  the held-out one). ``runner.train_fold`` reads and predicts nothing else: no outer test patient and no
+  external cohort is seen while searching. Trial results live in the study's storage only; no fold folder is
+  written.
+- Cost: ``trials`` trials per outer fold, each training ``inner_folds`` models. The default (1) costs
+  ``trials x folds`` trainings, what the former single search over every fold cost for the same
+  ``--trials``; inner CV multiplies that by J and scores a less noisy mean.
 - Search space: the method's ``search_space(trial)`` (names = config fields). ``params`` restricts it: a
   name left out is never suggested, so it keeps its default and is neither sampled nor recorded.
-- Sampler: TPE, seeded from the task seed (or ``sampler_seed``), the trials already in the study and the
-  worker index; its first ``min(10, max(2, trials // 2))`` trials are random. Pruning: MedianPruner (after
-  five finished trials) on the running mean of the folds' AUCs, reported after each fold, from the second
-  fold on.
+- Studies: one per outer fold, ``<study name>-fold<k>``, all in one storage; each records the patients it
+  searched (outer fold, digest of its membership, inner folds) and refuses to take trials of another design.
+  Sampler: TPE, seeded from the task seed (or ``sampler_seed``), the trials already in the study, the worker
+  index and the fold; its first ``min(10, max(2, trials // 2))`` trials are random. Pruning (inner CV only):
+  MedianPruner (after five finished trials) on the running mean of the inner folds' AUCs, from the second
+  inner fold on.
 - Storage: ``<out>/<task>/sweeps/<M>.db`` (SQLite) by default; ``storage`` takes any Optuna RDB URL, e.g.
   ``postgresql://user:pw@host/db`` for workers on many machines (heartbeats mark a dead worker's trial
   failed and retry it), or an Optuna journal file, ``journal:<path>`` or any path ending in ``.journal``
   (for a shared file system, where SQLite's locking breaks). ``postgresql://`` URLs use psycopg 3 (the
-  ``postgres`` extra). Workers share a study through its storage and name: ``--workers N`` here (the trials
-  are split among them), or separate processes on any machines given the same ``--storage`` and
-  ``--study-name`` (each runs its own ``--trials``; give each its own ``--sampler-seed``).
-- Output: ``<out>/<task>/sweeps/<M>/best.yaml`` (read by the runner for ``M[best]``), and in
-  ``<out>/<task>/report/``: ``sweep_<M>.{md,tex}`` (best trial, top trials),
-  ``sweep_<M>_sensitivity.{md,tex}`` (per parameter: fANOVA importance, Spearman's rho, and the spread
-  between trials against one trial's fold noise) and the figures
-  ``sweep_<M>_history.png|.svg`` (optimisation history) and ``sweep_<M>_<param>.png`` (AUC against each
-  searched parameter: the sensitivity analysis, e.g. margin and memory size for MoMKD).
+  ``postgres`` extra). A URL's password is never shown or written (bench/redact.py). Workers share the
+  studies through their storage and names: ``--workers N`` here (each outer fold's trials are split among
+  them), or separate processes on any machines given the same ``--storage`` and ``--study-name`` (each runs
+  its own ``--trials`` per outer fold; give each its own ``--sampler-seed``).
+- Output: ``<out>/<task>/sweeps/<M>/best.yaml`` with one entry per outer fold (read by the runner for
+  ``M[best]``, which refuses an entry tuned on another split of the patients), and in
+  ``<out>/<task>/report/``: ``sweep_<M>.{md,tex}`` (each outer fold's best trial),
+  ``sweep_<M>_sensitivity.{md,tex}`` (per parameter, over the trials of every outer fold pooled: fANOVA
+  importance, Spearman's rho, and the spread between trials against one trial's inner-fold noise) and the
+  figures ``sweep_<M>_history.png|.svg`` (optimisation history per outer fold) and ``sweep_<M>_<param>.png``
+  (AUC against each searched parameter: the sensitivity analysis, e.g. margin and memory size for MoMKD).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing as mp
 import os
-import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
+from sklearn.model_selection import StratifiedKFold
 
 from methods import get_method_class
 from methods.registry import UnknownMethodError, parse_method_name
 
+from .data.splits import check_splits, membership_digest
 from .errors import BenchError
 from .locks import HOST
+from .redact import redact, remember
 from .runner import RunOptions, TaskData, method_config, prepare_task, resolve_device, train_fold
 from .store import atomic_write_text
 
@@ -58,42 +78,93 @@ __all__ = [
     "make_storage",
     "restricted_overrides",
     "search",
+    "search_folds",
     "space_names",
     "storage_url",
+    "study_name",
+    "tuned_by",
     "write_best",
     "write_sweep_report",
 ]
 
-TOP_TRIALS = 10
-
 
 @dataclass(frozen=True)
 class SweepOptions:
-    """What ``bench sweep`` searches and where the study lives (``--workers`` etc. are in RunOptions)."""
+    """What ``bench sweep`` searches and where the studies live (``--workers`` etc. are in RunOptions)."""
 
     method: str
     params: tuple[str, ...] | None = None  # None: the method's whole search space
-    trials: int = 20
+    trials: int = 20  # per outer fold
     timeout: float | None = None  # seconds, per worker
     storage: str | None = None  # None: SQLite file in the output folder
-    study_name: str | None = None  # None: "<task>-<method>"
+    study_name: str | None = None  # None: "<task>-<method>"; outer fold k's study is "<name>-fold<k>"
     sampler_seed: int | None = None  # None: the task seed
     pruning: bool = True
+    inner_folds: int = 1  # 1: each outer fold's own validation split; J >= 2: J-fold CV of its train + val
 
 
 def best_path(out: Path, task: str, method: str) -> Path:
     return Path(out) / task / "sweeps" / method / "best.yaml"
 
 
-def load_best(out: Path, task: str, method: str) -> dict[str, Any]:
-    """The config overrides of ``method``'s best sweep trial on ``task`` (what ``method[best]`` runs)."""
+def study_name(sw: SweepOptions, task: str, fold: int) -> str:
+    """The study of outer fold ``fold``'s search."""
+    return f"{sw.study_name or f'{task}-{sw.method}'}-fold{fold}"
+
+
+def _best_entry(
+    out: Path, data: TaskData, method: str, fold: int
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """``best.yaml``'s path, record and entry for outer fold ``fold``, checked against this run's split."""
+    task = data.task.name
     path = best_path(out, task, method)
+    rerun = f"`bench sweep {method} --task <task> --out {out}` with this run's --folds and --seed"
     if not path.is_file():
         raise BenchError(
             f"{path}: no sweep result for {method!r} on task {task!r}, so '{method}[best]' is undefined. "
             f"Run `bench sweep {method} --task <task> --out {out}` first."
         )
-    return dict((yaml.safe_load(path.read_text()) or {}).get("overrides") or {})
+    record = yaml.safe_load(path.read_text()) or {}
+    entries = record.get("folds")
+    if not isinstance(entries, dict):
+        raise BenchError(
+            f"{path}: written by a former sweep that tuned one configuration on every fold's validation "
+            f"patients, who are other folds' test patients, so '{method}[best]' would be tested on patients "
+            f"it was tuned on. Rerun {rerun}: it tunes one configuration per outer fold, blind to its test "
+            "patients."
+        )
+    entry = entries.get(fold)
+    if entry is None:
+        raise BenchError(
+            f"{path}: no configuration tuned for fold {fold} (the sweep had {record.get('outer_folds')} "
+            f"outer folds, this run has {data.folds}). Rerun {rerun}."
+        )
+    if entry.get("split") != membership_digest(data.splits, fold):
+        raise BenchError(
+            f"{path}: fold {fold}'s configuration was tuned on another split of the patients (other "
+            "--folds, --seed or splits file), so its search may have seen this fold's test patients. "
+            f"Rerun {rerun}."
+        )
+    return path, record, entry
+
+
+def load_best(out: Path, data: TaskData, method: str, fold: int) -> dict[str, Any]:
+    """The config overrides ``method[best]`` runs on outer fold ``fold``: those of the best trial of that
+    fold's own search, which never saw the fold's test patients."""
+    return dict(_best_entry(out, data, method, fold)[2].get("overrides") or {})
+
+
+def tuned_by(out: Path, data: TaskData, method: str, fold: int) -> dict[str, Any]:
+    """Where ``method[best]``'s configuration on ``fold`` comes from, for its ``config.yaml``."""
+    path, record, entry = _best_entry(out, data, method, fold)
+    return {
+        "best_yaml": str(path),
+        "study": entry.get("study"),
+        "trial": entry.get("trial"),
+        "mean_val_auc": entry.get("mean_val_auc"),
+        "inner_folds": record.get("inner_folds"),
+        "storage": None if record.get("storage") is None else redact(record["storage"]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- search space
@@ -140,7 +211,9 @@ def space_names(cls: type) -> list[str]:
 
 
 def storage_url(spec: str | None, out: Path, task: str, method: str) -> str:
-    """The study's storage as a string workers can rebuild it from (paths made absolute)."""
+    """The studies' storage as a string workers can rebuild it from (paths made absolute); its password, if
+    any, is remembered so that no later message of this process shows it."""
+    remember(spec)
     if spec is None:
         path = (Path(out) / task / "sweeps" / f"{method}.db").resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,14 +224,10 @@ def storage_url(spec: str | None, out: Path, task: str, method: str) -> str:
         return "postgresql+psycopg://" + spec.split("://", 1)[1]
     if "://" not in spec:
         raise BenchError(
-            f"--storage {spec!r}: give an Optuna storage URL (sqlite:///path.db, postgresql://user:pw@host/db, "
+            f"--storage {redact(spec)!r}: give an Optuna storage URL (sqlite:///path.db, postgresql://user:pw@host/db, "
             "mysql://...) or a journal file (journal:<path> or a path ending in .journal)."
         )
     return spec
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def make_storage(url: str) -> Any:
@@ -166,6 +235,7 @@ def make_storage(url: str) -> Any:
     marked failed after two missed minutes and retried up to twice)."""
     import optuna
 
+    remember(url)
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,50 +256,105 @@ def make_storage(url: str) -> Any:
                 )
         except ImportError as exc:
             raise BenchError(
-                f"--storage {_redact(url)}: its database driver is not installed ({exc}). For PostgreSQL: "
-                "pip install -e '.[postgres]'."
-            ) from exc
+                f"--storage {redact(url)}: its database driver is not installed ({redact(str(exc))}). For "
+                "PostgreSQL: pip install -e '.[postgres]'."
+            ) from None
         except Exception as exc:  # sqlalchemy's connection, URL and schema-creation errors
             if attempt == 2:
-                raise BenchError(f"--storage {_redact(url)}: cannot open the study storage ({exc}).") from exc
+                raise BenchError(
+                    f"--storage {redact(url)}: cannot open the study storage ({redact(str(exc))})."
+                ) from None
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
 
 
-def _study(url: str, name: str, seed: int, trials: int, pruning: bool) -> Any:
+def _study(storage: Any, name: str, seed: int, trials: int, pruning: bool, design: dict[str, Any]) -> Any:
+    """Open (or create) one outer fold's study; ``design`` (which patients it searches, how) is recorded on
+    the study, and a study recorded with another design is refused: its trials scored other patients."""
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 2)))
     pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if pruning else optuna.pruners.NopPruner()
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=name,
-        storage=make_storage(url),
+        storage=storage,
         sampler=sampler,
         pruner=pruner,
         direction="maximize",
         load_if_exists=True,
     )
+    recorded = study.user_attrs.get("search")
+    if recorded is None:
+        study.set_user_attr("search", design)
+    elif recorded != design:
+        raise BenchError(
+            f"study {name!r} was searched with {recorded}, not {design} (another --folds, --seed, splits "
+            "file or --inner-folds), so its trials scored other patients. Give another --study-name, or the "
+            "settings it was run with."
+        )
+    return study
 
 
 # -------------------------------------------------------------------------------------------------- search
 
 
-def _objective(data: TaskData, sw: SweepOptions, opts: RunOptions, device: Any) -> Any:
+def search_folds(data: TaskData, fold: int, inner_folds: int) -> list[tuple[TaskData, int]]:
+    """Where outer fold ``fold``'s search trains and scores, as ``(task data, fold)`` pairs for train_fold.
+
+    ``inner_folds`` 1: the outer fold itself (trained on its training patients, scored on its validation
+    patients). J >= 2: a stratified J-fold CV of the fold's training and validation patients, seeded by the
+    task seed and the fold; inner fold j trains on the other parts and is selected and scored on part j.
+    The outer fold's test patients are ``test`` in every inner fold, a part train_fold never reads.
+    """
+    if inner_folds == 1:
+        return [(data, fold)]
+    part = data.splits[f"fold_{fold}"]
+    patients = data.splits[part != "test"].groupby("case_id", sort=True)["label"].first()
+    counts = patients.value_counts()
+    if len(counts) < 2 or counts.min() < inner_folds:
+        raise BenchError(
+            f"--inner-folds {inner_folds}: fold {fold}'s training and validation patients hold "
+            f"{counts.to_dict()} per class, too few for a stratified {inner_folds}-fold CV. Use fewer inner "
+            "folds (1: the fold's own validation split)."
+        )
+    table = data.splits[["case_id", "slide_id", "label"]].copy()
+    cv = StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=data.seed * 1000 + fold)
+    for j, (_, held_out) in enumerate(cv.split(patients.index, patients.to_numpy())):
+        inner = pd.Series("train", index=patients.index)
+        inner.iloc[held_out] = "val"
+        table[f"fold_{j}"] = table.case_id.map(inner).fillna("test").to_numpy()
+    check_splits(table, source=f"inner CV of fold {fold}")
+    inner_data = dataclasses.replace(data, splits=table, folds=inner_folds)
+    return [(inner_data, j) for j in range(inner_folds)]
+
+
+def _design(data: TaskData, fold: int, inner_folds: int) -> dict[str, Any]:
+    return {
+        "outer_fold": fold,
+        "outer_folds": data.folds,
+        "split": membership_digest(data.splits, fold),
+        "inner_folds": inner_folds,
+    }
+
+
+def _objective(data: TaskData, fold: int, sw: SweepOptions, opts: RunOptions, device: Any) -> Any:
+    """Outer fold ``fold``'s objective: the mean validation AUC over its search folds (:func:`search_folds`)."""
     import optuna
 
     cls = get_method_class(sw.method)
     aggregation = data.task.patient_aggregation
+    where = search_folds(data, fold, sw.inner_folds)
 
     def objective(trial: optuna.Trial) -> float:
         overrides = restricted_overrides(cls, trial, sw.params)
         cfg = method_config(data, sw.method, opts, overrides)
         trial.set_user_attr("worker", f"{HOST}:{os.getpid()}")
         aucs: list[float] = []
-        for fold in range(data.folds):
-            fitted = train_fold(data, fold, sw.method, cfg, device)
+        for step, (inner_data, inner_fold) in enumerate(where):
+            fitted = train_fold(inner_data, inner_fold, sw.method, cfg, device)
             aucs.append(fitted.val_auc(aggregation))
-            trial.set_user_attr("fold_val_auc", aucs)
-            trial.report(float(np.nanmean(aucs)), fold)
+            trial.set_user_attr("inner_val_auc", aucs)
+            trial.report(float(np.nanmean(aucs)), step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
         return float(np.nanmean(aucs))
@@ -237,8 +362,17 @@ def _objective(data: TaskData, sw: SweepOptions, opts: RunOptions, device: Any) 
     return objective
 
 
-def _seed(base: int, existing: int, worker: int) -> int:
-    return int(np.random.SeedSequence([base, existing, worker]).generate_state(1)[0])
+def _seed(base: int, existing: int, worker: int, fold: int) -> int:
+    return int(np.random.SeedSequence([base, existing, worker, fold]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class _Share:
+    """A worker's part of one outer fold's search."""
+
+    fold: int
+    trials: int
+    seed: int
 
 
 def _optimize(
@@ -246,16 +380,27 @@ def _optimize(
     sw: SweepOptions,
     opts: RunOptions,
     url: str,
-    name: str,
-    n_trials: int,
-    seed: int,
+    shares: Sequence[_Share],
     device: Any,
     callbacks: Sequence[Any] = (),
 ) -> None:
-    study = _study(url, name, seed, sw.trials, sw.pruning)
-    study.optimize(
-        _objective(data, sw, opts, device), n_trials=n_trials, timeout=sw.timeout, callbacks=list(callbacks)
-    )
+    """Run this worker's shares, one outer fold after another; ``sw.timeout`` bounds them all together."""
+    storage = make_storage(url)
+    deadline = None if sw.timeout is None else time.monotonic() + sw.timeout
+    for share in shares:
+        left = None if deadline is None else deadline - time.monotonic()
+        if share.trials == 0 or (left is not None and left <= 0):
+            continue
+        name = study_name(sw, data.task.name, share.fold)
+        study = _study(
+            storage, name, share.seed, sw.trials, sw.pruning, _design(data, share.fold, sw.inner_folds)
+        )
+        study.optimize(
+            _objective(data, share.fold, sw, opts, device),
+            n_trials=share.trials,
+            timeout=left,
+            callbacks=list(callbacks),
+        )
 
 
 def _worker(
@@ -263,26 +408,46 @@ def _worker(
     sw: SweepOptions,
     opts: RunOptions,
     url: str,
-    name: str,
-    n_trials: int,
-    seed: int,
+    shares: Sequence[_Share],
     slot: int,
     workers: int,
 ) -> None:
-    """One sweep worker process: its own device and thread share, the study rebuilt from its URL."""
+    """One sweep worker process: its own device and thread share, the studies rebuilt from their URL."""
     import optuna
 
     from .executors import bind_worker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     device = bind_worker(opts.device, slot, workers)
-    _optimize(data, sw, opts, url, name, n_trials, seed, device)
+    _optimize(data, sw, opts, url, shares, device)
 
 
-def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | None = None) -> Any:
-    """Run ``sw.trials`` more trials of the study (split over ``opts.workers`` processes); returns the study.
+def _shares(
+    sw: SweepOptions, folds: int, workers: int, base_seed: int, existing: Mapping[int, int]
+) -> list[list[_Share]]:
+    """Each worker's trials of each outer fold: ``sw.trials`` per fold split evenly, the remainders spread
+    over the workers, and each worker starting at another fold, so that they search different studies."""
+    plan = []
+    for i in range(workers):
+        order = [(i + j) % folds for j in range(folds)]
+        plan.append(
+            [
+                _Share(
+                    k,
+                    sw.trials // workers + ((i - k) % workers < sw.trials % workers),
+                    _seed(base_seed, existing[k], i, k),
+                )
+                for k in order
+            ]
+        )
+    return plan
 
-    Separate processes given the same storage and study name each run their own ``sw.trials``.
+
+def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | None = None) -> dict[int, Any]:
+    """Run ``sw.trials`` more trials of each outer fold's study (split over ``opts.workers`` processes);
+    returns the studies by outer fold.
+
+    Separate processes given the same storage and study name each run their own ``sw.trials`` per fold.
     """
     import optuna
 
@@ -294,6 +459,8 @@ def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | No
         raise BenchError(str(exc)) from exc
     if variant:
         raise BenchError(f"bench sweep takes a method name without a variant, not {sw.method!r}.")
+    if sw.inner_folds < 1:
+        raise BenchError(f"--inner-folds {sw.inner_folds}: give 1 (each fold's validation split) or more.")
     names = space_names(cls)
     unknown = sorted(set(sw.params or ()) - set(names))
     if unknown:
@@ -303,47 +470,51 @@ def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | No
         )
     data = prepare_task(task_ref, opts)
     method_config(data, sw.method, opts)  # a bad task/method combination fails before any trial
+    for k in range(data.folds):  # too few patients for the inner CV fails before any trial too
+        search_folds(data, k, sw.inner_folds)
     url = storage_url(sw.storage, opts.out, data.task.name, sw.method)
-    name = sw.study_name or f"{data.task.name}-{sw.method}"
     base_seed = data.seed if sw.sampler_seed is None else sw.sampler_seed
-    monitor = _study(url, name, 0, sw.trials, sw.pruning)
-    existing = len(monitor.trials)
-    bar = None
-    if progress is not None:
-        bar = progress.add_task(f"{data.task.name} · sweep {sw.method}", total=sw.trials)
+    storage = make_storage(url)
+    monitor = {
+        k: _study(
+            storage,
+            study_name(sw, data.task.name, k),
+            0,
+            sw.trials,
+            sw.pruning,
+            _design(data, k, sw.inner_folds),
+        )
+        for k in range(data.folds)
+    }
+    existing = {k: len(study.trials) for k, study in monitor.items()}
+    total = sw.trials * data.folds
+    title = f"{data.task.name} · sweep {sw.method} ({data.folds} outer folds)"
+    bar = None if progress is None else progress.add_task(title, total=total)
 
-    def advance(study: Any, trial: Any = None) -> None:
+    def advance(*_: Any) -> None:
         if bar is None:
             return
-        done = len([t for t in study.trials if t.state.is_finished()]) - existing
-        best = _best_value(study)
-        text = f"{data.task.name} · sweep {sw.method} · best val AUC {best:.3f}" if best is not None else None
-        progress.update(bar, completed=min(done, sw.trials), description=text)
+        trials = {k: study.trials for k, study in monitor.items()}
+        done = sum(len([t for t in ts if t.state.is_finished()]) - existing[k] for k, ts in trials.items())
+        progress.update(bar, completed=min(done, total))
 
-    workers = min(opts.workers, sw.trials)
+    workers = min(opts.workers, total)
+    plan = _shares(sw, data.folds, max(workers, 1), base_seed, existing)
     if workers <= 1:
-        seed = _seed(base_seed, existing, 0)
-        _optimize(data, sw, opts, url, name, sw.trials, seed, resolve_device(opts.device), [advance])
+        _optimize(data, sw, opts, url, plan[0], resolve_device(opts.device), [advance])
         return monitor
-    shares = [sw.trials // workers + (i < sw.trials % workers) for i in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         futures = [
-            pool.submit(_worker, data, sw, opts, url, name, n, _seed(base_seed, existing, i), i, workers)
-            for i, n in enumerate(shares)
+            pool.submit(_worker, data, sw, opts, url, shares, i, workers) for i, shares in enumerate(plan)
         ]
         while True:
             finished, running = wait(futures, timeout=2.0, return_when=FIRST_EXCEPTION)
-            advance(monitor)
+            advance()
             for future in finished:
                 future.result()
             if not running:
                 break
     return monitor
-
-
-def _best_value(study: Any) -> float | None:
-    complete = _complete(study)
-    return max(t.value for t in complete) if complete else None
 
 
 def _complete(study: Any) -> list[Any]:
@@ -356,33 +527,51 @@ def _complete(study: Any) -> list[Any]:
     ]
 
 
+def _complete_by_fold(studies: Mapping[int, Any], method: str) -> dict[int, list[Any]]:
+    """Each outer fold's complete trials, best first; an error naming the folds that have none."""
+    complete = {k: sorted(_complete(study), key=lambda t: -t.value) for k, study in sorted(studies.items())}
+    missing = [k for k, trials in complete.items() if not trials]
+    if not complete or missing:
+        raise BenchError(
+            f"the sweep of {method!r} has no complete trial on outer fold(s) {missing or 'any'} yet (all pruned "
+            "or failed?); run more trials."
+        )
+    return complete
+
+
 # ------------------------------------------------------------------------------------------------- results
 
 
-def write_best(study: Any, out: Path, task: str, method: str, url: str | None = None) -> Path:
-    """Write the best complete trial's overrides to ``<out>/<task>/sweeps/<M>/best.yaml``."""
+def write_best(studies: Mapping[int, Any], out: Path, task: str, method: str, url: str | None = None) -> Path:
+    """Write each outer fold's best complete trial to ``<out>/<task>/sweeps/<M>/best.yaml`` (``folds:`` one
+    entry per outer fold, with the digest of the split it was searched on); the storage URL without its
+    password."""
     import optuna
 
-    complete = _complete(study)
-    if not complete:
-        raise BenchError(
-            f"study {study.study_name!r} has no complete trial of {method!r} yet (all pruned or failed?); "
-            "run more trials."
-        )
-    best = max(complete, key=lambda t: t.value)
-    overrides = restricted_overrides(
-        get_method_class(method), optuna.trial.FixedTrial(best.params, best.number), list(best.params)
-    )
+    complete = _complete_by_fold(studies, method)
+    entries, design = {}, {}
+    for k, trials in complete.items():
+        best = trials[0]
+        design = studies[k].user_attrs.get("search", {})
+        entries[k] = {
+            "study": studies[k].study_name,
+            "split": design.get("split"),
+            "trial": best.number,
+            "mean_val_auc": best.value,
+            "inner_val_auc": best.user_attrs.get("inner_val_auc"),
+            "trials_complete": len(trials),
+            "overrides": restricted_overrides(
+                get_method_class(method), optuna.trial.FixedTrial(best.params, best.number), list(best.params)
+            ),
+        }
     record = {
         "method": method,
         "task": task,
-        "study": study.study_name,
-        "storage": None if url is None else _redact(url),
-        "trial": best.number,
-        "mean_val_auc": best.value,
-        "fold_val_auc": best.user_attrs.get("fold_val_auc"),
-        "trials_complete": len(complete),
-        "overrides": overrides,
+        "design": "nested",
+        "outer_folds": design.get("outer_folds", len(entries)),
+        "inner_folds": design.get("inner_folds"),
+        "storage": None if url is None else redact(url),
+        "folds": entries,
     }
     path = best_path(out, task, method)
     atomic_write_text(path, yaml.safe_dump(_plain(record), sort_keys=False))
@@ -391,7 +580,7 @@ def write_best(study: Any, out: Path, task: str, method: str, url: str | None = 
 
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {k if isinstance(k, int) else str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
     if isinstance(obj, np.generic):
@@ -399,59 +588,86 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _fold_sd(trial: Any) -> float:
-    """SD over folds of a trial's validation AUCs (NaN with fewer than two)."""
-    folds = [a for a in trial.user_attrs.get("fold_val_auc", []) if a is not None and not math.isnan(a)]
-    return float(np.std(folds, ddof=1)) if len(folds) > 1 else float("nan")
+def _inner_sd(trial: Any) -> float:
+    """SD over inner folds of a trial's validation AUCs (NaN with fewer than two)."""
+    aucs = [a for a in trial.user_attrs.get("inner_val_auc", []) if a is not None and not math.isnan(a)]
+    return float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
 
 
 def _value_text(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_sweep_report(study: Any, out: Path, task: str, method: str, formats: Sequence[str]) -> list[Path]:
-    """``sweep_<M>.{md,tex}`` (best trial, top trials), ``sweep_<M>_sensitivity.{md,tex}`` and the figures,
-    in ``<out>/<task>/report/``."""
+def _pooled(studies: Mapping[int, Any]) -> Any:
+    """An in-memory study of every finished trial of every outer fold, each with user attributes
+    ``outer_fold`` and ``trial`` (its number in its own study): what the sensitivity analysis reads."""
+    import optuna
+
+    pooled = optuna.create_study(direction="maximize")
+    for k, study in sorted(studies.items()):
+        for t in study.trials:
+            if not t.state.is_finished():
+                continue
+            pooled.add_trial(
+                optuna.trial.create_trial(
+                    state=t.state,
+                    values=None if t.state == optuna.trial.TrialState.FAIL else t.values,
+                    params=t.params,
+                    distributions=t.distributions,
+                    user_attrs={**t.user_attrs, "outer_fold": k, "trial": t.number},
+                    intermediate_values=t.intermediate_values,
+                )
+            )
+    return pooled
+
+
+def write_sweep_report(
+    studies: Mapping[int, Any], out: Path, task: str, method: str, formats: Sequence[str]
+) -> list[Path]:
+    """``sweep_<M>.{md,tex}`` (each outer fold's best trial: what ``M[best]`` runs there),
+    ``sweep_<M>_sensitivity.{md,tex}`` and the figures (over every outer fold's trials pooled), in
+    ``<out>/<task>/report/``."""
     import optuna
 
     from .report import Table, fmt, write_table
 
     folder = Path(out) / task / "report"
-    complete = sorted(_complete(study), key=lambda t: -t.value)
-    if not complete:
-        raise BenchError(f"study {study.study_name!r} has no complete trial to report.")
-    states = [t.state for t in study.trials]
-    params = sorted({p for t in study.trials for p in t.params})
-    top = complete[:TOP_TRIALS]
-    rows, bold = [], []
-    for rank, t in enumerate(top, 1):
+    complete_by_fold = _complete_by_fold(studies, method)
+    pooled = _pooled(studies)
+    params = sorted({p for t in pooled.trials for p in t.params})
+    state = optuna.trial.TrialState
+    rows = []
+    for k, trials in complete_by_fold.items():
+        best, states = trials[0], [t.state for t in studies[k].trials]
+        counts = f"{states.count(state.COMPLETE)}/{states.count(state.PRUNED)}/{states.count(state.FAIL)}"
         rows.append(
-            [
-                str(rank),
-                str(t.number),
-                fmt(t.value, _fold_sd(t)),
-                *(_value_text(t.params.get(p, "–")) for p in params),
-            ]
+            [str(k), str(best.number), counts, fmt(best.value, _inner_sd(best))]
+            + [_value_text(best.params.get(p, "–")) for p in params]
         )
-        bold.append([False, False, rank == 1, *([False] * len(params))])
-    best = complete[0]
+    inner = _inner_folds(studies)
     caption = (
-        f"Optuna sweep of {method} on {task} (study {study.study_name}): "
-        f"{states.count(optuna.trial.TrialState.COMPLETE)} complete, "
-        f"{states.count(optuna.trial.TrialState.PRUNED)} pruned, "
-        f"{states.count(optuna.trial.TrialState.FAIL)} failed trials. Best: trial {best.number}, "
-        f"mean validation AUC {best.value * 100:.1f} % with "
-        f"{', '.join(f'{k} = {_value_text(v)}' for k, v in sorted(best.params.items())) or 'the defaults'}. "
-        f"Top {len(top)} trials by validation AUC (%), mean ± SD over folds; test and external cohorts "
-        "were not used."
+        f"Nested Optuna sweep of {method} on {task}: one search per outer fold, on that fold's training and "
+        "validation patients only ("
+        + ("scored on the fold's validation patients" if inner == 1 else f"scored by a {inner}-fold inner CV")
+        + f"); each row is that search's best trial, whose configuration {method}[best] runs on that fold. "
+        "The outer test folds and the external cohorts were not used. Trials: complete/pruned/failed. "
+        "Val AUC (%): the best trial's validation AUC"
+        + ("" if inner == 1 else ", mean ± SD over the inner folds")
+        + "."
     )
-    table = Table(["Rank", "Trial", "Val AUC", *params], rows, bold, caption, f"tab:sweep-{method}")
+    header = ["Fold", "Trial", "Trials", "Val AUC", *params]
+    table = Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:sweep-{method}")
     written = write_table(table, folder, f"sweep_{method}", formats)
-    scored, folds = _common_fold_scores(study, complete)
-    sensitivity = _sensitivity_table(study, complete, scored, folds, method, params)
+    complete = sorted(_complete(pooled), key=lambda t: -t.value)
+    scored, folds = _common_fold_scores(pooled, complete)
+    sensitivity = _sensitivity_table(pooled, complete, scored, folds, method, params, len(studies))
     if sensitivity is not None:
         written += write_table(sensitivity, folder, f"sweep_{method}_sensitivity", formats)
-    return written + _figures(study, scored, folds, folder, method, params)
+    return written + _figures(pooled, scored, folds, folder, method, params)
+
+
+def _inner_folds(studies: Mapping[int, Any]) -> int:
+    return max(study.user_attrs.get("search", {}).get("inner_folds", 1) for study in studies.values())
 
 
 def _common_fold_scores(study: Any, complete: Sequence[Any]) -> tuple[list[tuple[Any, float]], int | None]:
@@ -476,12 +692,14 @@ def _sensitivity_table(
     folds: int | None,
     method: str,
     params: Sequence[str],
+    outer_folds: int,
 ) -> Any:
-    """Per searched parameter: its fANOVA importance (Optuna, seeded, complete trials) and the Spearman
-    correlation of its value with the validation AUC over all trials on their common folds
-    (:func:`_common_fold_scores`); the caption sets the spread between trials against the fold noise of one
-    trial's mean, so a reader sees whether the search found more than noise. None with fewer than three
-    complete trials."""
+    """Per searched parameter, over the trials of every outer fold's search pooled (``study``, from
+    :func:`_pooled`): its fANOVA importance (Optuna, seeded, complete trials) and the Spearman correlation of
+    its value with the validation AUC over all trials on their common inner folds
+    (:func:`_common_fold_scores`); the caption sets the spread between trials against the inner-fold noise of
+    one trial's mean (with inner CV), so a reader sees whether the search found more than noise. None with
+    fewer than three complete trials."""
     import optuna
     from scipy.stats import spearmanr
 
@@ -511,23 +729,25 @@ def _sensitivity_table(
             ]
         )
     means = np.array([t.value for t in complete])
-    fold_sd = [sd for t in complete if not math.isnan(sd := _fold_sd(t))]
+    fold_sd = [sd for t in complete if not math.isnan(sd := _inner_sd(t))]
     noise = ""
     if fold_sd:
-        k = int(np.median([len(t.user_attrs.get("fold_val_auc", [])) for t in complete]))
+        k = int(np.median([len(t.user_attrs.get("inner_val_auc", [])) for t in complete]))
         noise = (
-            f"; the standard error of one trial's mean from its fold noise is about "
-            f"{np.median(fold_sd) / math.sqrt(max(k, 1)) * 100:.1f} (median fold SD {np.median(fold_sd) * 100:.1f}, "
-            f"{k} folds)"
+            f"; the standard error of one trial's mean from its inner-fold noise is about "
+            f"{np.median(fold_sd) / math.sqrt(max(k, 1)) * 100:.1f} (median inner-fold SD "
+            f"{np.median(fold_sd) * 100:.1f}, {k} inner folds)"
         )
     rho_over = (
         f"over the {len(complete)} complete trials"
         if folds is None
-        else f"over all {len(scored)} trials, complete and pruned, on the first {folds} fold(s) that all of them "
-        "finished (pruning stops weak settings early, so the complete trials alone would hide them)"
+        else f"over all {len(scored)} trials, complete and pruned, on the first {folds} inner fold(s) that all of "
+        "them finished (pruning stops weak settings early, so the complete trials alone would hide them)"
     )
     caption = (
-        f"Sensitivity of {method}'s validation AUC to each searched parameter: fANOVA importance (share of the "
+        f"Sensitivity of {method}'s validation AUC to each searched parameter, over the trials of the "
+        f"{outer_folds} outer folds' searches pooled (each scores its own validation patients, so differences "
+        "between folds add to the spread): fANOVA importance (share of the "
         f"explained variance, {len(complete)} complete trials) and Spearman's rho with its p-value {rho_over}. "
         f"Mean validation AUC of the complete trials: {means.mean() * 100:.1f} ± {means.std(ddof=1) * 100:.1f} "
         f"(range {means.min() * 100:.1f}–{means.max() * 100:.1f}){noise}. Importances over few, noisy trials "
@@ -551,10 +771,12 @@ def _figures(
     method: str,
     params: Sequence[str],
 ) -> list[Path]:
-    """The optimisation history (pruned trials as grey crosses at their last running mean), and the validation
-    AUC against each numeric searched parameter, on the folds every trial finished when some were pruned
-    (:func:`_common_fold_scores`), with the mean per value for a discrete parameter; a parameter searched on
-    a log scale (or powers of two) is drawn on one. PNG and SVG, in the report's figure style."""
+    """From the pooled trials of every outer fold (:func:`_pooled`): the optimisation history of each outer
+    fold's search (its trials and best so far; pruned trials as grey crosses at their last running mean), and
+    the validation AUC against each numeric searched parameter, on the inner folds every trial finished when
+    some were pruned (:func:`_common_fold_scores`), with the mean per value for a discrete parameter; a
+    parameter searched on a log scale (or powers of two) is drawn on one. PNG and SVG, in the report's figure
+    style."""
     import optuna
     from matplotlib.figure import Figure
 
@@ -569,29 +791,32 @@ def _figures(
     with paper_style():
         fig = Figure(figsize=size)
         ax = fig.add_subplot()
-        ax.plot([t.number for t in complete], [t.value for t in complete], "o", ms=3, label="complete trial")
+        for k in sorted({t.user_attrs["outer_fold"] for t in complete}):
+            mine = [t for t in complete if t.user_attrs["outer_fold"] == k]
+            number, value = [t.user_attrs["trial"] for t in mine], [t.value for t in mine]
+            (points,) = ax.plot(number, value, "o", ms=3, alpha=0.6)
+            best = np.maximum.accumulate(value)
+            ax.step(number, best, where="post", color=points.get_color(), label=f"fold {k}: best so far")
         if pruned:
             ax.plot(
-                [t.number for t in pruned],
+                [t.user_attrs["trial"] for t in pruned],
                 pruned_values,
                 "x",
                 ms=3,
                 color="grey",
                 label="pruned (last running mean)",
             )
-        ax.step(
-            [t.number for t in complete],
-            np.maximum.accumulate([t.value for t in complete]),
-            where="post",
-            label="best so far",
+        ax.set(
+            xlabel="trial of the fold's search",
+            ylabel="validation AUC",
+            title=f"{method}: optimisation history",
         )
-        ax.set(xlabel="trial", ylabel="mean validation AUC", title=f"{method}: optimisation history")
         ax.legend()
         fig.tight_layout()
     written += save_figure(fig, folder, f"sweep_{method}_history")
 
     complete_state = optuna.trial.TrialState.COMPLETE
-    ylabel = "mean validation AUC" if folds is None else f"validation AUC, first {folds} fold(s)"
+    ylabel = "validation AUC" if folds is None else f"validation AUC, first {folds} inner fold(s)"
     for p in params:
         points = [(t.params[p], y, t.state == complete_state) for t, y in scored if p in t.params]
         if not points or not all(isinstance(x, int | float) for x, _, _ in points):

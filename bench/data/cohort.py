@@ -105,7 +105,11 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
     if not path.is_file():
         problems.append(f"{path}: labels file not found. Fix: correct 'labels' in {task.path}.")
         return None
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = read_table(path, ids=None)
+    except DataError as exc:
+        problems.append(str(exc))
+        return None
     missing = [c for c in (*ID_COLS, task.label_col) if c not in df.columns]
     if missing:
         problems.append(
@@ -188,6 +192,7 @@ def _check_features(df: pd.DataFrame, folder: Path, problems: list[str]) -> tupl
             shape = _feature_shape(p)
         except Exception as exc:
             problems.append(f"{p}: cannot read ({exc}). Fix: re-extract or re-copy the file.")
+            df.loc[df.slide_id == slide_id, "path"] = ""  # one message per file: its values are not read
             continue
         if len(shape) != 2 or shape[0] == 0:
             problems.append(
@@ -239,7 +244,11 @@ def _read_omics(task: TaskConfig, cases: pd.Index, problems: list[str]) -> pd.Da
     if not path.is_file():
         problems.append(f"{path}: omics file not found. Fix: correct 'omics' in {task.path} or remove it.")
         return None
-    df = read_table(path, ids=("case_id",))
+    try:
+        df = read_table(path, ids=("case_id",))
+    except DataError as exc:
+        problems.append(str(exc))
+        return None
     if "case_id" not in df.columns:
         problems.append(f"{path}: no 'case_id' column. Fix: the omics CSV is case_id + one column per gene.")
         return None
@@ -262,6 +271,11 @@ def _read_omics(task: TaskConfig, cases: pd.Index, problems: list[str]) -> pd.Da
         )
     if not len(df.index.intersection(cases)):
         problems.append(f"{path}: no case_id in common with the labels CSV. Fix: use the same patient IDs.")
+    if task.omics_select is not None and task.omics_select.k > df.shape[1]:
+        problems.append(
+            f"{path}: omics_select keeps k = {task.omics_select.k} genes but the file has {df.shape[1]}. "
+            f"Fix: lower 'k' under 'omics_select' in {task.path}, or remove 'omics_select' to use every gene."
+        )
     return df.astype(np.float32)
 
 
@@ -342,11 +356,12 @@ class OmicsScaler:
         self.mean: pd.Series | None = None
         self.std: pd.Series | None = None
 
-    def _transform_raw(self, df: pd.DataFrame) -> pd.DataFrame:
+    def log_expression(self, df: pd.DataFrame) -> pd.DataFrame:
+        """log2(x + 1) when ``log1p``, else ``df`` unchanged: what is z-scored (and ranked by omics_select)."""
         return np.log2(df + 1.0) if self.log1p else df
 
     def fit(self, omics: pd.DataFrame, train_cases: Sequence[str]) -> OmicsScaler:
-        x = self._transform_raw(omics.loc[omics.index.intersection(list(train_cases))])
+        x = self.log_expression(omics.loc[omics.index.intersection(list(train_cases))])
         if len(x) == 0:
             raise DataError("no training patient has omics in this fold; omics-based methods cannot train.")
         self.mean = x.mean(axis=0)
@@ -357,4 +372,4 @@ class OmicsScaler:
     def transform(self, omics: pd.DataFrame) -> pd.DataFrame:
         if self.mean is None:
             raise RuntimeError("OmicsScaler.transform called before fit")
-        return ((self._transform_raw(omics) - self.mean) / self.std).astype(np.float32)
+        return ((self.log_expression(omics) - self.mean) / self.std).astype(np.float32)

@@ -56,7 +56,9 @@ def make_splits(slides: pd.DataFrame, folds: int, seed: int, val_fraction: float
             fix="use fewer folds, a larger val_fraction, or add patients of the rarer class.",
         ) from exc
     try:
-        check_splits(table, source=f"{folds}-fold CV of {patients.value_counts().to_dict()} patients per class")
+        check_splits(
+            table, source=f"{folds}-fold CV of {patients.value_counts().to_dict()} patients per class"
+        )
     except DataError as exc:
         raise DataError(f"{exc} (val_fraction {val_fraction}, seed {seed})") from exc
     return table

@@ -101,3 +101,11 @@ def test_external_labels_checked_like_internal_ones(small_task, recode, message)
     df.to_csv(labels, index=False)
     _, _, problems = load_cohorts(load_task(small_task))
     assert any(message in p and "ext" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("which", ["labels.csv", "omics.csv"])
+@pytest.mark.parametrize("content", [b"", b"\x00\x01\xff\xfe garbage\n\x00,\x00\n"])
+def test_empty_or_binary_tables_are_problems_not_crashes(small_task, which, content):
+    (small_task.parent / "internal" / which).write_bytes(content)
+    problems = load_cohort(load_task(small_task)).problems
+    assert any(which in p and "Fix:" in p for p in problems), problems

@@ -115,7 +115,7 @@ def test_any_design_splits_or_is_refused_in_one_paragraph(pos, folds, val_fracti
 def test_one_class_and_bad_val_fraction_are_refused():
     with pytest.raises(DataError, match="one class only"):
         make_splits(_patients(0, 30), 5, 0, 0.2)
-    with pytest.raises(DataError, match="val_fraction 1.5"):
+    with pytest.raises(DataError, match=r"val_fraction 1\.5"):
         make_splits(_patients(15, 30), 5, 0, 1.5)
     with pytest.raises(DataError, match=r"class 1 has 2 patients, so in 2-fold CV.*as few as 1"):
         make_splits(_patients(2, 30), 2, 0, 0.2)

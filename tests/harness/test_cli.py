@@ -123,7 +123,7 @@ def test_one_class_fold_is_rejected(monkeypatch, capsys, small_task):
 
 def test_report_writes_tables(monkeypatch, capsys, small_task, tmp_path):
     out = tmp_path / "res"
-    bench(
+    _, printed, _ = bench(
         monkeypatch,
         capsys,
         "run",
@@ -139,10 +139,13 @@ def test_report_writes_tables(monkeypatch, capsys, small_task, tmp_path):
         "--epochs",
         "1",
     )
+    assert "ACC@0.5" in printed and "best F1 on each fold's validation patients" in printed
     code, _, _ = bench(monkeypatch, capsys, "report", "--task", str(small_task), "--out", str(out))
     assert code == 0
     folder = out / "toy" / "report"
-    for stem in ("table1_internal", "table2_external"):
+    for stem in ("table1_internal", "table2_external", "operating_points_toy"):
         assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.tex").is_file()
+    points = (folder / "operating_points_toy.md").read_text()
+    assert "Threshold (val.)" in points and "F1@0.5" in points and points.count("| abmil[ilse] |") == 2
     tex = (folder / "table1_internal.tex").read_text()
     assert r"\toprule" in tex and r"\textbf{" in tex and "abmil{[}ilse{]}" in tex

@@ -72,3 +72,10 @@ def test_unexpected_error_is_one_line_and_a_log(tmp_path):
     assert len(logs) == 1 and str(logs[0].name) in r.stderr
     text = logs[0].read_text()
     assert "Traceback" in text and "RuntimeError: injected fault" in text
+
+
+def test_a_file_where_out_should_be_a_folder_is_a_paragraph(tmp_path, small_task):
+    (tmp_path / "afile").write_text("")
+    r = bench(tmp_path, "run", "--methods", "abmil", "--task", str(small_task), "--out", "afile", "--quiet")
+    assert r.returncode == 2 and "Not a directory" in r.stderr and "Fix:" in r.stderr
+    assert "Traceback" not in r.stderr

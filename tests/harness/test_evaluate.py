@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.evaluate import best_f1_threshold, binary_metrics, patient_level
+from bench.evaluate import best_f1_threshold, binary_metrics, cohort_metrics, patient_level
+from bench.store import METRICS
 
 
 def test_best_f1_threshold_hand_case():
@@ -29,3 +30,27 @@ def test_patient_aggregation_mean_and_max():
     pred = pd.DataFrame({"case_id": ["a", "a", "b"], "label": [1, 1, 0], "prob": [0.2, 0.6, 0.3]})
     assert patient_level(pred, "mean").prob.tolist() == pytest.approx([0.4, 0.3])
     assert patient_level(pred, "max").prob.tolist() == pytest.approx([0.6, 0.3])
+
+
+def test_two_operating_points_hand_case():
+    """The validation-chosen threshold and the argmax give different hard predictions on the same patients."""
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.2, 0.45, 0.4, 0.9])
+    m = cohort_metrics(y, p, threshold=0.35)
+    # threshold 0.35: predictions 0, 1, 1, 1 -> 3/4 right, F1 = 2·2 / (2·2 + 1) = 0.8
+    assert m["threshold"] == 0.35 and m["acc"] == pytest.approx(0.75) and m["f1"] == pytest.approx(0.8)
+    # argmax (p > 0.5): predictions 0, 0, 0, 1 -> 3/4 right, balanced 0.75, F1 = 2 / 3
+    assert m["acc@0.5"] == pytest.approx(0.75) and m["balanced_acc@0.5"] == pytest.approx(0.75)
+    assert m["f1@0.5"] == pytest.approx(2 / 3) and m["auc"] == pytest.approx(0.75) and m["n"] == 4
+
+
+def test_argmax_tie_is_the_negative_class():
+    """Probability exactly 0.5 (equal logits) is class 0 at the argmax, as torch.argmax picks the first."""
+    m = cohort_metrics(np.array([0, 1]), np.array([0.5, 0.9]), threshold=0.5)
+    assert m["acc@0.5"] == 1.0 and m["acc"] == 0.5
+
+
+def test_summary_metrics_are_the_cohort_metrics():
+    """summary.csv carries every per-cohort result of cohort_metrics (not the threshold or the count)."""
+    keys = cohort_metrics(np.array([0, 1]), np.array([0.2, 0.7]), 0.5)
+    assert set(METRICS) == set(keys) - {"threshold", "n"}

@@ -29,7 +29,19 @@ def test_run_writes_contract_files(small_task, opts):
         assert set(pred.cohort) == {"test", "ext"}
         metrics = json.loads((fold / "metrics.json").read_text())["cohorts"]
         for cohort in ("test", "ext"):
-            assert set(metrics[cohort]) == {"auc", "acc", "balanced_acc", "f1", "threshold", "n"}
+            assert set(metrics[cohort]) == {
+                *("auc", "acc", "balanced_acc", "f1", "threshold", "n"),
+                *("acc@0.5", "balanced_acc@0.5", "f1@0.5"),
+            }
+            # both operating points, recomputed from the saved predictions (patients: mean of their slides)
+            pat = (
+                pred[pred.cohort == cohort]
+                .groupby("case_id")
+                .agg(label=("label", "first"), prob=("prob", "mean"))
+            )
+            m = metrics[cohort]
+            assert m["acc"] == pytest.approx(((pat.prob >= m["threshold"]) == pat.label).mean())
+            assert m["acc@0.5"] == pytest.approx(((pat.prob > 0.5) == pat.label).mean())
         assert metrics["test"]["threshold"] == metrics["ext"]["threshold"] == metrics["val"]["threshold"]
         config = yaml.safe_load((fold / "config.yaml").read_text())
         assert config["method"] == "abmil" and config["fold"] == k and "hash" in config
@@ -37,6 +49,7 @@ def test_run_writes_contract_files(small_task, opts):
     disk = pd.read_csv(task_dir / "summary.csv")
     assert list(disk.columns) == ["task", "method", "cohort", "metric", "mean", "std", "n"]
     assert set(disk.cohort) == {"test", "ext"} and (disk.n == 3).all()
+    assert set(disk.metric) == {"auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5"}
     assert len(summary) == len(disk)
     splits = pd.read_csv(task_dir / "splits.tsv", sep="\t", dtype=str)
     assert {"case_id", "slide_id", "fold_0", "fold_1", "fold_2"} <= set(splits.columns)
@@ -121,3 +134,35 @@ def test_validation_omics_only_for_a_mean_auc_monitor(small_task, opts, monkeypa
     assert not any(seen["abmil"]) and any(seen["mkd"])
     metrics = json.loads((opts.out / "toy" / "mkd" / "fold_0" / "metrics.json").read_text())
     assert metrics["monitor"] == "mean-auc" and "val_mean_auc" in metrics["history"][0]
+
+
+def test_threshold_is_fit_on_validation_patients_only(small_task, tmp_path, monkeypatch):
+    """Reversing what the model says about the test and external patients reverses their metrics at both
+    operating points, never the threshold: it is chosen on the validation patients alone."""
+    run(str(small_task), ["abmil"], RunOptions(out=tmp_path / "a", quiet=True, folds=2, epochs=1))
+    real_predict, real_train_fold = runner.predict, runner.train_fold
+    selecting = []
+
+    def train_fold(*args, **kwargs):  # validation predictions are made in here
+        selecting.append(True)
+        try:
+            return real_train_fold(*args, **kwargs)
+        finally:
+            selecting.pop()
+
+    def predict(model, bags, *args, **kwargs):
+        p = real_predict(model, bags, *args, **kwargs)
+        return p if selecting else 1.0 - p
+
+    monkeypatch.setattr(runner, "train_fold", train_fold)
+    monkeypatch.setattr(runner, "predict", predict)
+    run(str(small_task), ["abmil"], RunOptions(out=tmp_path / "b", quiet=True, folds=2, epochs=1))
+    for k in range(2):
+        a, b = (
+            json.loads((tmp_path / o / "toy" / "abmil" / f"fold_{k}" / "metrics.json").read_text())["cohorts"]
+            for o in ("a", "b")
+        )
+        assert a["val"] == b["val"] and a["test"]["threshold"] == b["test"]["threshold"]
+        for cohort in ("test", "ext"):
+            assert a[cohort]["auc"] == pytest.approx(1 - b[cohort]["auc"])
+            assert a[cohort]["acc@0.5"] == pytest.approx(1 - b[cohort]["acc@0.5"])
