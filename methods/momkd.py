@@ -347,8 +347,9 @@ class MoMKD(MILMethod):
             self.register_buffer("log_tau", log_tau)
         # own-class patch assignments counted over the current training epoch (saved with the weights).
         self.register_buffer("usage", torch.zeros(2, k))
-        # components taking part (adaptive memory prunes them; saved with the weights).
-        self.register_buffer("active", torch.ones(2, k, dtype=torch.bool))
+        # components taking part: adaptive memory prunes them (and saves the mask with the weights; without
+        # it every component takes part and the weights keep the authors' keys).
+        self.register_buffer("active", torch.ones(2, k, dtype=torch.bool), persistent=cfg.adaptive_memory)
         self.register_buffer("_low_epochs", torch.zeros(2, k, dtype=torch.long), persistent=False)
         if cfg.memory_mode == "momentum":
             self.register_buffer("momentum_memory", self.memory.detach().clone())

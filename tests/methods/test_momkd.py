@@ -469,3 +469,15 @@ def test_search_space():
     space = MoMKD.search_space(Trial())
     assert space == {"margin": 0.0, "memory_size": 64, "lr": 5e-5, "adaptive_memory": True}
     resolve_config("momkd", space)
+
+
+def test_saved_weights_keep_the_authors_keys_and_an_adaptive_memorys_mask():
+    assert "active" not in _model().state_dict()  # gradient/fixed weights: the keys they always had
+    model = _model("momkd[adaptive-memory]")
+    with torch.no_grad():
+        model.active[1, 2] = False
+    loaded = _model("momkd[adaptive-memory]")
+    loaded.load_state_dict(model.state_dict())
+    assert not loaded.active[1, 2] and loaded.active.sum() == 2 * SIZES["memory_size"] - 1
+    assert {"momentum_memory"} <= set(_model("momkd[momentum-memory]").state_dict())
+    assert {"ema_count", "ema_sum"} <= set(_model("momkd[vq-ema-memory]").state_dict())
