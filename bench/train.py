@@ -2,11 +2,17 @@
 
 Per epoch: ``on_epoch_start``; for each bag (class-balanced sampling with replacement when the method's
 config says so): forward, the method's named loss terms summed, backward; an optimiser step every
-``accumulation_steps`` bags (and on leftover gradients at the end of the epoch), gradient clipping, then
-``after_step``. After each epoch: ``on_epoch_end`` (its facts join the epoch's history record), then the
-validation patients are scored (``cfg.monitor``: AUC, loss, or the mean AUC of the models a method exposes
-through ``validation_logits``, e.g. MKD's student and teachers): the best epoch's weights are kept, the plateau scheduler steps on that score, and training stops early after
-``patience`` epochs without improvement (never before ``min_epochs``).
+``accumulation_steps`` bags, gradient clipping, then ``after_step``. A partial last window is stepped at
+the epoch's end, or, with ``carry_partial_window``, its gradients are carried into the next epoch's first
+window (G-HANet's code, which never zeroes them between epochs); with ``accumulation_mean`` each bag's loss
+is divided by ``accumulation_steps`` before its backward (G-HANet's ``loss / gc``: the window's gradient is
+the mean of its bags', not their sum). After each epoch: ``on_epoch_end`` (its facts join the epoch's
+history record), then the validation patients are scored (``cfg.monitor``: AUC, loss, or the mean AUC of
+the models a method exposes through ``validation_logits``, e.g. MKD's student and teachers): the best epoch's weights are kept (with ``keep_tied_best`` a later epoch that ties the best
+score replaces it, as the ``EarlyStopping`` classes of CLAM and MoMKD and WiKG's ``train.py`` do; the
+submodules ``last_epoch_modules`` names keep their last epoch's weights instead), the plateau scheduler
+steps on that score, and training stops early after ``patience`` epochs without improvement (never before
+``min_epochs``).
 
 The hot loop has no host synchronisation: losses are accumulated on the device and read once per epoch.
 """
@@ -128,14 +134,18 @@ def fit(
     best_score, best_epoch, best_state = -math.inf if maximise else math.inf, -1, None
     history: list[dict[str, Any]] = []
     acc = max(1, cfg.accumulation_steps)
+    backward_scale = 1.0 / acc if cfg.accumulation_mean else 1.0
 
     epoch = 0
+    pending = False
+    optimizer.zero_grad(set_to_none=True)
     for epoch in range(cfg.epochs):
         model.train()
         model.on_epoch_start(epoch)
         loss_sum = torch.zeros((), device=device)
-        pending = False
-        optimizer.zero_grad(set_to_none=True)
+        if not cfg.carry_partial_window:
+            pending = False
+            optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(epoch_order(labels, cfg.balanced_sampling, generator).tolist()):
             bag = train_bags[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -143,14 +153,15 @@ def fit(
                 terms = model.loss(bag, out)
             if terms:
                 total = torch.stack([t.float() for t in terms.values()]).sum()
-                total.backward()
+                (total * backward_scale).backward()
                 loss_sum += total.detach()
                 pending = True
             if pending and (i + 1) % acc == 0:
                 _step(model, optimizer, cfg)
                 pending = False
-        if pending:
+        if pending and not cfg.carry_partial_window:
             _step(model, optimizer, cfg)
+            pending = False
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, len(labels))}
         record.update(model.on_epoch_end(epoch))
         record.update(_validate(model, val_bags, device, autocast, aggregation))
@@ -160,7 +171,10 @@ def fit(
             scheduler.step(score)
         elif scheduler is not None:
             scheduler.step()
-        improved = score > best_score if maximise else score < best_score
+        if cfg.keep_tied_best:
+            improved = score >= best_score if maximise else score <= best_score
+        else:
+            improved = score > best_score if maximise else score < best_score
         if improved or best_state is None:
             best_score, best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -169,7 +183,12 @@ def fit(
         if epoch + 1 >= cfg.min_epochs and epoch - best_epoch >= cfg.patience:
             break
     if best_state is not None:
-        model.load_state_dict(best_state)
+        last = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if k.split(".", 1)[0] in model.last_epoch_modules()
+        }
+        model.load_state_dict({**best_state, **last})
     model.eval()
     return TrainResult(model, best_epoch, epoch + 1, float(best_score), history)
 

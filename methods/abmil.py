@@ -22,7 +22,8 @@ __all__ = ["ABMIL", "ABMILCfg"]
 class ABMILCfg(MethodCfg):
     """CLAM defaults: Adam 1e-4, weight decay 1e-5, dropout 0.25, up to 200 epochs, early stop on val loss
     with CLAM's ``EarlyStopping(patience=20, stop_epoch=50)``, which stops only at an epoch index above 50,
-    i.e. after at least 52 epochs (``min_epochs=52`` under this trainer's rule)."""
+    i.e. after at least 52 epochs (``min_epochs=52`` under this trainer's rule). That class counts only a
+    strictly lower validation loss as worse, so a tie becomes the new best (``keep_tied_best``)."""
 
     hidden_dim: int = 512
     attn_dim: int = 256
@@ -30,6 +31,7 @@ class ABMILCfg(MethodCfg):
     patience: int = 20
     min_epochs: int = 52
     monitor: str = "loss"
+    keep_tied_best: bool = True
 
 
 @register_method("abmil")

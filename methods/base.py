@@ -110,6 +110,10 @@ class MethodCfg:
     cosine_t_max: int = 50
     epochs: int = 100
     patience: int = 20  # early stopping, epochs without a better validation score
+    #: a later epoch whose validation score ties the best one replaces it (checkpoint and patience counter),
+    #: as ``EarlyStopping`` in CLAM and MoMKD (``score < best`` is the only "worse") and WiKG's ``train.py``
+    #: (``max_val_auc == val_auc`` saves); False: only a strictly better score counts (MKD, G-HANet, TDC)
+    keep_tied_best: bool = False
     min_epochs: int = 0  # no early stop before this many epochs
     #: validation score for early stopping and checkpoint selection: auc | loss | mean-auc (the mean of the
     #: AUCs of the models ``validation_logits`` returns, e.g. MKD's student and teachers)
@@ -117,6 +121,9 @@ class MethodCfg:
     grad_clip: float | None = None  # max gradient norm
     balanced_sampling: bool = False  # class-balanced sampling with replacement
     accumulation_steps: int = 1  # optimiser step every this many bags
+    accumulation_mean: bool = False  # each bag's loss / accumulation_steps before backward (G-HANet's gc)
+    #: a partial last window's gradients carry into the next epoch (no step, no zeroing at the epoch's end)
+    carry_partial_window: bool = False
     needs_graph: bool = False  # the spatial kNN graph must be attached to each bag
     graph_k: int = 8
     graph_symmetric: bool = False
@@ -200,6 +207,11 @@ class MILMethod(nn.Module):
         """Logits ``(C,)`` of every model whose validation AUC the ``mean-auc`` monitor averages; the bag
         carries omics when the method uses them. Default: the method's own prediction."""
         return {"model": self(bag.without_omics()).logits}
+
+    def last_epoch_modules(self) -> tuple[str, ...]:
+        """Names of direct submodules that keep their last epoch's weights when the trainer restores the best
+        validation epoch (default: none; MKD's teachers, as its reference saves them every epoch)."""
+        return ()
 
     def training_report(self) -> dict[str, Any]:
         """JSON-able facts about the trained model for the fold's metrics (e.g. active memory components)."""

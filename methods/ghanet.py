@@ -144,8 +144,13 @@ class GHANetCfg(MethodCfg):
     """Defaults from ``main.py`` and ``models/`` of ZacharyWang-007/G-HANet.
 
     Adam 2e-4, weight decay 1e-5, gradient accumulation 32 (``--gc``), 20 epochs, dropout 0.25, weighted
-    sampling; the reference keeps the best validation epoch and never stops early (``patience`` = epochs).
-    Its ``StepLR(30)`` never fires within 20 epochs: no scheduler.
+    sampling; the reference keeps the best validation epoch and never stops early (``patience`` = epochs),
+    a strictly better one only (``c_index > c_index_best``). Its ``StepLR(30)`` never fires within 20 epochs:
+    no scheduler. Accumulation as ``train_loop_survival_coattn``: each bag back-propagates ``loss / gc``
+    (``accumulation_mean``: a window's gradient is the mean of its 32 bags', so under Adam the weight decay
+    keeps its weight against it), the optimiser steps when ``(batch_idx + 1) % gc == 0`` and nothing zeroes
+    the gradients between epochs, so a partial last window joins the next epoch's first one
+    (``carry_partial_window``; the last epoch's remainder is never applied).
     """
 
     optimizer: str = "adam"
@@ -156,6 +161,8 @@ class GHANetCfg(MethodCfg):
     monitor: str = "auc"
     balanced_sampling: bool = True
     accumulation_steps: int = 32
+    accumulation_mean: bool = True
+    carry_partial_window: bool = True
     uses_omics: bool = True
     wsi_dim: int = 512
     num_tokens: int = 6  # --num_tokens: one per gene group

@@ -81,7 +81,14 @@ class MKDCfg(MethodCfg):
     AdamW 2e-4, weight decay 1e-5 (``--reg``), cosine schedule with ``T_max=50`` over up to 100 epochs,
     dropout 0.25, weighted sampling (README command), ``--gc 16`` (the window), temperature 4. Early stopping:
     ``EarlyStopping(patience=5, stop_epoch=5, metric='auc')``, which stops only after epoch index 5, i.e.
-    no stop before 7 epochs (``min_epochs=7`` under this trainer's rule).
+    no stop before 7 epochs (``min_epochs=7`` under this trainer's rule); that class counts a tie as no
+    improvement (``score <= best_score``), so only a strictly better mean AUC is kept.
+
+    ``validate_classification_coattn`` puts only the student in eval mode: the teachers are scored with
+    their dropout active (``teacher_val_dropout``), and ``core_utils_train`` saves the teachers after every
+    epoch while ``EarlyStopping`` saves the student alone, so the teachers kept are the last epoch's
+    (``teachers_last_epoch``; only the student predicts, so this changes what ``model.pt`` holds, not any
+    prediction).
     """
 
     optimizer: str = "adamw"
@@ -104,6 +111,8 @@ class MKDCfg(MethodCfg):
     sp_weight: float = 1.0  # --intermediate_loss_fn SP (0 = NOT)
     kl_weight: float = 1.0  # --logits_loss_fn KL (0 = NOT)
     decomposition_weight: float = 1.0  # --OR: orthogonality + CORAL (0 = NOR)
+    teacher_val_dropout: bool = True  # teachers keep dropout on when scored for the mean-auc monitor
+    teachers_last_epoch: bool = True  # the teachers keep their last epoch's weights, not the best epoch's
 
 
 class _Student(nn.Module):
@@ -205,6 +214,9 @@ class MKD(MILMethod):
     Model selection: as the reference, early stopping and the kept checkpoint follow the mean validation AUC
     of the three models (``monitor="mean-auc"``; the teachers are scored on the validation patients with
     omics, which the runner attaches for this monitor only); variant ``student-monitor``: the student's AUC.
+    As the code, the teachers are scored in train mode (dropout active) and keep their last epoch's weights;
+    variant ``eval-teachers`` scores them in eval mode and keeps them at the selected epoch with the student
+    (deterministic teacher scores: a cleaner monitor, not the authors' run).
     """
 
     cfg_class = MKDCfg
@@ -213,6 +225,7 @@ class MKD(MILMethod):
         "no-kl": {"kl_weight": 0.0},
         "no-decomposition": {"decomposition_weight": 0.0},
         "student-monitor": {"monitor": "auc"},
+        "eval-teachers": {"teacher_val_dropout": False, "teachers_last_epoch": False},
     }
     summary = (
         "Online KD: ABMIL student + omics and bilinear-fusion teachers, SP/KL/orthogonal/CORAL (Zhang 2025)"
@@ -236,13 +249,23 @@ class MKD(MILMethod):
         return F.pad(omics, (0, pad)).view(self.num_tokens, self.cfg.token_size)
 
     def validation_logits(self, bag: Bag) -> dict[str, Tensor]:
-        """Logits ``(C,)`` of the student and, when the bag has omics, of both teachers."""
+        """Logits ``(C,)`` of the student and, when the bag has omics, of both teachers (in train mode when
+        ``teacher_val_dropout``, as the reference; their modes are restored)."""
         out = {"student": self.student(bag.features)[0]}
         if bag.omics is not None:
             tokens = self._tokens(bag.omics)
+            teachers = (self.omics_teacher, self.multimodal_teacher)
+            modes = [t.training for t in teachers]
+            for t in teachers:
+                t.train(self.cfg.teacher_val_dropout or t.training)
             out["omics_teacher"] = self.omics_teacher(tokens)[0]
             out["multimodal_teacher"] = self.multimodal_teacher(bag.features, tokens)[0]
+            for t, mode in zip(teachers, modes, strict=True):
+                t.train(mode)
         return out
+
+    def last_epoch_modules(self) -> tuple[str, ...]:
+        return ("omics_teacher", "multimodal_teacher") if self.cfg.teachers_last_epoch else ()
 
     def on_epoch_start(self, epoch: int) -> None:
         self._window.clear()

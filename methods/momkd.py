@@ -45,7 +45,9 @@ class MoMKDCfg(MethodCfg):
     (max, factor 0.2, patience 5) on val AUC, grad-norm clip 16 (``run.sh``: ``--gc 16``), class-balanced
     sampling with replacement, up to 100 epochs (``run.sh``), early stopping on val AUC with ``main.py``'s
     defaults patience 20 and stop epoch 50 (``run.sh`` sets 1 and 1, a debugging setting; not used); its
-    CLAM-style ``EarlyStopping`` stops only at an epoch index above ``stop_epoch``, so ``min_epochs=52``.
+    CLAM-style ``EarlyStopping`` stops only at an epoch index above ``stop_epoch``, so ``min_epochs=52``;
+    it counts only ``score < best`` as worse, so a tied validation AUC becomes the new best
+    (``keep_tied_best``). It is always on: ``main.py``'s ``--early_stopping`` flag is never read.
     """
 
     wsi_dim: int = 256  # Dw, width of the graph encoder
@@ -92,6 +94,7 @@ class MoMKDCfg(MethodCfg):
     patience: int = 20
     min_epochs: int = 52
     monitor: str = "auc"
+    keep_tied_best: bool = True
     grad_clip: float | None = 16.0
     balanced_sampling: bool = True
     needs_graph: bool = True

@@ -32,7 +32,8 @@ KNOWLEDGE_SCORES = ("code", "dot")
 class WiKGCfg(MethodCfg):
     """Defaults of the official repo as its ``train.py`` runs them: C = 512, top-k 6, bi-interaction,
     mean pooling, dropout 0.3, Adam lr 1e-4, weight decay 1e-5, 100 epochs without early stopping,
-    checkpoint of the best validation AUC.
+    checkpoint of the best validation AUC (``if max_val_auc == val_auc`` saves, so a later tied epoch is the
+    one kept: ``keep_tied_best``).
 
     ``knowledge_score``: ``code`` is what ``model.py`` computes, ``einsum('ijkl,ijkm->ijk', Nb_h, gate)``,
     which sums the two factors separately, ``(Σ_c e_t[j]) (Σ_c g_ij)``; ``dot`` is the paper's inner
@@ -50,6 +51,7 @@ class WiKGCfg(MethodCfg):
     epochs: int = 100
     patience: int = 100
     monitor: str = "auc"
+    keep_tied_best: bool = True
     chunk_elements: int = 1 << 24
 
 

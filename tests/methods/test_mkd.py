@@ -172,7 +172,7 @@ def test_variants_switch_terms_off():
     for bag in _bags(16, seed=7):
         terms = model.loss(bag, model(bag))
     assert set(terms) == {"ce", "kl"}
-    assert set(MKD.variants) == {"no-sp", "no-kl", "no-decomposition", "student-monitor"}
+    assert set(MKD.variants) == {"no-sp", "no-kl", "no-decomposition", "student-monitor", "eval-teachers"}
 
 
 def test_mean_auc_monitor_averages_student_and_teachers_over_patients():
@@ -181,7 +181,7 @@ def test_mean_auc_monitor_averages_student_and_teachers_over_patients():
 
     from bench.train import mean_model_auc
 
-    model = _model()
+    model = _model(teacher_val_dropout=False)
     assert model.cfg.monitor == "mean-auc"
     bags = _bags(12, seed=8)
     for i, b in enumerate(bags):
@@ -197,3 +197,27 @@ def test_mean_auc_monitor_averages_student_and_teachers_over_patients():
     want = np.mean([roc_auc_score(*zip(*pairs, strict=True)) for pairs in scores.values()])
     assert len(scores["student"]) == 12 and len(scores["omics_teacher"]) == 10
     assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_teachers_are_scored_with_dropout_as_the_reference_and_modes_are_restored():
+    """``validate_classification_coattn`` sets only the student to eval: teacher scores vary with dropout."""
+    bag = _bags(1, seed=9)[0]
+    model = _model().eval()
+    with torch.no_grad():
+        a, b = model.validation_logits(bag), model.validation_logits(bag)
+    torch.testing.assert_close(a["student"], b["student"], rtol=0, atol=0)
+    assert not torch.equal(a["multimodal_teacher"], b["multimodal_teacher"])
+    assert not torch.equal(a["omics_teacher"], b["omics_teacher"])
+    assert not any(m.training for m in model.modules())
+    plain = _model(**MKD.variants["eval-teachers"]).eval()
+    with torch.no_grad():
+        c, d = plain.validation_logits(bag), plain.validation_logits(bag)
+    for name in c:
+        torch.testing.assert_close(c[name], d[name], rtol=0, atol=0)
+
+
+def test_teachers_keep_their_last_epoch_weights():
+    assert _model().last_epoch_modules() == ("omics_teacher", "multimodal_teacher")
+    assert _model(teachers_last_epoch=False).last_epoch_modules() == ()
+    names = {n for n, _ in _model().named_children()}
+    assert set(_model().last_epoch_modules()) <= names
