@@ -315,7 +315,15 @@ def ablate_cmd(
             out,
             task_name,
             variants,
-            f"{base} {table_name.replace('_', ' ')} on {task_name}: AUC (%), mean ± SD over folds.",
+            " ".join(
+                filter(
+                    None,
+                    [
+                        f"{base} {table_name.replace('_', ' ')} on {task_name}: AUC (%), mean ± SD over folds.",
+                        cls.ablation_notes.get(table_name),
+                    ],
+                )
+            ),
             f"tab:{base}-{table_name}",
             reference=base,
         )

@@ -26,7 +26,7 @@ from rich.table import Table as RichTable
 
 from . import provenance
 from .stats import TaskStats
-from .store import atomic_write_text, collect_metrics
+from .store import atomic_write_text, collect_metrics, read_fold_metrics
 
 __all__ = [
     "Table",
@@ -35,6 +35,7 @@ __all__ = [
     "fmt_p",
     "headline_table",
     "localisation_md_table",
+    "memory_table",
     "operating_points_table",
     "summary_rich_table",
     "table1",
@@ -266,30 +267,78 @@ def variant_table(
     label: str,
     reference: str | None = None,
 ) -> Table:
-    """Rows = (display name, method name on disk); columns internal AUC and AUC on each external cohort.
+    """Rows = (display name, method name on disk); columns internal AUC, AUC on each external cohort and the
+    internal→external drop (points of AUC) on each.
 
-    With ``reference`` (a method name among the variants, e.g. the full model), each other row is marked
-    where the paired tests of the report (on the folds both have) reject equality with it at p < 0.05.
+    The drop is each fold model's internal test AUC minus its AUC on the cohort, mean ± SD over folds. With
+    ``reference`` (a method name among the variants, e.g. the full model), each other row is marked where the
+    paired tests of the report (on the folds both have) reject equality with it at p < 0.05, and its drop
+    where the corrected resampled t-test of the per-fold drop differences does.
     """
-    stats = _stats(collect_metrics(out, task))
+    long = collect_metrics(out, task)
+    stats = _stats(long)
     externals = sorted(set(stats.index.get_level_values("cohort")) - {"test", "val"}) if len(stats) else []
     cohorts = ["test", *externals]
-    header = ["Configuration", "Internal AUC"] + [f"External ({c}) AUC" for c in externals]
+    header = (
+        ["Configuration", "Internal AUC"]
+        + [f"External ({c}) AUC" for c in externals]
+        + [f"Drop int→ext ({c})" for c in externals]
+    )
     cols = {c: [_get(stats, m, c, "auc") for _, m in variants] for c in cohorts}
+    drops = {c: [_fold_drops(long, m, c) for _, m in variants] for c in externals}
     flags = {c: _bold_best([v[0] for v in cols[c]]) for c in cohorts}
-    rows = [[name] + [fmt(*cols[c][i]) for c in cohorts] for i, (name, _) in enumerate(variants)]
+    rows = [
+        [name] + [fmt(*cols[c][i]) for c in cohorts] + [_fmt_drop(drops[c][i]) for c in externals]
+        for i, (name, _) in enumerate(variants)
+    ]
+    if externals:
+        caption += (
+            " Drop int→ext: each fold model's internal test AUC minus its AUC on the external cohort, points of "
+            "AUC, mean ± SD over folds."
+        )
     if reference is not None and len(stats) and (reference, "test", "auc") in stats.index:
-        from .stats import analyse_task
+        from .stats import analyse_task, corrected_resampled_ttest
 
         on_disk = {m for _, m in variants if (m, "test", "auc") in stats.index}
         st = analyse_task(out, task, reference, n_boot=0, methods=on_disk)
+        ref_i = next(i for i, (_, m) in enumerate(variants) if m == reference)
         for i, (_, m) in enumerate(variants):
             for j, c in enumerate(cohorts, 1):
                 if rows[i][j] != "–":
                     rows[i][j] += _marks(st, m, c)
+            for j, c in enumerate(externals, 1 + len(cohorts)):
+                if rows[i][j] == "–" or i == ref_i:
+                    continue
+                paired = pd.concat([drops[c][i], drops[c][ref_i]], axis=1, join="inner")
+                p = corrected_resampled_ttest(
+                    paired.iloc[:, 0] - paired.iloc[:, 1], st.test_train_ratio[0]
+                ).p_value
+                rows[i][j] += MARK_T if p < ALPHA else ""
         caption += " " + _marks_caption("the row marked (ref), on the folds both have")
-    bold = [[False] + [flags[c][i] for c in cohorts] for i in range(len(variants))]
+        if externals:
+            caption += (
+                f" On a drop, {MARK_T}: p < 0.05 in the corrected resampled t-test of the per-fold drop "
+                "differences against the (ref) row."
+            )
+    bold = [[False] + [flags[c][i] for c in cohorts] + [False] * len(externals) for i in range(len(variants))]
     return Table(header, rows, bold, caption, label)
+
+
+def _fold_drops(long: pd.DataFrame, method: str, cohort: str) -> pd.Series:
+    """Per fold of ``method``: internal test AUC minus the AUC of the same fold model on ``cohort``."""
+    auc = long[(long.method == method) & (long.metric == "auc")].pivot(
+        index="fold", columns="cohort", values="value"
+    )
+    if "test" not in auc or cohort not in auc:
+        return pd.Series(dtype=float)
+    return (auc["test"] - auc[cohort]).dropna()
+
+
+def _fmt_drop(drops: pd.Series) -> str:
+    """``8.4 ± 2.1`` (points of AUC, mean ± SD over folds); ``–`` without folds."""
+    if drops.empty:
+        return "–"
+    return fmt(float(drops.mean()), float(drops.std(ddof=1)) if len(drops) > 1 else float("nan"))
 
 
 def _get(stats: pd.DataFrame, method: str, cohort: str, metric: str) -> tuple[float, float]:
@@ -494,6 +543,38 @@ def _runs_table(out: Path, st: TaskStats) -> Table:
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.task}")
 
 
+def memory_table(out: Path, analyses: Sequence[TaskStats]) -> Table | None:
+    """Methods with class memories × tasks: memory components in use and kept per class, or None if no
+    method on disk reports them (``method_report`` of each fold's metrics.json, e.g. MoMKD's)."""
+    cells: dict[str, dict[tuple[str, str], str]] = {}
+    for st in analyses:
+        for method in sorted({r.method for r in st.runs}):
+            folds = [Path(out) / st.task / method / f"fold_{r.fold}" for r in st.runs if r.method == method]
+            reports = [read_fold_metrics(fd).get("method_report", {}) for fd in folds]
+            reports = [m for m in reports if "memory_positive_num_active" in m]
+            if not reports:
+                continue
+            size = max(int(m.get("memory_size", 0)) for m in reports)
+            for name, sign in (("positive", "+"), ("negative", "−")):
+                used = np.array([m[f"memory_{name}_num_active"] for m in reports], dtype=float)
+                kept = np.array([m.get(f"memory_{name}_kept", size) for m in reports], dtype=float)
+                sd = float(used.std(ddof=1)) if len(used) > 1 else float("nan")
+                cell = fmt(float(used.mean()), sd, scale=1.0)
+                cells.setdefault(method, {})[(st.task, sign)] = f"{cell} / {kept.mean():.1f} of {size}"
+    if not cells:
+        return None
+    columns = [(st.task, sign) for st in analyses for sign in ("+", "−")]
+    header = ["Method"] + [f"{t.upper()} C{sign}" for t, sign in columns]
+    rows = [[m] + [cells[m].get(col, "–") for col in columns] for m in sorted(cells)]
+    caption = (
+        "Class memories: components in use (share of the class's training patches whose nearest own-class "
+        "code it is, in the last training epoch of the kept weights, at least the method's active_threshold, "
+        "1 % by default), mean ± SD over folds / components kept (fewer than K where adaptive memory pruned "
+        "them), mean over folds, of K."
+    )
+    return Table(header, rows, [[False] * len(header) for _ in rows], caption, "tab:memory")
+
+
 def _data_lines(st: TaskStats) -> list[str]:
     """Markdown lines describing a task's cohorts: source, patients, positives, synthetic settings."""
     config = st.runs[0].config
@@ -610,6 +691,11 @@ def write_report(
                 f"{st.task.upper()}: no other method shares folds with {st.reference}; nothing to compare.",
                 "",
             ]
+
+    memory = memory_table(out, analyses)
+    if memory is not None:
+        md += ["## Memory use (methods with class memories)", ""]
+        table_block(memory, "table_memory")
 
     md += ["## Figures", ""]
     for st in analyses:

@@ -6,9 +6,9 @@ config says so): forward, the method's named loss terms summed, backward; an opt
 the epoch's end, or, with ``carry_partial_window``, its gradients are carried into the next epoch's first
 window (G-HANet's code, which never zeroes them between epochs); with ``accumulation_mean`` each bag's loss
 is divided by ``accumulation_steps`` before its backward (G-HANet's ``loss / gc``: the window's gradient is
-the mean of its bags', not their sum). After each epoch the validation patients are scored (``cfg.monitor``:
-AUC, loss, or the mean AUC of the models a method exposes through ``validation_logits``, e.g. MKD's student
-and teachers): the best epoch's weights are kept (with ``keep_tied_best`` a later epoch that ties the best
+the mean of its bags', not their sum). After each epoch: ``on_epoch_end`` (its facts join the epoch's
+history record), then the validation patients are scored (``cfg.monitor``: AUC, loss, or the mean AUC of
+the models a method exposes through ``validation_logits``, e.g. MKD's student and teachers): the best epoch's weights are kept (with ``keep_tied_best`` a later epoch that ties the best
 score replaces it, as the ``EarlyStopping`` classes of CLAM and MoMKD and WiKG's ``train.py`` do; the
 submodules ``last_epoch_modules`` names keep their last epoch's weights instead), the plateau scheduler
 steps on that score, and training stops early after ``patience`` epochs without improvement (never before
@@ -76,7 +76,7 @@ class TrainResult:
     best_epoch: int
     epochs_run: int
     best_score: float
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,7 +171,7 @@ def fit(
         raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
     maximise = cfg.monitor != "loss"
     best_score, best_epoch, best_state = -math.inf if maximise else math.inf, -1, None
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     acc = max(1, cfg.accumulation_steps)
     backward_scale = 1.0 / acc if cfg.accumulation_mean else 1.0
 
@@ -202,6 +202,7 @@ def fit(
             _step(model, optimizer, cfg)
             pending = False
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, len(labels))}
+        record.update(model.on_epoch_end(epoch))
         record.update(_validate(model, val_bags, device, autocast, aggregation))
         history.append(record)
         score = record[MONITORS[cfg.monitor]]

@@ -7,7 +7,8 @@ are the authors' own. The trainer, evaluator and runner only ever call the metho
 - ``loss(bag, out) -> dict[str, Tensor]``: every named term, already weighted; the trainer sums them;
 - ``prepare(train_bags)``: optional one-off fitting on the training split (k-means memory init, gene masks, ...);
 - ``after_step()``: optional hook after each optimiser step (EMA memory updates, ...);
-- ``on_epoch_start(epoch)``, ``training_report()``: optional hooks (window buffers; facts for metrics.json);
+- ``on_epoch_start(epoch)``, ``on_epoch_end(epoch)``, ``training_report()``: optional hooks (window
+  buffers; per-epoch facts for the history and final facts for metrics.json; e.g. memory pruning);
 - ``predict_logits(bags)``, ``validation_logits_batch(bags)``: several bags per forward for inference and
   validation, each bag's values as alone (default: one by one; methods pack them, ``packing.py``);
 - ``configure_optimizer()``: the optimiser and scheduler of the authors' code, read from the config;
@@ -167,6 +168,8 @@ class MILMethod(nn.Module):
     #: e.g. ``{"ablation": [("WSI baseline", "wsi-baseline"), ("Full", "")]}``; each table lands in
     #: ``<out>/<task>/report/<table name>.{md,tex}``.
     ablations: ClassVar[dict[str, list[tuple[str, str]]]] = {}
+    #: table name -> a sentence or two added to that ablation table's caption (e.g. what each row changes).
+    ablation_notes: ClassVar[dict[str, str]] = {}
     #: one line for ``bench methods``.
     summary: ClassVar[str] = ""
 
@@ -196,6 +199,11 @@ class MILMethod(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (default: nothing); e.g. to drop a partial window's buffer."""
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        """Called after each training epoch, before validation (default: nothing); may change the model
+        (e.g. prune memory components) and returns JSON-able facts the trainer adds to the epoch's history."""
+        return {}
 
     def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
         """Logits ``(B, C)`` of several bags (no omics read), for inference and validation.

@@ -51,7 +51,20 @@ def test_ablate_momkd_writes_both_tables_and_resumes(small_task, tmp_path, monke
                 for k in range(2)
             ]
             assert cells[label][0].strip("*").startswith(f"{np.mean(aucs) * 100:.1f} ± ")
-        assert len(cells[rows[0][0]]) == 2  # internal and the external cohort
+        assert len(cells[rows[0][0]]) == 3  # internal, the external cohort, the drop between them
+        for label, v in rows:  # the drop: mean over folds of internal minus external AUC of each fold model
+            name = f"momkd[{v}]" if v else "momkd"
+            metrics = [
+                json.loads((task_dir / name / f"fold_{k}" / "metrics.json").read_text()) for k in range(2)
+            ]
+            drop = np.mean([m["cohorts"]["test"]["auc"] - m["cohorts"]["ext"]["auc"] for m in metrics])
+            assert cells[label][2].startswith(f"{drop * 100:.1f} ± ")
+    assert "What reaches the memory" in (report / "memory_modes.md").read_text()
+    config = yaml.safe_load((task_dir / "momkd[adaptive-memory]" / "fold_0" / "config.yaml").read_text())
+    assert config["method_config"]["adaptive_memory"] and config["method_config"]["memory_size"] == 16
+    metrics = json.loads((task_dir / "momkd[adaptive-memory]" / "fold_0" / "metrics.json").read_text())
+    assert 1 <= metrics["history"][0]["memory_positive_kept"] <= 16
+    assert metrics["method_report"]["adaptive_memory"]
 
     log = (task_dir / "claims.log").read_text()
     before = (report / "ablation.md").read_text()

@@ -38,10 +38,10 @@ def _bench(monkeypatch, *args: str) -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cohort_tools) -> tuple[Path, Path]:
-    """ABMIL and MoMKD, 2 folds x 1 epoch, on 18 patients (+ 8 external) with relevance in every file."""
+    """ABMIL and MoMKD, 2 folds x 1 epoch, on 30 patients (+ 8 external) with relevance in every file."""
     make_cohort, write_task = cohort_tools
     root = tmp_path_factory.mktemp("explain")
-    make_cohort(root / "internal", n_patients=18, genes=8)
+    make_cohort(root / "internal", n_patients=30, genes=8)
     make_cohort(root / "ext", n_patients=8, seed=1, prefix="E", omics=False)
     for cohort in ("internal", "ext"):
         _add_relevance(root / cohort / "features")
@@ -165,6 +165,8 @@ def test_report_assembles_tables_figures_and_report_md(trained, monkeypatch):
     folder = out / "toy" / "report"
     for stem in ("table_headline", "tests_toy", "table_localisation", "table1_internal", "runs_toy"):
         assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.tex").is_file()
+    memory = (folder / "table_memory.md").read_text()  # MoMKD's memories, per class; ABMIL has none
+    assert "| momkd | " in memory and "abmil" not in memory and memory.count(" of 4") == 2
     tex = (folder / "table_headline.tex").read_text()
     assert r"\toprule" in tex and "{[}" in tex and "†" not in tex
     images = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]

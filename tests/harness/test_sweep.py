@@ -21,7 +21,7 @@ from bench.data.splits import fold_parts
 from bench.errors import BenchError
 from bench.runner import RunOptions
 from bench.sweep import SweepOptions, make_storage, restricted_overrides, search, space_names
-from methods import get_method_class
+from methods import get_method_class, resolve_config
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -193,12 +193,16 @@ def test_best_variant_needs_a_sweep(small_task, tmp_path, monkeypatch, capsys):
 
 def test_params_restrict_the_search_space():
     momkd = get_method_class("momkd")
-    assert space_names(momkd) == ["lr", "margin", "memory_size"]
+    assert space_names(momkd) == ["adaptive_memory", "lr", "margin", "memory_size"]
     trial = optuna.create_study().ask()
     overrides = restricted_overrides(momkd, trial, ["margin", "memory_size"])
     assert set(overrides) == set(trial.params) == {"margin", "memory_size"}  # lr neither sampled nor set
     assert 0.0 <= overrides["margin"] <= 0.6 and overrides["memory_size"] in (2, 4, 8, 16, 32, 64)
-    with pytest.raises(BenchError, match="declares lr, margin, memory_size"):
+    trial = optuna.create_study().ask()
+    overrides = restricted_overrides(momkd, trial, ["memory_size", "adaptive_memory"])  # a data-chosen size
+    assert set(overrides) == {"memory_size", "adaptive_memory"}
+    assert resolve_config("momkd", overrides).adaptive_memory == overrides["adaptive_memory"]
+    with pytest.raises(BenchError, match="declares adaptive_memory, lr, margin, memory_size"):
         search("odx", SweepOptions("momkd", params=("margin", "memory")), RunOptions())
 
 

@@ -36,7 +36,7 @@ def _bag(n: int = 20, label: int = 1, omics: bool = True, seed: int = 0, shift: 
 
 def _model(name: str = "momkd", omics_dim: int | None = G, **overrides) -> MoMKD:
     torch.manual_seed(0)
-    return create_method(name, D, omics_dim, **SIZES, **overrides)
+    return create_method(name, D, omics_dim, **{**SIZES, **overrides})
 
 
 def _grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
@@ -192,30 +192,194 @@ def test_fixed_memory_never_moves():
     torch.testing.assert_close(model.memory, before, rtol=0, atol=0)
 
 
-def test_ema_memory_moves_towards_assigned_embeddings_only_after_a_step():
-    model = _model("momkd[ema-memory]", ema_decay=0.9).train()
-    assert not model.memory.requires_grad
+MODES = {
+    "gradient": "momkd",
+    "momentum": "momkd[momentum-memory]",
+    "vq-ema": "momkd[vq-ema-memory]",
+    "fixed": "momkd[fixed-memory]",
+}
+#: the loss terms whose gradient reaches the memory in each mode (CE never; vq-ema and fixed: none at all)
+REACHES_MEMORY = {
+    "gradient": {"mem", "align_wsi", "align_omics"},
+    "momentum": {"mem", "align_wsi", "align_omics"},
+    "vq-ema": set(),
+    "fixed": set(),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_which_losses_reach_the_memory_in_each_mode(mode):
+    model = _model(MODES[mode]).train()
+    assert model.cfg.memory_mode == mode
+    bag = _bag()
+    terms = model.loss(bag, model(bag))
+    assert set(terms) == {"ce", "mem", "align_wsi", "align_omics", "recon"}
+    reached = set()
+    for name, term in terms.items():
+        model.zero_grad(set_to_none=True)
+        term.backward(retain_graph=True)
+        if _nonzero(model.memory.grad):
+            reached.add(name)
+    assert reached == REACHES_MEMORY[mode]
+
+
+def test_momentum_copy_is_what_attention_and_wsi_alignment_read():
+    model = _model("momkd[momentum-memory]").train()
+    with torch.no_grad():
+        model.momentum_memory.copy_(F.normalize(torch.randn(2, 3, 4), dim=-1))
+    bag = _bag(label=0)
+    out = model(bag)
+    z = out.extras["z"].detach()
+    torch.testing.assert_close(out.extras["sim"], (z @ model.momentum_memory.view(6, 4).T).view(-1, 2, 3))
+    terms = model.loss(bag, out)
+    expected = soft_angle_loss(out.extras["w"], model.momentum_memory, torch.tensor(0), margin=0.3)
+    torch.testing.assert_close(terms["align_wsi"], 0.2 * expected)
+    grads = _grads(model, terms["align_wsi"])
+    assert _nonzero(grads["memory"]) and "momentum_memory" not in grads
+
+
+def test_momentum_copy_moves_by_exactly_the_decay_once_per_step():
+    model = _model("momkd[momentum-memory]", ema_decay=0.9)
+    with torch.no_grad():
+        model.momentum_memory.copy_(F.normalize(torch.randn(2, 3, 4), dim=-1))
+    before = model.momentum_memory.clone()
+    _train_steps(model, steps=1)
+    torch.testing.assert_close(model.memory.norm(dim=-1), torch.ones(2, 3))
+    expected = F.normalize(0.9 * before + 0.1 * model.memory.detach(), dim=-1)
+    torch.testing.assert_close(model.momentum_memory, expected)
+    after = model.momentum_memory.clone()
+    bag = _bag()
+    model.loss(bag, model(bag))  # no optimiser step: the copy stays
+    torch.testing.assert_close(model.momentum_memory, after, rtol=0, atol=0)
+
+
+def _vq_model(**overrides) -> MoMKD:
+    model = _model("momkd[vq-ema-memory]", **overrides).train()
+    model.omics_encoder.eval()  # no dropout: r can be recomputed below
     with torch.no_grad():
         model.memory.copy_(F.normalize(torch.randn(2, 3, 4), dim=-1))
-    before = model.memory.detach().clone()
+        model.ema_count.copy_(torch.tensor([[1.0, 2.0, 0.5], [1.5, 1.0, 2.0]]))
+        model.ema_sum.copy_(model.memory * model.ema_count.unsqueeze(-1))
+    return model
+
+
+@pytest.mark.parametrize("omics_weight", [0.0, 1.0])
+def test_vq_ema_update_hand_computed_with_the_omics_embedding_in_its_target(omics_weight):
+    model = _vq_model(ema_decay=0.9, ema_epsilon=1e-5, dead_code_threshold=0.0, ema_omics_weight=omics_weight)
+    assert not model.memory.requires_grad
+    before, count0, sum0 = model.memory.detach().clone(), model.ema_count.clone(), model.ema_sum.clone()
     bag = _bag(label=1)
     out = model(bag)
     model.loss(bag, out)
-    torch.testing.assert_close(model.memory, before, rtol=0, atol=0)
+    torch.testing.assert_close(model.memory, before, rtol=0, atol=0)  # nothing moves before the step
     z = out.extras["z"].detach()
-    assigned = torch.cdist(z, before[1]).argmin(dim=1)
-    expected = before.clone()
-    for k in assigned.unique().tolist():
-        expected[1, k] = 0.9 * before[1, k] + 0.1 * z[assigned == k].mean(0)
+    with torch.no_grad():
+        r = F.normalize(model.omics_proj(model.omics_encoder(bag.omics)), dim=-1)
+    n, s = torch.zeros(3), torch.zeros(3, 4)
+    for zi in z:  # each patch weighs 1/N, at its nearest (cosine) own-class code
+        k = int((before[1] @ zi).argmax())
+        n[k] += 1 / len(z)
+        s[k] += zi / len(z)
+    k = int((before[1] @ r).argmax())  # the patient's omics embedding, mass ema_omics_weight
+    n[k] += omics_weight
+    s[k] += omics_weight * r
+    count = 0.9 * count0[1] + 0.1 * n
+    sums = 0.9 * sum0[1] + 0.1 * s
+    total = count.sum()
+    smoothed = (count + 1e-5) / (total + 3e-5) * total
     model.after_step()
-    torch.testing.assert_close(model.memory, expected)
+    torch.testing.assert_close(model.memory[1], F.normalize(sums / smoothed.unsqueeze(1), dim=-1))
+    torch.testing.assert_close(model.ema_count[1], count)
+    torch.testing.assert_close(model.memory[0], before[0], rtol=0, atol=0)  # class 0 saw nothing
+    torch.testing.assert_close(model.ema_count[0], count0[0], rtol=0, atol=0)
     model.after_step()  # nothing collected since: no change
-    torch.testing.assert_close(model.memory, expected)
+    torch.testing.assert_close(model.ema_count[1], count)
 
 
-def test_unknown_memory_mode_is_an_error():
-    with pytest.raises(ValueError, match="memory_mode"):
-        _model(memory_mode="momentum")
+def test_vq_ema_reseeds_a_dead_code_from_the_bags_patches():
+    model = _vq_model(dead_code_threshold=0.1)
+    bag = _bag(label=1)
+    with torch.no_grad():
+        z = model(bag).extras["z"]
+        model.memory[1, 2] = -F.normalize(z.mean(0), dim=-1)  # far from every patch: never assigned
+        model.ema_count[1] = torch.tensor([2.0, 2.0, 0.01])
+        model.ema_sum.copy_(model.memory * model.ema_count.unsqueeze(-1))
+    out = model(bag)
+    model.loss(bag, out)
+    model.after_step()
+    z = out.extras["z"].detach()
+    assert torch.cdist(model.memory[1, 2:3], z).min() < 1e-5  # moved onto one of the slide's patches
+    # re-seeded with its class's mean count: (0.99 * 4.01 + 0.01 * (1 for the patches + 1 for the omics)) / 3
+    assert model.ema_count[1, 2].item() == pytest.approx((0.99 * 4.01 + 0.01 * 2.0) / 3, rel=1e-5)
+    assert model.ema_count[1, :2].min() > 1.9  # the codes in use were not re-seeded
+    torch.testing.assert_close(model.memory.norm(dim=-1), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("name", ["momkd[momentum-memory]", "momkd[vq-ema-memory]"])
+def test_codes_stay_unit_norm(name):
+    model = _model(name, ema_decay=0.5)
+    _train_steps(model, steps=4)
+    torch.testing.assert_close(model.memory.detach().norm(dim=-1), torch.ones(2, 3))
+    torch.testing.assert_close(model.read_memory().norm(dim=-1), torch.ones(2, 3))
+
+
+def test_old_ema_mode_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="'ema' is now 'vq-ema'"):
+        _model(memory_mode="ema")
+
+
+# ---------------------------------------------------------------- adaptive memory size
+
+
+def test_adaptive_memory_prunes_components_that_stay_unused():
+    model = _model("momkd[adaptive-memory]", prune_patience=2, active_threshold=0.1).train()
+    usage = torch.tensor([[10.0, 0.0, 10.0], [5.0, 5.0, 0.5]])
+    model.usage.copy_(usage)
+    assert model.on_epoch_end(0) == {
+        "memory_positive_num_active": 2,
+        "memory_positive_kept": 3,
+        "memory_negative_num_active": 2,
+        "memory_negative_kept": 3,
+    }
+    model.usage.copy_(usage)
+    record = model.on_epoch_end(1)  # second epoch below the threshold: pruned
+    assert record["memory_positive_kept"] == record["memory_negative_kept"] == 2
+    assert model.active.tolist() == [[True, False, True], [True, True, False]]
+    bag = _bag(label=0)
+    out = model(bag)
+    assert torch.isinf(out.extras["sim"][:, 0, 1]).all() and torch.isinf(out.extras["sim"][:, 1, 2]).all()
+    terms = model.loss(bag, out)
+    assert all(torch.isfinite(t) for t in terms.values())
+    grad = _grads(model, sum(terms.values()))["memory"]
+    assert not _nonzero(grad[0, 1]) and not _nonzero(grad[1, 2])  # a pruned code takes no part
+    assert _nonzero(grad[0, 0])
+    assert model.training_report()["memory_negative_kept"] == 2
+
+
+def test_adaptive_memory_never_prunes_the_most_used_and_splits_an_overloaded_one():
+    model = _model("momkd[adaptive-memory]", prune_patience=1, active_threshold=0.2, split_threshold=0.5)
+    model.usage.copy_(torch.tensor([[1.0, 1.0, 1.0], [9.0, 1.0, 0.0]]))  # class 0: all at 1/3
+    before = model.memory.detach().clone()
+    record = model.on_epoch_end(0)
+    assert record["memory_negative_kept"] == 3  # 1/3 each: none below 0.2
+    # class 1: codes 1 and 2 pruned (shares 0.1, 0.0), then code 0 (0.9 > 0.5) split into slot 1
+    assert model.active[1].tolist() == [True, True, False]
+    assert record["memory_positive_kept"] == 2
+    torch.testing.assert_close(model.memory[1].norm(dim=-1), torch.ones(3))
+    assert (model.memory[1, 0] - model.memory[1, 1]).norm() > 0.05
+    assert (model.memory[1, :2] @ before[1, 0]).min() > 0.99  # both halves near the overloaded code
+
+
+def test_training_history_logs_memory_use_per_epoch():
+    from bench.train import fit
+
+    cfg = resolve_config("momkd[adaptive-memory]").replace(**SIZES, epochs=2, min_epochs=0, prune_patience=1)
+    train = [_bag(label=i % 2, seed=i) for i in range(4)]
+    result = fit("momkd[adaptive-memory]", cfg, D, G, train, train[:2], torch.device("cpu"), seed=0)
+    assert len(result.history) == 2
+    for record in result.history:
+        assert 1 <= record["memory_positive_kept"] <= SIZES["memory_size"]
+        assert 0 <= record["memory_negative_num_active"] <= record["memory_negative_kept"]
 
 
 # ---------------------------------------------------------------- k-means init, memory use, config
@@ -268,8 +432,9 @@ def test_variants_build_and_ablation_is_declared():
     cls = get_method_class("momkd")
     rows = {table: [v for _, v in entries] for table, entries in cls.ablations.items()}
     assert rows["ablation"] == ["wsi-baseline", "wsi-align-only", "omics-align-only", "no-recon", ""]
-    assert rows["memory_modes"] == ["fixed-memory", "ema-memory", ""]
-    for name in rows["ablation"] + rows["memory_modes"]:
+    assert rows["memory_modes"] == ["fixed-memory", "vq-ema-memory", "momentum-memory", ""]
+    assert rows["memory_capacity"] == ["", "memory-16", "adaptive-memory"]
+    for name in rows["ablation"] + rows["memory_modes"] + rows["memory_capacity"]:
         cfg = resolve_config(f"momkd[{name}]" if name else "momkd")
         omics_dim = G if cfg.uses_omics else None
         model = create_method(f"momkd[{name}]" if name else "momkd", D, omics_dim, cfg=cfg.replace(**SIZES))
@@ -302,5 +467,17 @@ def test_search_space():
             return choices[-1]
 
     space = MoMKD.search_space(Trial())
-    assert space == {"margin": 0.0, "memory_size": 64, "lr": 5e-5}
+    assert space == {"margin": 0.0, "memory_size": 64, "lr": 5e-5, "adaptive_memory": True}
     resolve_config("momkd", space)
+
+
+def test_saved_weights_keep_the_authors_keys_and_an_adaptive_memorys_mask():
+    assert "active" not in _model().state_dict()  # gradient/fixed weights: the keys they always had
+    model = _model("momkd[adaptive-memory]")
+    with torch.no_grad():
+        model.active[1, 2] = False
+    loaded = _model("momkd[adaptive-memory]")
+    loaded.load_state_dict(model.state_dict())
+    assert not loaded.active[1, 2] and loaded.active.sum() == 2 * SIZES["memory_size"] - 1
+    assert {"momentum_memory"} <= set(_model("momkd[momentum-memory]").state_dict())
+    assert {"ema_count", "ema_sum"} <= set(_model("momkd[vq-ema-memory]").state_dict())
