@@ -6,33 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data.graph import knn_edge_index
 from bench.evaluate import predict
-from methods import Bag, create_method, get_method_class, list_methods, resolve_config
+from methods import create_method, get_method_class, list_methods, resolve_config
 
 D, G = 16, 24
 #: bag sizes: below WiKG's top-k (6) and MKD/G-HANet's small cases, and a few ordinary ones
 SIZES = (3, 1, 12, 40, 7, 25)
-
-
-def _bags(seed: int = 0) -> list[Bag]:
-    g = torch.Generator().manual_seed(seed)
-    bags = []
-    for i, n in enumerate(SIZES):
-        side = int(np.ceil(np.sqrt(n)))
-        coords = np.stack(np.unravel_index(np.arange(n), (side, side)), axis=1).astype(np.float32)
-        bags.append(
-            Bag(
-                features=torch.randn(n, D, generator=g),
-                label=torch.tensor(i % 2),
-                coords=torch.from_numpy(coords),
-                edge_index=torch.from_numpy(knn_edge_index(coords, k=4)),
-                omics=None if i == 2 else torch.randn(G, generator=g),
-                slide_id=f"s{i}",
-                case_id=f"c{i}",
-            )
-        )
-    return bags
 
 
 def _names() -> list[str]:
@@ -48,19 +27,19 @@ def _model(name: str, **overrides):
 
 
 @pytest.mark.parametrize("name", [*_names(), "momkd[fast_graph=False]"])
-def test_packed_prediction_equals_one_bag_at_a_time(name):
+def test_packed_prediction_equals_one_bag_at_a_time(name, bag_maker):
     overrides = {"fast_graph": False} if name.endswith("[fast_graph=False]") else {}
     model = _model(name.split("[fast_graph")[0], **overrides)
-    bags = _bags()
+    bags = bag_maker(SIZES, D, G, no_omics=2)
     with torch.inference_mode():
         alone = torch.stack([model(b.without_omics()).logits for b in bags])
         together = model.predict_logits([b.without_omics() for b in bags])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_predict_chunks_give_the_same_probabilities():
+def test_predict_chunks_give_the_same_probabilities(bag_maker):
     model = _model("wikg")
-    bags = _bags(1)
+    bags = bag_maker(SIZES, D, G, seed=1, no_omics=2)
     with torch.inference_mode():
         want = torch.stack([model(b).logits.softmax(-1)[1] for b in bags]).numpy()
     for max_patches in (1, 30, 10_000):  # one bag per forward, a few, all at once
@@ -70,9 +49,9 @@ def test_predict_chunks_give_the_same_probabilities():
 
 
 @pytest.mark.parametrize("name", ["mkd[eval-teachers]", "abmil"])
-def test_validation_logits_batch_equals_one_bag_at_a_time(name):
+def test_validation_logits_batch_equals_one_bag_at_a_time(name, bag_maker):
     model = _model(name)
-    bags = _bags(2)
+    bags = bag_maker(SIZES, D, G, seed=2, no_omics=2)
     with torch.inference_mode():
         got = model.validation_logits_batch(bags)
         for model_name, (rows, logits) in got.items():
@@ -86,11 +65,11 @@ def test_validation_logits_batch_equals_one_bag_at_a_time(name):
         assert got["omics_teacher"][0] == [0, 1, 3, 4, 5]  # bag 2 has no omics
 
 
-def test_mkd_teachers_scored_with_dropout_as_alone():
+def test_mkd_teachers_scored_with_dropout_as_alone(bag_maker):
     """MKD's default scores its teachers in train mode (the reference): packed, they still draw dropout, the
     student does not, and every module's mode is restored."""
     model = _model("mkd")
-    bags = _bags(3)
+    bags = bag_maker(SIZES, D, G, seed=3, no_omics=2)
     with torch.inference_mode():
         a, b = model.validation_logits_batch(bags), model.validation_logits_batch(bags)
     torch.testing.assert_close(a["student"][1], b["student"][1], rtol=0, atol=0)

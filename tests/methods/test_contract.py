@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from bench.data.graph import knn_edge_index
-from methods import Bag, create_method, get_method_class, list_methods, resolve_config
+from methods import create_method, get_method_class, list_methods, resolve_config
 from methods.registry import UnknownMethodError, register_method
 
 D, G = 16, 24
-
-
-def tiny_bags(n_bags: int = 16, seed: int = 0) -> list[Bag]:
-    g = torch.Generator().manual_seed(seed)
-    bags = []
-    for i in range(n_bags):
-        n = 12 + i % 5
-        side = int(np.ceil(np.sqrt(n)))
-        coords = np.stack(np.unravel_index(np.arange(n), (side, side)), axis=1).astype(np.float32)
-        bags.append(
-            Bag(
-                features=torch.randn(n, D, generator=g),
-                label=torch.tensor(i % 2),
-                coords=torch.from_numpy(coords),
-                edge_index=torch.from_numpy(knn_edge_index(coords, k=4)),
-                omics=None if i == 3 else torch.randn(G, generator=g),
-                slide_id=f"s{i}",
-                case_id=f"c{i}",
-            )
-        )
-    return bags
 
 
 def _train_step(model, bags):
@@ -47,12 +24,12 @@ def _train_step(model, bags):
 
 
 @pytest.mark.parametrize("name", list_methods())
-def test_method_contract(name):
+def test_method_contract(name, bag_maker):
     torch.manual_seed(0)
     cls = get_method_class(name)
     cfg = resolve_config(name)
     model = create_method(name, in_dim=D, omics_dim=G if cfg.uses_omics else None)
-    bags = tiny_bags(max(16, cfg.accumulation_steps))
+    bags = bag_maker([12 + i % 5 for i in range(max(16, cfg.accumulation_steps))], D, G)
     model.prepare(bags)
     model.train()
     _train_step(model, bags)
