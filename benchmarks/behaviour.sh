@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Results of a refactor must not change: run every method on the tiny task (two folds, two epochs),
+# then print the SHA-256 of summary.csv and of every fold's predictions.csv. Run it on two commits and diff
+# the outputs (same machine, same torch): equal hashes mean bit-identical results.
+#   benchmarks/behaviour.sh /tmp/before > before.txt; (checkout) benchmarks/behaviour.sh /tmp/after > after.txt
+set -euo pipefail
+out=${1:?usage: benchmarks/behaviour.sh OUT_FOLDER}
+here=$(cd "$(dirname "$0")" && pwd)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+bench run --task "$here/tasks/tiny.yaml" --methods all --device cpu --out "$out" --quiet > /dev/null
+bench report --task "$here/tasks/tiny.yaml" --out "$out" --bootstrap 1000 --loc-slides 2 > /dev/null
+cd "$out/tiny"
+sha256sum summary.csv */fold_*/predictions.csv report/table1_internal.md report/table2_external.md \
+  report/table_headline.md report/tests_tiny.md report/table_localisation.md report/operating_points_tiny.md
