@@ -56,8 +56,8 @@ TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path
 
 
 def _options(out: Path, folds, seed, epochs, device: str, workers: int, quiet: bool, precision: str = "auto"):
-    from .runner import RunOptions
-    from .train import PRECISIONS, cpu_has_bf16
+    from .device import PRECISIONS, cpu_has_bf16
+    from .jobs import RunOptions
 
     if precision not in PRECISIONS:
         raise BenchError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
@@ -94,8 +94,8 @@ def _progress(quiet: bool):
 
 
 def _run_and_print(task: str, methods: list[str], opts) -> None:
-    from .report import summary_rich_table
-    from .runner import run
+    from .commands import run
+    from .report.results_tables import summary_rich_table
 
     progress = _progress(opts.quiet)
     if progress is None:
@@ -152,7 +152,7 @@ def run_cmd(
     ] = None,
 ) -> None:
     """K-fold CV of each method on a task, plus every external cohort; resumable."""
-    from .runner import parse_methods
+    from .jobs import parse_methods
 
     opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
     names = parse_methods(methods)
@@ -161,26 +161,29 @@ def run_cmd(
         return
     if executor != "slurm":
         raise BenchError(f"--executor {executor!r}: choose local or slurm.")
-    from .executors import SlurmOptions, submit_slurm
-    from .runner import expand_jobs, method_config, prepare_task
+    from .commands import submit
+    from .executors import SlurmOptions
 
     extra = dict(kv.split("=", 1) for kv in slurm_extra or [] if "=" in kv)
     if len(extra) != len(slurm_extra or []):
         raise BenchError("--slurm-extra takes KEY=VALUE, e.g. --slurm-extra qos=high.")
     slurm = SlurmOptions(
-        slurm_partition, slurm_gpus, slurm_time, slurm_mem, slurm_cpus, slurm_account, slurm_parallel, extra
+        partition=slurm_partition,
+        gpus=slurm_gpus,
+        time_min=slurm_time,
+        mem_gb=slurm_mem,
+        cpus=slurm_cpus,
+        account=slurm_account,
+        array_parallelism=slurm_parallel,
+        extra=extra,
     )
-    data = prepare_task(task, opts)
-    for name in names:
-        method_config(data, name, opts)
-    submitted = submit_slurm(data, expand_jobs(task, names, data.folds), opts, slurm)
+    task_name, submitted = submit(task, names, opts, slurm)
     if not submitted:
-        console.print(f"Every job of {', '.join(names)} on {data.task.name} is already in {out}.")
+        console.print(f"Every job of {', '.join(names)} on {task_name} is already in {out}.")
         return
     console.print(f"Submitted {len(submitted)} job(s): {' '.join(j.job_id for j in submitted)}")
     console.print(
-        f"Logs in {out / data.task.name / 'slurm'}. When they are done: "
-        f"bench report --task {task} --out {out}"
+        f"Logs in {out / task_name / 'slurm'}. When they are done: bench report --task {task} --out {out}"
     )
 
 
@@ -247,8 +250,8 @@ def sweep_cmd(
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
     """Nested Optuna search, one per outer fold, blind to its test patients; then <method>[best] on the folds."""
-    from .config import load_task
-    from .sweep import SweepOptions, search, storage_url, write_best, write_sweep_report
+    from .commands import tune
+    from .sweep import SweepOptions
 
     formats = _formats(fmt)
     opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
@@ -265,15 +268,10 @@ def sweep_cmd(
     )
     progress = _progress(quiet)
     if progress is None:
-        studies = search(task, sw, opts)
+        tune(task, sw, opts, formats, console.print)
     else:
         with progress:
-            studies = search(task, sw, opts, progress)
-    task_name = load_task(task).name
-    best = write_best(studies, out, task_name, method, storage_url(storage, out, task_name, method))
-    console.print(f"wrote {best}")
-    for path in write_sweep_report(studies, out, task_name, method, formats):
-        console.print(f"wrote {path}")
+            tune(task, sw, opts, formats, console.print, progress)
     if run_best:
         _run_and_print(task, [f"{method}[best]"], opts)
 
@@ -293,42 +291,12 @@ def ablate_cmd(
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
 ) -> None:
     """Run a method's ablation variants on the same folds, then write its ablation tables."""
-    from methods import get_method_class
+    from .commands import ablate, ablation_methods
 
-    from .config import load_task
-    from .report import variant_table, write_table
-    from .runner import parse_methods
-
-    base = parse_methods(method)[0]
-    cls = get_method_class(base)
-    if not cls.ablations:
-        raise BenchError(f"method {base!r} declares no ablation variants (see `bench methods`).")
-    names = list(
-        dict.fromkeys(f"{base}[{v}]" if v else base for rows in cls.ablations.values() for _, v in rows)
-    )
+    base, names = ablation_methods(method)
     opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
     _run_and_print(task, names, opts)
-    task_name = load_task(task).name
-    for table_name, rows in cls.ablations.items():
-        variants = [(label, f"{base}[{v}]" if v else base) for label, v in rows]
-        table = variant_table(
-            out,
-            task_name,
-            variants,
-            " ".join(
-                filter(
-                    None,
-                    [
-                        f"{base} {table_name.replace('_', ' ')} on {task_name}: AUC (%), mean ± SD over folds.",
-                        cls.ablation_notes.get(table_name),
-                    ],
-                )
-            ),
-            f"tab:{base}-{table_name}",
-            reference=base,
-        )
-        for path in write_table(table, out / task_name / "report", table_name, _formats(fmt)):
-            console.print(f"wrote {path}")
+    for table in ablate(base, task, out, _formats(fmt), console.print):
         console.print(table.markdown())
 
 
@@ -367,23 +335,18 @@ def report_cmd(
     """Tables, figures and <out>/report.md from what is on disk (CIs, paired tests); never retrains."""
     import shlex
 
-    from .config import load_task
-    from .report import write_report
-    from .store import write_summary
+    from .commands import ReportOptions, report
 
-    names = [load_task(t).name for t in task.split(",") if t.strip()]
-    missing = [n for n in names if not (out / n).is_dir()]
-    if missing:
-        raise BenchError(
-            f"no results for task(s) {missing} under {out}. Run `bench run --task ...` first, "
-            "or point --out at the folder holding them."
-        )
-    for n in names:
-        write_summary(out, n)
-    command = redact("bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    path = write_report(
-        out, names, _formats(fmt), vs, bootstrap, seed, loc_slides, device, command, log=console.print
+    ro = ReportOptions(
+        formats=tuple(_formats(fmt)),
+        reference=vs,
+        n_boot=bootstrap,
+        seed=seed,
+        loc_slides=loc_slides,
+        device=device,
     )
+    command = redact("bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    path = report([t for t in task.split(",") if t.strip()], out, ro, command, console.print)
     console.print(f"Open {path} for the tables, figures and how they were computed.")
 
 
@@ -399,16 +362,10 @@ def explain_cmd(
     out: Out = Path("results"),
     device: Device = "cpu",
 ) -> None:
-    """Draw a slide's patches coloured by a trained model's attention (and MoMKD's memory assignments)."""
-    from .config import load_task
-    from .explain import explain_slide, figure_for
-    from .figures import save_figure
+    """Draw a slide's patches coloured by a trained model's attention and the method's own patch maps."""
+    from .commands import explain
 
-    name = load_task(task).name
-    ex = explain_slide(out, name, method, slide, fold, device)
-    stem = f"explain_{method}_{slide}_fold{ex.fold}".replace("[", "-").replace("]", "")
-    for path in save_figure(figure_for(ex), out / name / "report" / "explain", stem):
-        console.print(f"wrote {path}")
+    ex = explain(method, task, slide, fold, out, device, console.print)
     line = f"{method} · {slide} · fold {ex.fold} ({ex.part}) · P(positive) {ex.prob:.3f}"
     if ex.relevance is not None:
         line += f" · localisation AUC {ex.localisation_auc:.3f} (attention vs ground-truth relevance > 0)"
@@ -453,34 +410,10 @@ def tasks_cmd() -> None:
 @data_app.command("check")
 def data_check_cmd(task: TaskOpt) -> None:
     """Validate a task's files and print every problem found, without training."""
-    from .config import load_task
-    from .data.cohort import load_cohorts
-    from .data.splits import make_splits, read_splits
+    from .commands import check_data
 
-    cfg = load_task(task)
-    internal, externals, problems = load_cohorts(cfg)
-    summary = [
-        f"internal: {internal.slides.case_id.nunique()} patients, {len(internal.slides)} slides, D={internal.dim}"
-        + (
-            f", omics for {internal.omics.index.isin(internal.slides.case_id).sum()} patients "
-            f"x {internal.omics.shape[1]} genes"
-            if internal.omics is not None
-            else ", no omics"
-        )
-    ]
-    summary += [
-        f"external {name}: {c.slides.case_id.nunique()} patients, {len(c.slides)} slides, D={c.dim}"
-        for name, c in externals.items()
-    ]
-    if not internal.problems:
-        try:
-            if cfg.splits is not None:
-                read_splits(cfg.splits, internal.slides)
-            else:
-                make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction)
-        except BenchError as exc:
-            problems.append(str(exc))
-    for line in summary:
+    cfg, lines, problems = check_data(task)
+    for line in lines:
         console.print(line)
     if problems:
         for p in problems:

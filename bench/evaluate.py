@@ -32,9 +32,11 @@ __all__ = [
     "ARGMAX",
     "PREDICT_PATCHES",
     "THRESHOLD_METRICS",
+    "auc",
     "best_f1_threshold",
     "binary_metrics",
     "cohort_metrics",
+    "patient_auc",
     "patient_level",
     "predict",
     "predict_patches",
@@ -101,6 +103,18 @@ def patient_level(pred: pd.DataFrame, aggregation: str = "mean") -> pd.DataFrame
     )
 
 
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC (sklearn); NaN when only one class is present."""
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def patient_auc(pred: pd.DataFrame, aggregation: str = "mean") -> float:
+    """AUC of slide predictions (columns case_id, label, prob) aggregated to patients: the one patient-level
+    AUC that training's validation, the sweep's objective and the report compute."""
+    pat = patient_level(pred, aggregation)
+    return auc(pat.label.to_numpy(), pat.prob.to_numpy())
+
+
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """The probability threshold with the highest F1 (predict positive when prob >= threshold)."""
     precision, recall, thresholds = precision_recall_curve(y, p)
@@ -123,7 +137,7 @@ def _at(y: np.ndarray, y_hat: np.ndarray) -> dict[str, float]:
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     """AUC, accuracy, balanced accuracy and F1 at ``threshold``; AUC is NaN when only one class is present."""
     return {
-        "auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
+        "auc": auc(y, p),
         **_at(y, (p >= threshold).astype(int)),
         "threshold": float(threshold),
         "n": len(y),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,22 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .device import bind_worker
 from .errors import BenchError
+from .jobs import Job, RunOptions, TaskData, plan_job, run_job
 from .locks import claim_path, describe_holder, try_claim
-from .runner import Job, RunOptions, TaskData, plan_job, resolve_device, run_job
 from .store import fold_status, remove_stale_temporaries
 
 __all__ = [
     "POLL_S",
     "SlurmOptions",
-    "bind_worker",
     "run_claimed",
     "run_jobs",
     "submit_slurm",
-    "worker_device",
-    "worker_threads",
 ]
 
 POLL_S = 1.0  # how often a process whose remaining jobs are all claimed elsewhere looks again
@@ -129,29 +124,6 @@ def _run_here(data: TaskData, jobs: Sequence[Job], opts: RunOptions, progress: A
             time.sleep(POLL_S)
         pending = waiting
     return statuses
-
-
-def worker_threads(workers: int) -> int:
-    """Torch threads per worker: the cores this process may use, shared out."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // workers)
-
-
-def worker_device(spec: str, slot: int) -> torch.device:
-    """Worker ``slot``'s device: round robin over the GPUs for ``auto``/``cuda`` when there are several."""
-    if spec in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        return torch.device(f"cuda:{slot % torch.cuda.device_count()}")
-    return resolve_device(spec)
-
-
-def bind_worker(spec: str, slot: int, workers: int) -> torch.device:
-    """Set up worker process ``slot`` of ``workers``: its device (made the current CUDA device) and its share
-    of the cores; returns the device."""
-    device = worker_device(spec, slot)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(worker_threads(workers))
-    return device
 
 
 _WORKER: dict[str, Any] = {}

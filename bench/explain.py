@@ -5,8 +5,8 @@ slide from its H&E features alone, and draws its patches at their coordinates co
 
 - the method's patch attention (``MILOutput.attention``), as a percentile rank within the slide (softmax
   attention spans orders of magnitude; ranks show where the top patches are, as CLAM's heatmaps do);
-- for a method with two class memories (MoMKD: ``MILOutput.extras["sim"]``, the cosines ``(N, 2, K)`` of each
-  patch embedding to the K components of C− and C+), the class bank and the component nearest to each patch;
+- every further map the method offers through ``MILMethod.explain_maps`` (MoMKD: the class memory and the
+  memory component nearest to each patch), categorical maps coloured by class;
 - the ground-truth relevance of each patch when the feature file stores it (synthetic cohorts: ``relevance``).
 
 The localisation AUC of a slide is the AUC of attention against ``relevance > 0`` (patches that carry the
@@ -27,15 +27,15 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from methods import create_method, get_method_class
-from methods.base import Bag, MILMethod
+from methods.base import MILMethod, PatchMap
 
-from .config import cache_root
 from .csvio import read_table
-from .data.formats import feature_path, read_slide
-from .data.graph import load_or_build_graph
+from .data.cohort import graph_settings, read_slide_cached, slide_bag
+from .data.formats import feature_path
+from .device import resolve_device
 from .errors import BenchError
 from .figures import PatchPanel, explain_figure
-from .store import MODEL_FILE, fold_dir, iter_fold_dirs
+from .store import MODEL_FILE, fold_dir, iter_fold_dirs, read_saved_splits
 
 __all__ = [
     "SlideExplanation",
@@ -55,9 +55,7 @@ class SlideExplanation:
         coords: grid coordinates ``(N, 2)``.
         attention: patch attention ``(N,)``.
         relevance: ground-truth patch relevance ``(N,)``, or None (real data).
-        memory_bank: nearest class memory of each patch ``(N,)`` (1 = C+, the positive class; 0 = C−), or None.
-        memory_component: index of the nearest component within that bank ``(N,)``, or None.
-        memory_size: K, components per bank (0 without memories).
+        maps: the method's further per-patch maps (``MILMethod.explain_maps``), by title.
         part: where the slide was in that fold: ``test``, ``train``, ``val`` or the external cohort's name.
     """
 
@@ -72,9 +70,7 @@ class SlideExplanation:
     coords: np.ndarray
     attention: np.ndarray
     relevance: np.ndarray | None
-    memory_bank: np.ndarray | None
-    memory_component: np.ndarray | None
-    memory_size: int
+    maps: dict[str, PatchMap]
 
     @property
     def localisation_auc(self) -> float:
@@ -136,7 +132,7 @@ def _locate_slide(config: dict[str, Any], slide_id: str) -> tuple[str, Path, str
     for name, labels, features in cohorts:
         if not labels or not Path(labels).is_file():
             continue
-        df = pd.read_csv(labels, dtype=str, keep_default_na=False)
+        df = read_table(labels, ids=None)
         row = df[df.slide_id == slide_id]
         if row.empty:
             continue
@@ -151,88 +147,66 @@ def _locate_slide(config: dict[str, Any], slide_id: str) -> tuple[str, Path, str
     )
 
 
-def _part(out: Path, task: str, cohort: str, slide_id: str, fold: int) -> str:
+def _part(splits: pd.DataFrame | None, cohort: str, slide_id: str, fold: int) -> str:
     if cohort != "internal":
         return cohort
-    splits = Path(out) / task / "splits.tsv"
-    if splits.is_file():
-        table = pd.read_csv(splits, sep="\t", dtype=str, keep_default_na=False)
-        row = table[table.slide_id == slide_id]
-        if not row.empty and f"fold_{fold}" in table.columns:
+    if splits is not None and f"fold_{fold}" in splits.columns:
+        row = splits[splits.slide_id == slide_id]
+        if not row.empty:
             return str(row[f"fold_{fold}"].iloc[0])
     return "unknown"
 
 
-def _test_fold(out: Path, task: str, slide_id: str) -> int | None:
-    """The fold whose test part holds ``slide_id`` (from ``splits.tsv``), or None."""
-    splits = Path(out) / task / "splits.tsv"
-    if not splits.is_file():
+def _test_fold(splits: pd.DataFrame | None, slide_id: str) -> int | None:
+    """The fold whose test part holds ``slide_id``, or None."""
+    if splits is None:
         return None
-    table = pd.read_csv(splits, sep="\t", dtype=str, keep_default_na=False)
-    row = table[table.slide_id == slide_id]
-    for col in (c for c in table.columns if c.startswith("fold_")):
+    row = splits[splits.slide_id == slide_id]
+    for col in (c for c in splits.columns if c.startswith("fold_")):
         if not row.empty and row[col].iloc[0] == "test":
             return int(col.split("_")[1])
     return None
 
 
-def _bag(path: Path, cfg: Any, slide_id: str, case_id: str, label: int) -> tuple[Bag, np.ndarray | None]:
-    sf = read_slide(path)
+def _bag(path: Path, model: MILMethod, slide_id: str, case_id: str, label: int):
+    """The slide's bag as the fold's model reads it (no omics), and its ground-truth relevance or None."""
+    sf = read_slide_cached(path)
     if sf.coords is None:
         raise BenchError(f"{path}: the feature file has no coordinates, so its patches cannot be drawn.")
-    edge_index = None
-    if cfg.needs_graph:
-        edge_index = load_or_build_graph(
-            path, sf.coords, cfg.graph_k, cfg.graph_symmetric, cache_root() / "graphs"
-        )
-    bag = Bag(
-        features=torch.from_numpy(sf.features),
-        label=torch.tensor(label),
-        coords=torch.from_numpy(sf.coords),
-        edge_index=edge_index,
-        slide_id=slide_id,
-        case_id=case_id,
-    )
+    bag = slide_bag(path, label, slide_id, case_id, graph_settings(model.cfg))
     relevance = sf.extras.get("relevance")
     return bag, None if relevance is None else np.asarray(relevance, dtype=np.float64)
 
 
 @torch.inference_mode()
-def _patch_maps(model: MILMethod, bag: Bag, device: torch.device) -> dict[str, Any]:
-    out = model(bag.to(device))
+def _patch_maps(model: MILMethod, bag, device: torch.device) -> tuple[float, np.ndarray, dict[str, PatchMap]]:
+    """P(positive), the patch attention and the method's further maps of one bag."""
+    bag = bag.to(device)
+    out = model(bag)
     if out.attention is None:
         raise BenchError(f"method {model.name!r} gives no patch attention, so there is nothing to draw.")
-    maps: dict[str, Any] = {
-        "prob": float(out.logits.float().softmax(-1)[1]),
-        "attention": out.attention.float().cpu().numpy(),
-        "bank": None,
-        "component": None,
-        "memory_size": 0,
+    maps = {
+        title: dataclasses.replace(m, values=m.values.float().cpu())
+        for title, m in model.explain_maps(bag, out).items()
     }
-    sim = out.extras.get("sim")
-    if isinstance(sim, torch.Tensor) and sim.ndim == 3 and sim.shape[1] == 2 and hasattr(model, "memory"):
-        k = sim.shape[2]
-        nearest = sim.float().reshape(sim.shape[0], 2 * k).argmax(dim=1).cpu().numpy()  # (N,) index into 2K
-        maps.update(bank=nearest // k, component=nearest % k, memory_size=k)
-    return maps
+    return float(out.logits.float().softmax(-1)[1]), out.attention.float().cpu().numpy(), maps
 
 
 def explain_slide(
     out: Path, task: str, method: str, slide_id: str, fold: int | None = None, device: str = "cpu"
 ) -> SlideExplanation:
     """Patch maps of ``slide_id`` under one fold's model of ``method`` (default: the fold that tested it)."""
+    splits = read_saved_splits(out, task)
     if fold is None:
-        fold = _test_fold(out, task, slide_id)
+        fold = _test_fold(splits, slide_id)
     if fold is None:  # an external slide, or no splits on disk: the first fold with weights
         kept = sorted(fold_dir(out, task, method, 0).parent.glob(f"fold_*/{MODEL_FILE}"))
         fold = int(kept[0].parent.name.split("_")[1]) if kept else 0
-    from .runner import resolve_device
-
     dev = resolve_device(device)
     model, config = load_fold_model(fold_dir(out, task, method, fold), dev)
     cohort, path, case_id, label = _locate_slide(config, slide_id)
-    bag, relevance = _bag(path, model.cfg, slide_id, case_id, label)
-    maps = _patch_maps(model, bag, dev)
+    bag, relevance = _bag(path, model, slide_id, case_id, label)
+    prob, attention, maps = _patch_maps(model, bag, dev)
     return SlideExplanation(
         method=method,
         task=task,
@@ -240,14 +214,12 @@ def explain_slide(
         slide_id=slide_id,
         case_id=case_id,
         label=label,
-        prob=maps["prob"],
-        part=_part(out, task, cohort, slide_id, fold),
+        prob=prob,
+        part=_part(splits, cohort, slide_id, fold),
         coords=bag.coords.numpy(),
-        attention=maps["attention"],
+        attention=attention,
         relevance=relevance,
-        memory_bank=maps["bank"],
-        memory_component=maps["component"],
-        memory_size=maps["memory_size"],
+        maps=maps,
     )
 
 
@@ -256,31 +228,29 @@ def _percentile(values: np.ndarray) -> np.ndarray:
     return ranks / max(1, len(values) - 1)
 
 
-def figure_for(ex: SlideExplanation):
-    """The explain figure: attention (percentile), MoMKD's nearest bank and component, ground truth."""
+def _panel(title: str, m: PatchMap) -> PatchPanel:
+    """A method's map as a figure panel: continuous on a sequential map; categories coloured by class, each
+    class in shades of its own colour (C− blues, C+ reds)."""
     import seaborn as sns
 
+    values = m.values.numpy().astype(float)
+    if m.categories is None:
+        return PatchPanel(title, values, cmap="viridis", vmin=float(values.min()), vmax=float(values.max()))
+    classes = m.classes or tuple(range(len(m.categories)))
+    palettes = ("Blues_r", "Reds_r", "Greens_r", "Purples_r", "Oranges_r")
+    colors: list[tuple] = [()] * len(m.categories)
+    for c in sorted(set(classes)):
+        members = [i for i, k in enumerate(classes) if k == c]
+        shades = sns.color_palette(palettes[c % len(palettes)], len(members) + 1)
+        for i, shade in zip(members, shades, strict=False):
+            colors[i] = shade
+    return PatchPanel(title, values, categories=list(m.categories), colors=colors)
+
+
+def figure_for(ex: SlideExplanation):
+    """The explain figure: attention (percentile), the method's further maps, ground truth."""
     panels = [PatchPanel("attention (percentile rank)", _percentile(ex.attention), cmap="magma")]
-    if ex.memory_bank is not None:
-        panels.append(
-            PatchPanel(
-                "nearest class memory bank",
-                ex.memory_bank.astype(float),
-                categories=["C− (negative)", "C+ (positive)"],
-                colors=[sns.color_palette("colorblind")[0], sns.color_palette("colorblind")[3]],
-            )
-        )
-        k = ex.memory_size
-        codes = np.where(ex.memory_bank == 1, k + ex.memory_component, ex.memory_component)
-        panels.append(
-            PatchPanel(
-                "nearest memory component",
-                codes.astype(float),
-                categories=[f"C−{i}" for i in range(k)] + [f"C+{i}" for i in range(k)],
-                colors=list(sns.color_palette("Blues_r", k + 1)[:k])
-                + list(sns.color_palette("Reds_r", k + 1)[:k]),
-            )
-        )
+    panels += [_panel(title, m) for title, m in ex.maps.items()]
     if ex.relevance is not None:
         panels.append(PatchPanel("ground-truth relevance", ex.relevance, cmap="Greens"))
     truth = "positive" if ex.label == 1 else "negative"
@@ -302,8 +272,6 @@ def localisation_table(
     Only folds with kept weights, methods with attention, and slides whose files store ``relevance`` count.
     Returns columns method, fold, slides, auc, auc_untrained (empty when the slides have no ground truth).
     """
-    from .runner import resolve_device
-
     dev = resolve_device(device)
     columns = ["method", "fold", "slides", "auc", "auc_untrained"]
     rows = []
@@ -319,14 +287,14 @@ def localisation_table(
         trained_aucs, untrained_aucs = [], []
         for slide_id in slides:
             _, path, case_id, label = _locate_slide(config, str(slide_id))
-            bag, relevance = _bag(path, model.cfg, str(slide_id), case_id, label)
+            bag, relevance = _bag(path, model, str(slide_id), case_id, label)
             if relevance is None:
                 return pd.DataFrame(columns=columns)
             try:
-                trained_aucs.append(localisation_auc(_patch_maps(model, bag, dev)["attention"], relevance))
+                trained_aucs.append(localisation_auc(_patch_maps(model, bag, dev)[1], relevance))
             except BenchError:  # no attention: nothing to score for this method
                 break
-            untrained_aucs.append(localisation_auc(_patch_maps(untrained, bag, dev)["attention"], relevance))
+            untrained_aucs.append(localisation_auc(_patch_maps(untrained, bag, dev)[1], relevance))
         valid = ~np.isnan(trained_aucs)
         if valid.any():
             rows.append(

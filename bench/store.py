@@ -14,7 +14,6 @@ A fold whose configuration changed is moved aside (``fold_<k>.replaced-<old hash
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -22,7 +21,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +31,26 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .csvio import read_table
+from .fsio import atomic_write_text, fsync, plain, umask
+
 __all__ = [
     "FOLD_FILES",
+    "METRICS",
     "MODEL_FILE",
-    "atomic_write_text",
-    "choose_design",
+    "FoldRun",
+    "TaskResults",
     "collect_metrics",
     "config_hash",
-    "current_design",
-    "fold_design",
     "fold_dir",
-    "fold_readable",
     "fold_status",
     "iter_fold_dirs",
-    "read_fold_metrics",
+    "load_results",
+    "read_saved_splits",
     "remove_stale_temporaries",
+    "splits_path",
     "write_fold",
+    "write_splits",
     "write_summary",
 ]
 
@@ -57,21 +62,9 @@ PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "cohort")
 NOT_METHODS = {"report", "sweeps", "logs", "slurm"}  # folders under <out>/<task> that hold no method
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path | str):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of the parts of a configuration that change results."""
-    blob = json.dumps(_jsonable(config), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(plain(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -90,44 +83,6 @@ def iter_fold_dirs(out: Path, task: str) -> Iterator[tuple[str, int, Path]]:
         for k, fd in sorted(folds):
             if fd.is_dir():
                 yield method_dir.name, k, fd
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (no window with another mask)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename never publishes data still in cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a flushed temporary file and a rename (readers never see half a
-    file); the file gets the user's umask like any other (a shared ``--out`` stays shared)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def fold_readable(path: Path) -> bool:
@@ -191,19 +146,17 @@ def write_fold(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         if state_dict is not None:
             import torch
 
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp / MODEL_FILE)
         predictions.to_csv(tmp / "predictions.csv", index=False)
-        (tmp / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=True))
-        (tmp / "config.yaml").write_text(
-            yaml.safe_dump(_jsonable({"hash": hash_, **config}), sort_keys=False)
-        )
+        (tmp / "metrics.json").write_text(json.dumps(plain(metrics), indent=2, allow_nan=True))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(plain({"hash": hash_, **config}), sort_keys=False))
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync(f)
+        fsync(tmp)
         if path.exists():
             old = fold_status(path, hash_)
             if old == "done":  # another worker finished the same job meanwhile: keep theirs
@@ -211,59 +164,118 @@ def write_fold(
                 return
             path.rename(_aside(path, old))
         tmp.rename(path)
-        _fsync(path.parent)
+        fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def read_fold_metrics(path: Path) -> dict[str, Any]:
-    return json.loads((path / "metrics.json").read_text())
+def splits_path(out: Path, task: str) -> Path:
+    """``<out>/<task>/splits.tsv``: the patient-level splits a run used (written by ``bench run``)."""
+    return Path(out) / task / "splits.tsv"
 
 
-def fold_design(config: dict[str, Any]) -> tuple[Any, Any]:
-    """The CV design a fold belongs to: (number of folds, split seed)."""
-    return config.get("folds"), config.get("seed")
+def write_splits(out: Path, task: str, splits: pd.DataFrame) -> None:
+    atomic_write_text(splits_path(out, task), splits.to_csv(sep="\t", index=False))
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    return yaml.safe_load((path / "config.yaml").read_text()) or {}
+def read_saved_splits(out: Path, task: str) -> pd.DataFrame | None:
+    """The splits ``bench run`` saved for ``task`` (IDs read literally), or None when there are none."""
+    path = splits_path(out, task)
+    return read_table(path, sep="\t", ids=None) if path.is_file() else None
 
 
-def collect_metrics(
-    out: Path, task: str, design: tuple[Any, Any] | None = None, names: tuple[str, ...] = METRICS
-) -> pd.DataFrame:
-    """Long table of the complete, readable folds of ``task`` of one CV ``design`` (default: the one most folds
-    share, :func:`current_design`): method, fold, cohort, metric, value (of the metrics ``names``;
-    ``threshold`` may be asked for too). Folds of another design come from other splits: never mixed in."""
-    design = design or current_design(out, task)
-    rows = []
-    for method, fold, fd in iter_fold_dirs(out, task):
-        if not all((fd / f).is_file() for f in FOLD_FILES) or not fold_readable(fd):
-            continue
-        if fold_design(_read_config(fd)) != design:
-            continue
-        for cohort, values in read_fold_metrics(fd).get("cohorts", {}).items():
-            if cohort == "val":  # selection data, not a result
-                continue
-            rows.extend((method, fold, cohort, m, values[m]) for m in names if m in values)
-    return pd.DataFrame(rows, columns=["method", "fold", "cohort", "metric", "value"])
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
 
 
-def choose_design(designs: list[tuple[Any, Any]]) -> tuple[Any, Any]:
+@dataclass
+class FoldRun:
+    """One complete fold folder as saved: its resolved configuration and metrics; its predictions are read
+    when first asked for."""
+
+    method: str
+    fold: int
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @cached_property
+    def predictions(self) -> pd.DataFrame:
+        return read_table(self.path / "predictions.csv")
+
+    @property
+    def design(self) -> tuple[Any, Any]:
+        """The CV design the fold belongs to: (number of folds, split seed)."""
+        return self.config.get("folds"), self.config.get("seed")
+
+
+def _choose_design(designs: list[tuple[Any, Any]]) -> tuple[Any, Any]:
     """The design most folds share (ties: the smallest), the one summaries and reports show."""
     counts = pd.Series(designs, dtype=object).value_counts()
     return min(counts.index[counts == counts.max()])
 
 
-def current_design(out: Path, task: str) -> tuple[Any, Any] | None:
-    """The CV design of the readable folds of ``task`` that :func:`choose_design` picks, or None."""
-    designs = [
-        fold_design(_read_config(fd))
-        for _, _, fd in iter_fold_dirs(out, task)
+@dataclass
+class TaskResults:
+    """The fold results of one task that summaries, statistics and every table of the report read: the
+    complete, readable folds of one CV design, and a note for each fold left out (another design)."""
+
+    out: Path
+    task: str
+    runs: list[FoldRun]
+    notes: list[str]
+
+    def only(self, methods: Collection[str] | None) -> TaskResults:
+        """The same results restricted to ``methods`` (None: all)."""
+        if methods is None:
+            return self
+        return TaskResults(self.out, self.task, [r for r in self.runs if r.method in methods], self.notes)
+
+    def metrics(self, names: tuple[str, ...] = METRICS) -> pd.DataFrame:
+        """Long table method, fold, cohort, metric, value of the metrics ``names`` (``threshold`` may be asked
+        for too) from each fold's metrics.json; the validation cohort (selection data) is left out."""
+        rows = [
+            (r.method, r.fold, cohort, m, values[m])
+            for r in self.runs
+            for cohort, values in r.metrics.get("cohorts", {}).items()
+            if cohort != "val"
+            for m in names
+            if m in values
+        ]
+        return pd.DataFrame(rows, columns=["method", "fold", "cohort", "metric", "value"])
+
+
+def load_results(out: Path, task: str, design: tuple[Any, Any] | None = None) -> TaskResults:
+    """Every complete, readable fold of ``task`` of one CV ``design`` (default: the one most folds share).
+
+    Folds of another design (an earlier ``--folds 2`` run left ``fold_2`` … beside a 5-fold run, say) come
+    from other splits: pooling them would count patients twice and pair folds that do not match.
+    """
+    runs = [
+        FoldRun(
+            method, fold, fd, _read_yaml(fd / "config.yaml"), json.loads((fd / "metrics.json").read_text())
+        )
+        for method, fold, fd in iter_fold_dirs(out, task)
         if all((fd / f).is_file() for f in FOLD_FILES) and fold_readable(fd)
     ]
-    return choose_design(designs) if designs else None
+    if not runs:
+        return TaskResults(Path(out), task, [], [])
+    keep = design or _choose_design([r.design for r in runs])
+    notes = [
+        f"ignored {r.method}/fold_{r.fold}: from a {r.config.get('folds')}-fold run with seed "
+        f"{r.config.get('seed')}, not the {keep[0]}-fold, seed {keep[1]} design of the other folds"
+        for r in runs
+        if r.design != keep
+    ]
+    return TaskResults(Path(out), task, [r for r in runs if r.design == keep], notes)
+
+
+def collect_metrics(
+    out: Path, task: str, design: tuple[Any, Any] | None = None, names: tuple[str, ...] = METRICS
+) -> pd.DataFrame:
+    """:meth:`TaskResults.metrics` of :func:`load_results`."""
+    return load_results(out, task, design).metrics(names)
 
 
 def write_summary(out: Path, task: str, design: tuple[Any, Any] | None = None) -> pd.DataFrame:

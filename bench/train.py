@@ -23,7 +23,6 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,41 +32,20 @@ from methods import MILMethod, create_method
 from methods.base import Bag, MethodCfg
 from methods.packing import chunk_bags
 
-from .evaluate import binary_metrics, patient_level, predict, predict_patches, slide_predictions
+from .device import resolve_precision
+from .evaluate import patient_auc, predict, predict_patches, slide_predictions
 
 __all__ = [
     "MONITORS",
-    "PRECISIONS",
     "TrainResult",
     "epoch_order",
     "fit",
     "mean_model_auc",
-    "resolve_precision",
     "seed_everything",
 ]
 
 #: ``cfg.monitor`` -> the validation record's key it selects on
 MONITORS = {"auc": "val_auc", "loss": "val_loss", "mean-auc": "val_mean_auc"}
-#: ``--precision``: ``auto`` is bf16 autocast on CUDA and fp32 on the CPU
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_has_bf16() -> bool | None:
-    """Whether this CPU multiplies bf16 matrices natively (AVX-512-BF16 or AMX; None where unknown). Without
-    it bf16 autocast on the CPU is far slower than fp32 (this repo's 2-core AVX2 machine: ~9x per step)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> bool:
-    """Whether to run under bf16 autocast: ``auto`` on CUDA, or ``bf16`` on any device (the CPU included;
-    the methods keep their fp32 islands, e.g. MoMKD's memory and losses, through ``autocast(enabled=False)``)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 @dataclass
@@ -97,8 +75,7 @@ def epoch_order(labels: torch.Tensor, balanced: bool, generator: torch.Generator
 
 
 def _patient_auc(bags: Sequence[Bag], probs: np.ndarray, aggregation: str) -> float:
-    pat = patient_level(slide_predictions(bags, probs, "val"), aggregation)
-    return binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"]
+    return patient_auc(slide_predictions(bags, probs, "val"), aggregation)
 
 
 @torch.inference_mode()
@@ -143,6 +120,81 @@ def _validate(
     return record
 
 
+@dataclass
+class _Selection:
+    """The best validation epoch so far (score, epoch, weights) and the early-stopping rule around it."""
+
+    cfg: MethodCfg
+    score: float = math.nan
+    epoch: int = -1
+    state: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self.maximise = self.cfg.monitor != "loss"
+        self.score = -math.inf if self.maximise else math.inf
+
+    def offer(self, model: MILMethod, score: float, epoch: int) -> None:
+        """Keep ``model``'s weights when ``score`` beats (or, with ``keep_tied_best``, ties) the best one."""
+        if self.cfg.keep_tied_best:
+            improved = score >= self.score if self.maximise else score <= self.score
+        else:
+            improved = score > self.score if self.maximise else score < self.score
+        if improved or self.state is None:
+            self.score, self.epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def should_stop(self, epoch: int) -> bool:
+        return epoch + 1 >= self.cfg.min_epochs and epoch - self.epoch >= self.cfg.patience
+
+    def restore(self, model: MILMethod) -> None:
+        """Load the best epoch's weights, except the submodules that keep their last epoch's."""
+        if self.state is None:
+            return
+        last = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if k.split(".", 1)[0] in model.last_epoch_modules()
+        }
+        model.load_state_dict({**self.state, **last})
+
+
+def _train_epoch(
+    model: MILMethod,
+    optimizer: torch.optim.Optimizer,
+    bags: Sequence[Bag],
+    order: list[int],
+    device: torch.device,
+    autocast: bool,
+    pending: bool,
+) -> tuple[torch.Tensor, bool]:
+    """One epoch over ``bags`` in ``order``: forward, summed loss terms, backward, a step every
+    ``accumulation_steps`` bags; returns the loss sum (on the device) and whether gradients are pending."""
+    cfg = model.cfg
+    accumulation = max(1, cfg.accumulation_steps)
+    backward_scale = 1.0 / accumulation if cfg.accumulation_mean else 1.0
+    loss_sum = torch.zeros((), device=device)
+    if not cfg.carry_partial_window:
+        pending = False
+        optimizer.zero_grad(set_to_none=True)
+    for i, idx in enumerate(order):
+        bag = bags[idx]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(bag)
+            terms = model.loss(bag, out)
+        if terms:
+            total = torch.stack([t.float() for t in terms.values()]).sum()
+            (total * backward_scale).backward()
+            loss_sum += total.detach()
+            pending = True
+        if pending and (i + 1) % accumulation == 0:
+            _step(model, optimizer, cfg)
+            pending = False
+    if pending and not cfg.carry_partial_window:
+        _step(model, optimizer, cfg)
+        pending = False
+    return loss_sum, pending
+
+
 def fit(
     method: str,
     cfg: MethodCfg,
@@ -158,7 +210,7 @@ def fit(
 ) -> TrainResult:
     """Build ``method`` with ``cfg`` (seeded), prepare it on the training bags, train, and return it holding
     the weights of its best validation epoch; forward and loss under bf16 autocast when ``precision`` says
-    so (:func:`resolve_precision`)."""
+    so (:func:`bench.device.resolve_precision`)."""
     seed_everything(seed)
     autocast = resolve_precision(precision, device)
     model = create_method(method, in_dim=in_dim, omics_dim=omics_dim, cfg=cfg).to(device)
@@ -169,38 +221,15 @@ def fit(
     labels = torch.tensor([int(b.label) for b in train_bags])
     if cfg.monitor not in MONITORS:
         raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
-    maximise = cfg.monitor != "loss"
-    best_score, best_epoch, best_state = -math.inf if maximise else math.inf, -1, None
+    best = _Selection(cfg)
     history: list[dict[str, Any]] = []
-    acc = max(1, cfg.accumulation_steps)
-    backward_scale = 1.0 / acc if cfg.accumulation_mean else 1.0
-
-    epoch = 0
-    pending = False
+    epoch, pending = 0, False
     optimizer.zero_grad(set_to_none=True)
     for epoch in range(cfg.epochs):
         model.train()
         model.on_epoch_start(epoch)
-        loss_sum = torch.zeros((), device=device)
-        if not cfg.carry_partial_window:
-            pending = False
-            optimizer.zero_grad(set_to_none=True)
-        for i, idx in enumerate(epoch_order(labels, cfg.balanced_sampling, generator).tolist()):
-            bag = train_bags[idx]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model(bag)
-                terms = model.loss(bag, out)
-            if terms:
-                total = torch.stack([t.float() for t in terms.values()]).sum()
-                (total * backward_scale).backward()
-                loss_sum += total.detach()
-                pending = True
-            if pending and (i + 1) % acc == 0:
-                _step(model, optimizer, cfg)
-                pending = False
-        if pending and not cfg.carry_partial_window:
-            _step(model, optimizer, cfg)
-            pending = False
+        order = epoch_order(labels, cfg.balanced_sampling, generator).tolist()
+        loss_sum, pending = _train_epoch(model, optimizer, train_bags, order, device, autocast, pending)
         record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, len(labels))}
         record.update(model.on_epoch_end(epoch))
         record.update(_validate(model, val_bags, device, autocast, aggregation))
@@ -210,26 +239,14 @@ def fit(
             scheduler.step(score)
         elif scheduler is not None:
             scheduler.step()
-        if cfg.keep_tied_best:
-            improved = score >= best_score if maximise else score <= best_score
-        else:
-            improved = score > best_score if maximise else score < best_score
-        if improved or best_state is None:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best.offer(model, score, epoch)
         if on_epoch is not None:
             on_epoch(epoch, cfg.epochs, record)
-        if epoch + 1 >= cfg.min_epochs and epoch - best_epoch >= cfg.patience:
+        if best.should_stop(epoch):
             break
-    if best_state is not None:
-        last = {
-            k: v.detach().clone()
-            for k, v in model.state_dict().items()
-            if k.split(".", 1)[0] in model.last_epoch_modules()
-        }
-        model.load_state_dict({**best_state, **last})
+    best.restore(model)
     model.eval()
-    return TrainResult(model, best_epoch, epoch + 1, float(best_score), history)
+    return TrainResult(model, best.epoch, epoch + 1, float(best.score), history)
 
 
 def _step(model: MILMethod, optimizer: torch.optim.Optimizer, cfg: MethodCfg) -> None:

@@ -247,7 +247,7 @@ def run_validation(args: argparse.Namespace, names: list[str]) -> list[dict[str,
     from bench.data.cohort import OmicsScaler
     from bench.data.splits import fold_parts
     from bench.evaluate import predict
-    from bench.runner import RunOptions, method_config, prepare_task
+    from bench.jobs import RunOptions, method_config, prepare_task
     from bench.train import mean_model_auc
     from methods import create_method
 

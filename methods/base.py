@@ -93,6 +93,15 @@ class MILOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PatchMap:
+    """A per-patch map a method offers ``bench explain``: continuous values, or category indices."""
+
+    values: Tensor
+    categories: tuple[str, ...] | None = None
+    classes: tuple[int, ...] | None = None
+
+
 @dataclass
 class MethodCfg:
     """Training settings shared by every method; subclasses add the architecture and set the authors' defaults.
@@ -227,6 +236,10 @@ class MILMethod(nn.Module):
                 scored.setdefault(name, ([], []))[0].append(i)
                 scored[name][1].append(z)
         return {name: (rows, torch.stack(z)) for name, (rows, z) in scored.items()}
+
+    def explain_maps(self, bag: Bag, out: MILOutput) -> dict[str, PatchMap]:
+        """Named per-patch maps beyond the attention (default: none)."""
+        return {}
 
     def last_epoch_modules(self) -> tuple[str, ...]:
         """Names of direct submodules that keep their last epoch's weights when the trainer restores the best

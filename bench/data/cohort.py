@@ -16,15 +16,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from methods.base import Bag
+from methods.base import Bag, MethodCfg
 
-from ..config import TaskConfig
+from ..config import TaskConfig, cache_root
 from ..csvio import read_table
 from ..errors import DataError
 from ..names import normalisation_clashes, unsafe_reason
 from .formats import SlideFeatures, feature_path, read_slide
+from .graph import load_or_build_graph
 
-__all__ = ["Cohort", "OmicsScaler", "load_cohort", "load_cohorts", "raise_problems", "read_slide_cached"]
+__all__ = [
+    "Cohort",
+    "OmicsScaler",
+    "graph_settings",
+    "load_cohort",
+    "load_cohorts",
+    "raise_problems",
+    "read_slide_cached",
+    "slide_bag",
+]
 
 ID_COLS = ("case_id", "slide_id")
 
@@ -64,30 +74,49 @@ class Cohort:
             if slide_ids is None
             else self.slides.set_index("slide_id").loc[list(slide_ids)].reset_index()
         )
-        out = []
-        for r in rows.itertuples(index=False):
-            sf = read_slide_cached(r.path)
-            omics_vec = None
-            if omics is not None and r.case_id in omics.index:
-                omics_vec = torch.tensor(omics.loc[r.case_id].to_numpy(np.float32))
-            edge_index = None
-            if graph is not None:
-                from .graph import load_or_build_graph
-
-                k, symmetric, cache_dir = graph
-                edge_index = load_or_build_graph(Path(r.path), sf.coords, k, symmetric, cache_dir)
-            out.append(
-                Bag(
-                    features=torch.from_numpy(sf.features),
-                    label=torch.tensor(int(r.label)),
-                    coords=None if sf.coords is None else torch.from_numpy(sf.coords),
-                    edge_index=edge_index,
-                    omics=omics_vec,
-                    slide_id=r.slide_id,
-                    case_id=r.case_id,
-                )
+        return [
+            slide_bag(
+                r.path,
+                int(r.label),
+                r.slide_id,
+                r.case_id,
+                graph,
+                None if omics is None or r.case_id not in omics.index else omics.loc[r.case_id],
             )
-        return out
+            for r in rows.itertuples(index=False)
+        ]
+
+
+def graph_settings(cfg: MethodCfg) -> tuple[int, bool, Path] | None:
+    """``(k, symmetric, cache folder)`` of the spatial kNN graph a method's config asks for, or None."""
+    return (cfg.graph_k, cfg.graph_symmetric, cache_root() / "graphs") if cfg.needs_graph else None
+
+
+def slide_bag(
+    path: str | Path,
+    label: int,
+    slide_id: str,
+    case_id: str,
+    graph: tuple[int, bool, Path] | None = None,
+    omics: pd.Series | None = None,
+) -> Bag:
+    """The bag of one slide's feature file: the one place a :class:`Bag` is built from disk. ``graph`` =
+    :func:`graph_settings` to attach the spatial kNN graph (cached); ``omics`` = the patient's transformed
+    gene vector (training only)."""
+    sf = read_slide_cached(path)
+    edge_index = None
+    if graph is not None:
+        k, symmetric, cache_dir = graph
+        edge_index = load_or_build_graph(Path(path), sf.coords, k, symmetric, cache_dir)
+    return Bag(
+        features=torch.from_numpy(sf.features),
+        label=torch.tensor(label),
+        coords=None if sf.coords is None else torch.from_numpy(sf.coords),
+        edge_index=edge_index,
+        omics=None if omics is None else torch.tensor(omics.to_numpy(np.float32)),
+        slide_id=slide_id,
+        case_id=case_id,
+    )
 
 
 @cache

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.config import load_task
 from bench.data.cohort import OmicsScaler, load_cohort
+from bench.data.task import load_task
 
 
 def test_loads_labels_features_and_omics(small_task):

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 import bench.data.genes as genes
-from bench.config import load_task
 from bench.data.cohort import load_cohort
 from bench.data.genes import METHODS, select_genes
+from bench.data.task import load_task
 from bench.errors import BenchError, DataError
 
 

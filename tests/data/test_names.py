@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from bench.config import load_task
 from bench.data.cohort import load_cohort
+from bench.data.task import load_task
 from bench.errors import BenchError
-from bench.runner import parse_methods
+from bench.jobs import parse_methods
 
 UNSAFE = ["../../outside", "/etc/passwd", "a/b", "a\\b", "nul\x00byte", "..", " padded"]
 

@@ -17,9 +17,11 @@ import pandas as pd
 import pytest
 import torch
 
+import bench.device as device
 import bench.executors as executors
+from bench.commands import run
+from bench.jobs import RunOptions, expand_jobs, prepare_task, run_job, stage_bags
 from bench.locks import HOST, is_stale, try_claim
-from bench.runner import RunOptions, expand_jobs, prepare_task, run, run_job, stage_bags
 from bench.store import FOLD_FILES, write_summary
 from methods.base import Bag
 
@@ -105,15 +107,15 @@ def test_pool_gives_the_serial_results(small_task, tmp_path):
 def test_worker_devices_and_threads(monkeypatch):
     bag = Bag(torch.zeros(3, 4), torch.tensor(1))
     assert stage_bags([[bag]], torch.device("cpu"))[0][0] is bag  # no copies on the CPU
-    assert executors.worker_device("cpu", 3) == torch.device("cpu")
+    assert device.worker_device("cpu", 3) == torch.device("cpu")
     cores = len(os.sched_getaffinity(0))
-    assert executors.worker_threads(1) == cores and executors.worker_threads(4 * cores) == 1
+    assert device.worker_threads(1) == cores and device.worker_threads(4 * cores) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert [executors.worker_device("auto", i) for i in range(3)] == [
+    assert [device.worker_device("auto", i) for i in range(3)] == [
         torch.device(f"cuda:{i}") for i in (0, 1, 0)
     ]  # round robin over the GPUs
-    assert executors.worker_device("cuda:1", 0) == torch.device("cuda:1")  # an explicit GPU is kept
+    assert device.worker_device("cuda:1", 0) == torch.device("cuda:1")  # an explicit GPU is kept
 
 
 # ------------------------------------------------------------------------------------ real subprocesses

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-import bench.runner as runner
+import bench.jobs as jobs
 from bench.data.splits import fold_parts
 from bench.explain import load_fold_model
-from bench.runner import RunOptions, fold_genes, prepare_task
+from bench.jobs import RunOptions, fold_genes, prepare_task
 
 
 def _with_select(task, setting: str = "{method: gbdt, k: 4}"):
@@ -48,7 +48,7 @@ def test_hash_changes_for_methods_that_read_omics_only(small_task, tmp_path):
     before = prepare_task(str(small_task), opts)
     after = prepare_task(str(_with_select(small_task)), opts)
     plans = {
-        (m, d): runner.plan_job(data, runner.Job("toy", m, 0), opts)
+        (m, d): jobs.plan_job(data, jobs.Job("toy", m, 0), opts)
         for m in ("abmil", "mkd")
         for d, data in (("before", before), ("after", after))
     }
@@ -61,7 +61,7 @@ def test_hash_changes_for_methods_that_read_omics_only(small_task, tmp_path):
 def test_run_trains_on_the_selected_genes_and_records_them(small_task, tmp_path, monkeypatch):
     opts = RunOptions(out=tmp_path / "res", quiet=True, folds=2, epochs=1)
     widths: set[int] = set()
-    real_fit = runner.fit
+    real_fit = jobs.fit
 
     def spy(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs):
         widths.update(
@@ -69,9 +69,9 @@ def test_run_trains_on_the_selected_genes_and_records_them(small_task, tmp_path,
         )
         return real_fit(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "fit", spy)
+    monkeypatch.setattr(jobs, "fit", spy)
     data = prepare_task(str(_with_select(small_task)), opts)
-    assert runner.run_job(data, runner.Job("toy", "mkd", 0), opts) == "trained"
+    assert jobs.run_job(data, jobs.Job("toy", "mkd", 0), opts) == "trained"
     assert widths == {4}  # training and (MKD's monitor) validation omics: the 4 selected genes
     for fold in [opts.out / "toy" / "mkd" / "fold_0"]:
         config = yaml.safe_load((fold / "config.yaml").read_text())
@@ -98,12 +98,12 @@ def test_gene_groups_follow_the_selected_genes(small_task, tmp_path, monkeypatch
         seen.append(cfg)
         raise Built
 
-    monkeypatch.setattr(runner, "fit", fit)
+    monkeypatch.setattr(jobs, "fit", fit)
     data = prepare_task(str(small_task), RunOptions(out=tmp_path / "res", quiet=True))
-    cfg = runner.method_config(data, "ghanet", RunOptions())
+    cfg = jobs.method_config(data, "ghanet", RunOptions())
     assert len(cfg.gene_groups) == 12
     with pytest.raises(Built):
-        runner.train_fold(data, 0, "ghanet", cfg, torch.device("cpu"))
+        jobs.train_fold(data, 0, "ghanet", cfg, torch.device("cpu"))
     genes = fold_genes(data, 0).genes
     assert seen[0].gene_groups == tuple(int(g[1:]) % 6 for g in genes)
 
@@ -118,7 +118,7 @@ def test_a_sweep_s_inner_folds_get_their_own_selection(small_task, tmp_path):
     outer = fold_genes(data, 0)
     inner_data, j = search_folds(data, 1, 2)[0]
     inner = fold_genes(inner_data, j)
-    train = runner._train_cases(inner_data, j)
+    train = jobs._train_cases(inner_data, j)
     outer_test = set(data.splits.case_id[data.splits.fold_1 == "test"])
     assert not set(train) & outer_test
     assert inner.train_patients == len(set(train) & set(data.internal.omics.index)) != outer.train_patients

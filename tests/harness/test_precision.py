@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.device import resolve_precision
 from bench.evaluate import predict
-from bench.runner import Job, RunOptions, plan_job, prepare_task
-from bench.train import fit, resolve_precision
+from bench.jobs import Job, RunOptions, plan_job, prepare_task
+from bench.train import fit
 from methods import Bag, resolve_config
 
 

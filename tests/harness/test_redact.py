@@ -9,12 +9,13 @@ import optuna
 import pytest
 import yaml
 
-import bench.runner as runner
+import bench.jobs as jobs
+import bench.studies as storages
 import bench.sweep as sweep
 from bench.cli import main
 from bench.errors import BenchError
+from bench.jobs import RunOptions
 from bench.redact import redact, remember
-from bench.runner import RunOptions
 
 SECRET = "Secr3t-pw"
 URLS = {  # a closed port on this machine: connecting fails at once
@@ -40,10 +41,12 @@ def test_redact_masks_both_forms_and_keeps_the_rest_readable():
 
 @pytest.mark.parametrize("form", sorted(URLS))
 def test_unreachable_server_error_does_not_echo_the_password(form, monkeypatch):
-    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)  # the retries of make_storage, without waiting
-    url = sweep.storage_url(URLS[form], "unused", "odx", "momkd")
+    monkeypatch.setattr(
+        storages.time, "sleep", lambda s: None
+    )  # the retries of make_storage, without waiting
+    url = storages.storage_url(URLS[form], "unused", "odx", "momkd")
     with pytest.raises(BenchError) as info:
-        sweep.make_storage(url)
+        storages.make_storage(url)
     message = str(info.value)
     assert "cannot open the study storage" in message and "127.0.0.1" in message and "***" in message
     printed = "".join(traceback.format_exception(info.value))  # what a traceback log would hold
@@ -52,7 +55,7 @@ def test_unreachable_server_error_does_not_echo_the_password(form, monkeypatch):
 
 @pytest.mark.parametrize("form", sorted(URLS))
 def test_cli_with_an_unreachable_storage_shows_no_password(form, small_task, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storages.time, "sleep", lambda s: None)
     args = ["bench", "sweep", "abmil", "--task", str(small_task), "--storage", URLS[form], "--folds", "2"]
     monkeypatch.setattr(sys, "argv", [*args, "--out", str(tmp_path / "res"), "--quiet"])
     with pytest.raises(SystemExit) as info:
@@ -65,7 +68,7 @@ def test_cli_with_an_unreachable_storage_shows_no_password(form, small_task, tmp
 
 
 def test_best_yaml_and_config_record_the_storage_without_its_password(small_task, tmp_path):
-    data = runner.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
+    data = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
     lr = optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
     studies = {}
     for k in range(2):
@@ -76,12 +79,12 @@ def test_best_yaml_and_config_record_the_storage_without_its_password(small_task
         )
     for form, url in URLS.items():
         path = sweep.write_best(
-            studies, tmp_path, "toy", "abmil", sweep.storage_url(url, tmp_path, "toy", "abmil")
+            studies, tmp_path, "toy", "abmil", storages.storage_url(url, tmp_path, "toy", "abmil")
         )
         text = path.read_text()
         assert SECRET not in text and "127.0.0.1:1/studies" in text, form
         assert yaml.safe_load(text)["folds"][1]["overrides"] == {"lr": 1e-3}
-        plan = runner.plan_job(data, runner.Job("toy", "abmil[best]", 1), RunOptions(out=tmp_path, folds=2))
+        plan = jobs.plan_job(data, jobs.Job("toy", "abmil[best]", 1), RunOptions(out=tmp_path, folds=2))
         assert plan.cfg.lr == 1e-3 and SECRET not in str(plan.config)
         assert plan.config["tuned_by"]["study"] == "toy-abmil-fold1"
 

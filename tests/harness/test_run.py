@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-import bench.runner as runner
-from bench.runner import RunOptions, prepare_task, run
+import bench.jobs as jobs
+from bench.commands import run
+from bench.jobs import RunOptions, prepare_task
 from bench.store import FOLD_FILES
 
 
@@ -57,13 +58,13 @@ def test_run_writes_contract_files(small_task, opts):
 
 def test_test_patients_never_trained_on(small_task, opts, monkeypatch):
     seen = []
-    real_fit = runner.fit
+    real_fit = jobs.fit
 
     def spy(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs):
         seen.append(({b.case_id for b in train_bags}, {b.case_id for b in val_bags}))
         return real_fit(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "fit", spy)
+    monkeypatch.setattr(jobs, "fit", spy)
     run(str(small_task), ["abmil"], opts)
     for k, (train, val) in enumerate(seen):
         pred = pd.read_csv(opts.out / "toy" / "abmil" / f"fold_{k}" / "predictions.csv", dtype=str)
@@ -77,8 +78,8 @@ def test_rerun_trains_nothing_and_resumes_missing_folds(small_task, opts, monkey
 
     shutil.rmtree(opts.out / "toy" / "abmil" / "fold_1")  # as if killed before fold 1 landed
     trained = []
-    real_fit = runner.fit
-    monkeypatch.setattr(runner, "fit", lambda *a, **k: trained.append(1) or real_fit(*a, **k))
+    real_fit = jobs.fit
+    monkeypatch.setattr(jobs, "fit", lambda *a, **k: trained.append(1) or real_fit(*a, **k))
     second = run(str(small_task), ["abmil"], opts)
     assert len(trained) == 1
     pd.testing.assert_frame_equal(first.reset_index(drop=True), second.reset_index(drop=True))
@@ -123,13 +124,13 @@ def test_validation_omics_only_for_a_mean_auc_monitor(small_task, opts, monkeypa
     """MKD selects on its teachers too, so its validation bags carry omics; ABMIL's never do. The test
     part never reaches training or selection either way."""
     seen: dict[str, list[bool]] = {}
-    real_fit = runner.fit
+    real_fit = jobs.fit
 
     def spy(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs):
         seen[method] = [b.omics is not None for b in val_bags]
         return real_fit(method, cfg, in_dim, omics_dim, train_bags, val_bags, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "fit", spy)
+    monkeypatch.setattr(jobs, "fit", spy)
     run(str(small_task), ["abmil", "mkd"], RunOptions(out=opts.out, quiet=True, epochs=1))
     assert not any(seen["abmil"]) and any(seen["mkd"])
     metrics = json.loads((opts.out / "toy" / "mkd" / "fold_0" / "metrics.json").read_text())
@@ -140,7 +141,7 @@ def test_threshold_is_fit_on_validation_patients_only(small_task, tmp_path, monk
     """Reversing what the model says about the test and external patients reverses their metrics at both
     operating points, never the threshold: it is chosen on the validation patients alone."""
     run(str(small_task), ["abmil"], RunOptions(out=tmp_path / "a", quiet=True, folds=2, epochs=1))
-    real_predict, real_train_fold = runner.predict, runner.train_fold
+    real_predict, real_train_fold = jobs.predict, jobs.train_fold
     selecting = []
 
     def train_fold(*args, **kwargs):  # validation predictions are made in here
@@ -154,8 +155,8 @@ def test_threshold_is_fit_on_validation_patients_only(small_task, tmp_path, monk
         p = real_predict(model, bags, *args, **kwargs)
         return p if selecting else 1.0 - p
 
-    monkeypatch.setattr(runner, "train_fold", train_fold)
-    monkeypatch.setattr(runner, "predict", predict)
+    monkeypatch.setattr(jobs, "train_fold", train_fold)
+    monkeypatch.setattr(jobs, "predict", predict)
     run(str(small_task), ["abmil"], RunOptions(out=tmp_path / "b", quiet=True, folds=2, epochs=1))
     for k in range(2):
         a, b = (

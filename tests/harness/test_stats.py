@@ -12,9 +12,9 @@ import yaml
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
+from bench.analysis import analyse_task
 from bench.data.splits import membership_digest
 from bench.stats import (
-    analyse_task,
     bootstrap_auc_ci,
     corrected_resampled_ttest,
     delong,
@@ -267,7 +267,8 @@ def test_ids_that_look_missing_are_real_ids(tmp_path, cohort_tools):
     """Patients called NA, None, null survive every read: metrics.json and the report count the same."""
     import json
 
-    from bench.runner import RunOptions, run
+    from bench.commands import run
+    from bench.jobs import RunOptions
 
     make_cohort, write_task = cohort_tools
     root = make_cohort(tmp_path / "c", n_patients=24)

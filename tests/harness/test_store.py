@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 import bench.store as store
+from bench.commands import run
+from bench.jobs import RunOptions
 from bench.locks import try_claim
-from bench.runner import RunOptions, run
 from bench.store import fold_status, iter_fold_dirs, write_fold, write_summary
 
 

@@ -14,13 +14,16 @@ import optuna
 import pytest
 import yaml
 
-import bench.runner as runner
+import bench.jobs as jobs
 import bench.sweep as sweep
+from bench.best import best_path
 from bench.cli import main
 from bench.data.splits import fold_parts
 from bench.errors import BenchError
-from bench.runner import RunOptions
-from bench.sweep import SweepOptions, make_storage, restricted_overrides, search, space_names
+from bench.jobs import RunOptions
+from bench.studies import make_storage
+from bench.sweep import SweepOptions, restricted_overrides, search, space_names
+from bench.sweep_report import write_sweep_report
 from methods import get_method_class, resolve_config
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -42,7 +45,7 @@ def _spy_search(monkeypatch) -> tuple[list, list]:
     """Record, per outer fold whose search is running, the slides each trial reads and the patients it scores
     (the case IDs of the predictions its objective turns into an AUC); outer fold None outside a search."""
     read, scored, state = [], [], {"outer": None}
-    real_bags, real_val_auc, real_objective = runner._bags, runner.FoldFit.val_auc, sweep._objective
+    real_bags, real_val_auc, real_objective = jobs._bags, jobs.FoldFit.val_auc, sweep._objective
 
     def spy_bags(cohort, slide_ids, cfg, omics):
         read.append((state["outer"], cohort.name, set(slide_ids)))
@@ -64,8 +67,8 @@ def _spy_search(monkeypatch) -> tuple[list, list]:
 
         return run
 
-    monkeypatch.setattr(runner, "_bags", spy_bags)
-    monkeypatch.setattr(runner.FoldFit, "val_auc", spy_val_auc)
+    monkeypatch.setattr(jobs, "_bags", spy_bags)
+    monkeypatch.setattr(jobs.FoldFit, "val_auc", spy_val_auc)
     monkeypatch.setattr(sweep, "_objective", spy_objective)
     return read, scored
 
@@ -85,7 +88,7 @@ def test_nested_sweep_never_scores_a_fold_s_test_patients_and_best_uses_each_fol
     code, printed, err = bench(monkeypatch, capsys, *args, "--out", str(out), "--quiet")
     assert code == 0, err
 
-    splits = runner.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
+    splits = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
     searched = [(k, ids) for k, ids in scored if k is not None]
     assert sorted(k for k, _ in searched) == [0, 0, 0, 1, 1, 1]  # 3 trials per outer fold, one score each
     for k, cases in searched:
@@ -127,7 +130,7 @@ def test_nested_sweep_never_scores_a_fold_s_test_patients_and_best_uses_each_fol
     assert "| 0 | " in (report / "sweep_abmil.md").read_text() and "Results in" in printed
 
     trained = []
-    monkeypatch.setattr(runner, "fit", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(jobs, "fit", lambda *a, **k: trained.append(1))
     code, _, err = bench(
         monkeypatch, capsys, *args[:4], "--trials", "0", *args[6:], "--out", str(out), "--quiet"
     )
@@ -163,7 +166,7 @@ def test_inner_cv_search_partitions_the_fold_s_training_and_validation_patients(
     read, scored = _spy_search(monkeypatch)
     opts = RunOptions(out=tmp_path / "res", folds=2, epochs=1, quiet=True)
     studies = search(str(small_task), SweepOptions("abmil", trials=1, inner_folds=2), opts)
-    splits = runner.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
+    splits = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
     assert set(studies) == {0, 1}
     for k in range(2):
         parts = [cases for outer, cases in scored if outer == k]
@@ -177,12 +180,12 @@ def test_inner_cv_search_partitions_the_fold_s_training_and_validation_patients(
 
 
 def test_best_yaml_of_a_former_flat_sweep_is_refused(small_task, tmp_path):
-    data = runner.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
-    path = sweep.best_path(tmp_path, "toy", "abmil")
+    data = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
+    path = best_path(tmp_path, "toy", "abmil")
     path.parent.mkdir(parents=True)
     path.write_text(yaml.safe_dump({"method": "abmil", "overrides": {"lr": 1e-3}}))
     with pytest.raises(BenchError, match="one configuration per outer fold"):
-        runner.method_config(data, "abmil[best]", RunOptions(out=tmp_path, folds=2), fold=0)
+        jobs.method_config(data, "abmil[best]", RunOptions(out=tmp_path, folds=2), fold=0)
 
 
 def test_best_variant_needs_a_sweep(small_task, tmp_path, monkeypatch, capsys):
@@ -230,7 +233,7 @@ def test_report_has_each_fold_s_best_trial_and_sensitivity_figures(tmp_path):
             intermediate_values={0: 0.5},
         )
     )
-    paths = sweep.write_sweep_report(studies, tmp_path, "odx", "momkd", ["markdown", "latex"])
+    paths = write_sweep_report(studies, tmp_path, "odx", "momkd", ["markdown", "latex"])
     names = {p.name for p in paths}
     figures = ("sweep_momkd_history", "sweep_momkd_margin", "sweep_momkd_memory_size")
     tables = {f"{stem}.{e}" for stem in ("sweep_momkd", "sweep_momkd_sensitivity") for e in ("md", "tex")}
@@ -259,7 +262,7 @@ def test_sensitivity_of_a_flat_study_is_undefined_not_an_error(tmp_path):
         study.add_trial(
             optuna.trial.create_trial(params={"margin": m}, distributions={"margin": margin}, value=0.5)
         )
-    sweep.write_sweep_report({0: study}, tmp_path, "odx", "momkd", ["markdown"])
+    write_sweep_report({0: study}, tmp_path, "odx", "momkd", ["markdown"])
     sens = (tmp_path / "odx" / "report" / "sweep_momkd_sensitivity.md").read_text()
     assert "| margin | – | – | – | 3 |" in sens
 

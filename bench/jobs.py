@@ -1,10 +1,10 @@
-"""`bench run`: expand (task, method, fold) into independent jobs and run the ones not already on disk.
+"""One job of ``bench run``: (task, method, fold) planned, trained on the fold's training patients, selected and
+thresholded on its validation patients, and predicted on its test patients and every external cohort.
 
-Each job trains one method on one fold's training patients, selects its checkpoint and threshold on the
-fold's validation patients, and predicts the fold's test patients and every external cohort. Jobs are
-idempotent: a job whose fold folder is complete with the same configuration hash is skipped, so a killed
-run resumes where it stopped. Where jobs execute (this process, a process pool, Slurm) and how processes
-sharing an output folder avoid running one job twice is bench/executors.py's and bench/locks.py's business.
+Jobs are idempotent: a job whose fold folder is complete with the same configuration hash is skipped, so a
+killed run resumes where it stopped. Where jobs execute (this process, a process pool, Slurm) and how
+processes sharing an output folder avoid running one job twice is bench/executors.py's and bench/locks.py's
+business; ``bench run`` as a whole is bench/commands.py's.
 """
 
 from __future__ import annotations
@@ -19,27 +19,30 @@ from typing import Any
 import pandas as pd
 import torch
 
-from methods import get_method_class, resolve_config
+from methods import get_method_class, list_methods, resolve_config
 from methods.base import Bag, MethodCfg
 from methods.registry import UnknownMethodError, parse_method_name
 
-from .config import TaskConfig, cache_root, load_task
+from .best import load_best, tuned_by
+from .config import TaskConfig, cache_root
 from .csvio import read_table
-from .data.cohort import Cohort, OmicsScaler, load_cohorts, raise_problems
+from .data.cohort import Cohort, OmicsScaler, graph_settings, load_cohorts, raise_problems
 from .data.genes import GeneSelection, select_genes
-from .data.splits import fold_parts, make_splits, membership_digest, read_splits
+from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
+from .data.task import load_task
+from .device import resolve_device, resolve_precision
 from .errors import BenchError, DataError
 from .evaluate import (
     best_f1_threshold,
-    binary_metrics,
     cohort_metrics,
+    patient_auc,
     patient_level,
     predict,
     slide_predictions,
 )
 from .provenance import versions
-from .store import atomic_write_text, config_hash, fold_dir, fold_status, write_fold, write_summary
-from .train import TrainResult, fit, resolve_precision
+from .store import config_hash, fold_dir, fold_status, write_fold, write_splits
+from .train import TrainResult, fit
 
 __all__ = [
     "FoldFit",
@@ -47,13 +50,12 @@ __all__ = [
     "JobPlan",
     "RunOptions",
     "TaskData",
+    "check_method",
     "expand_jobs",
     "fold_genes",
     "method_config",
     "plan_job",
     "prepare_task",
-    "resolve_device",
-    "run",
     "run_job",
     "stage_bags",
     "train_fold",
@@ -96,16 +98,6 @@ class TaskData:
     gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {spec}: no CUDA device is available here. Use --device cpu or auto.")
-    return device
-
-
 def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
     """Load and check a task's cohorts, then make (or import) and save its patient-level splits."""
     task = load_task(task_ref)
@@ -115,10 +107,10 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
     seed = task.seed if opts.seed is None else opts.seed
     if task.splits is not None:
         splits = read_splits(task.splits, internal.slides)
-        folds = len([c for c in splits.columns if c.startswith("fold_")])
+        folds = len(fold_columns(splits))
     else:
         splits = make_splits(internal.slides, folds, seed, task.val_fraction)
-    atomic_write_text(Path(opts.out) / task.name / "splits.tsv", splits.to_csv(sep="\t", index=False))
+    write_splits(opts.out, task.name, splits)
     return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
 
 
@@ -160,24 +152,21 @@ def method_config(
             f"{data.task.path}: 'train' sets {unknown}, which are not common training settings "
             f"({', '.join(sorted(base_fields))})."
         )
-    try:
-        base, variant = parse_method_name(method)
-        if variant == "best":
-            from .sweep import load_best
-
-            tuned = [
-                load_best(opts.out, data, base, k) for k in (range(data.folds) if fold is None else [fold])
-            ]
-            cfg = resolve_config(base, {**data.task.train, **tuned[0], **(overrides or {})})
-        else:
-            cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
-    except UnknownMethodError as exc:
-        raise BenchError(str(exc)) from exc
+    base, variant = check_method(method)
+    if variant == "best":
+        tuned = [_best(data, opts, base, k) for k in (range(data.folds) if fold is None else [fold])]
+        cfg = resolve_config(base, {**data.task.train, **tuned[0], **(overrides or {})})
+    else:
+        cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
     if opts.epochs is not None:
         cfg = cfg.replace(epochs=min(cfg.epochs, opts.epochs), min_epochs=min(cfg.min_epochs, opts.epochs))
     if data.gene_groups is not None and hasattr(cfg, "gene_groups"):
         cfg = cfg.replace(gene_groups=data.gene_groups)
     return cfg
+
+
+def _best(data: TaskData, opts: RunOptions, method: str, fold: int) -> dict[str, Any]:
+    return load_best(opts.out, data.task.name, data.splits, data.folds, method, fold)
 
 
 def _selects_genes(data: TaskData, cfg: MethodCfg) -> bool:
@@ -226,8 +215,7 @@ def job_config(
 
 
 def _bags(cohort: Cohort, slide_ids: Sequence[str], cfg: MethodCfg, omics: pd.DataFrame | None):
-    graph = (cfg.graph_k, cfg.graph_symmetric, cache_root() / "graphs") if cfg.needs_graph else None
-    return cohort.bags(slide_ids, omics=omics, graph=graph)
+    return cohort.bags(slide_ids, omics=omics, graph=graph_settings(cfg))
 
 
 def stage_bags(groups: Sequence[Sequence[Bag]], device: torch.device) -> list[list[Bag]]:
@@ -266,9 +254,7 @@ def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, An
     config, hash_ = job_config(data, job, cfg, device, opts.precision)
     base, variant = parse_method_name(job.method)
     if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
-        from .sweep import tuned_by
-
-        config["tuned_by"] = tuned_by(opts.out, data, base, job.fold)
+        config["tuned_by"] = tuned_by(opts.out, data.task.name, data.splits, data.folds, base, job.fold)
     return JobPlan(cfg, device, config, hash_, fold_dir(opts.out, data.task.name, job.method, job.fold))
 
 
@@ -283,8 +269,7 @@ class FoldFit:
     genes: GeneSelection | None = None
 
     def val_auc(self, aggregation: str) -> float:
-        pat = patient_level(self.val, aggregation)
-        return binary_metrics(pat.label.to_numpy(), pat.prob.to_numpy(), 0.5)["auc"]
+        return patient_auc(self.val, aggregation)
 
 
 def train_fold(
@@ -416,37 +401,21 @@ def expand_jobs(task: str, methods: Iterable[str], folds: int) -> list[Job]:
     return [Job(task, m, k) for m in methods for k in range(folds)]
 
 
+def check_method(name: str) -> tuple[str, str]:
+    """``(base, variant)`` of a method name on the command line, every part checked (``best`` is the variant
+    a sweep defines); an unknown name is a ``BenchError`` suggesting the nearest ones."""
+    try:
+        base, variant = parse_method_name(name)
+        if variant and variant != "best" and variant not in get_method_class(base).variants:
+            resolve_config(name)
+    except UnknownMethodError as exc:
+        raise BenchError(str(exc)) from exc
+    return base, variant
+
+
 def parse_methods(spec: str) -> list[str]:
     """``all`` or a comma-separated list of (possibly bracketed) method names, each checked."""
-    from methods import list_methods
-
     names = list_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
     for name in names:
-        try:
-            base, variant = parse_method_name(name)
-            if variant and variant != "best" and variant not in get_method_class(base).variants:
-                resolve_config(name)
-        except UnknownMethodError as exc:
-            raise BenchError(str(exc)) from exc
+        check_method(name)
     return names
-
-
-def run(
-    task_ref: str,
-    methods: Sequence[str],
-    opts: RunOptions,
-    progress: Any | None = None,
-) -> pd.DataFrame:
-    """Run every (method, fold) job of a task not yet on disk (in this process, or ``opts.workers``
-    processes), then rebuild and return ``summary.csv``.
-
-    Each job runs under a claim (bench/locks.py), so several ``bench run`` processes can share ``opts.out``.
-    """
-    from .executors import run_jobs
-
-    data = prepare_task(task_ref, opts)
-    for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
-        method_config(data, method, opts)
-    run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
-    summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
-    return summary[summary.method.isin(methods)]
