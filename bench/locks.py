@@ -36,6 +36,7 @@ __all__ = [
     "claim_path",
     "describe_holder",
     "is_stale",
+    "pid_alive",
     "read_claim",
     "try_claim",
 ]
@@ -113,7 +114,8 @@ def describe_holder(path: Path) -> str:
     return f"{info.get('host', '?')} pid {info.get('pid', '?')} since {info.get('since', '?')}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs: a zombie (killed, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,7 +139,7 @@ def is_stale(path: Path, stale_after: float = STALE_AFTER_S) -> bool:
         return False
     if age > stale_after:
         return True
-    return info.get("host") == HOST and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"])
+    return info.get("host") == HOST and isinstance(info.get("pid"), int) and not pid_alive(info["pid"])
 
 
 def _create(path: Path, label: str, log: Path | None) -> Claim | None:

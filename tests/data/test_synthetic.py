@@ -19,7 +19,16 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from bench.data import synthetic
 from bench.data.formats import read_slide
-from bench.data.synthetic import LABEL_VALUES, TISSUES, ExternalSpec, SyntheticSpec, materialise
+from bench.data.synthetic import (
+    GENERATOR_VERSION,
+    LABEL_VALUES,
+    TISSUES,
+    ExternalSpec,
+    SyntheticSpec,
+    materialise,
+    spec_hash,
+    spec_record,
+)
 
 TINY = SyntheticSpec(
     n_patients=60,
@@ -130,14 +139,14 @@ def test_cache_hit_does_not_regenerate(tmp_path: Path, monkeypatch: pytest.Monke
     def fail(*args: object) -> None:
         raise AssertionError("regenerated a cached cohort")
 
-    monkeypatch.setattr(synthetic, "_generate", fail)
+    monkeypatch.setattr(synthetic.cache, "generate", fail)
     assert materialise(spec, tmp_path) == root
     assert materialise(SyntheticSpec.from_dict(spec.to_dict()), tmp_path) == root
 
 
 def test_interrupted_generation_leaves_no_cohort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = SyntheticSpec(n_patients=8, n_genes=8, feature_dim=8, bag_min=10, bag_max=12, external=())
-    real, calls = synthetic._write_slide, []
+    real, calls = synthetic.generator._write_slide, []
 
     def dies_on_fifth(*args: object) -> None:
         calls.append(1)
@@ -145,7 +154,7 @@ def test_interrupted_generation_leaves_no_cohort(tmp_path: Path, monkeypatch: py
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(synthetic, "_write_slide", dies_on_fifth)
+    monkeypatch.setattr(synthetic.generator, "_write_slide", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         materialise(spec, tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -154,12 +163,29 @@ def test_interrupted_generation_leaves_no_cohort(tmp_path: Path, monkeypatch: py
     dead.wait()
     leftover = tmp_path / f".synthetic-{synthetic.spec_hash(spec)}.tmp-{socket.gethostname()}-{dead.pid}-0"
     (leftover / "internal").mkdir(parents=True)
-    monkeypatch.setattr(synthetic, "_write_slide", real)
+    monkeypatch.setattr(synthetic.generator, "_write_slide", real)
     root = materialise(spec, tmp_path)
     assert len(list((root / "internal" / "features").glob("*.h5"))) == len(
         pd.read_csv(root / "internal" / "labels.csv")
     )
     assert not leftover.exists()
+
+
+def test_spec_record_of_every_cohort_and_none_elsewhere(tiny: Path, tmp_path: Path) -> None:
+    expected = {"generator_version": GENERATOR_VERSION, "hash": spec_hash(TINY), "spec": TINY.to_dict()}
+    assert spec_record(tiny / "internal" / "labels.csv") == expected
+    assert spec_record(tiny / "external" / "labels.csv") == expected
+    assert spec_record(tiny / "internal" / "latent.csv") is None
+    # A labels file of the same shape outside the cache, even next to a copied spec.json, is no cohort.
+    copy = tmp_path / "my-cohort"
+    (copy / "internal").mkdir(parents=True)
+    (copy / "spec.json").write_bytes((tiny / "spec.json").read_bytes())
+    (copy / "internal" / "labels.csv").write_bytes((tiny / "internal" / "labels.csv").read_bytes())
+    assert spec_record(copy / "internal" / "labels.csv") is None
+    # A cohort root whose spec.json is missing gives None too.
+    bare = tmp_path / f"synthetic-{spec_hash(TINY)}" / "internal"
+    bare.mkdir(parents=True)
+    assert spec_record(bare / "labels.csv") is None
 
 
 def test_spec_from_dict_and_validation() -> None:

@@ -1,0 +1,23 @@
+"""Synthetic TCGA-BRCA-like cohorts with known ground truth: the embedded default data of her2, pr and odx.
+
+- :mod:`.spec`: the settings (:class:`SyntheticSpec`, :class:`ExternalSpec`), their validation, the cache key;
+- :mod:`.generator`: the generative model, writing every cohort of a spec (described in ``docs/synthetic.md``);
+- :mod:`.cache`: one folder per spec, published atomically (:func:`materialise`), and the settings of a cached
+  cohort read back from its labels file (:func:`spec_record`).
+"""
+
+from .cache import materialise, spec_record
+from .generator import LABEL_VALUES, TISSUES
+from .spec import GENERATOR_VERSION, PROGRAMS, ExternalSpec, SyntheticSpec, spec_hash
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "LABEL_VALUES",
+    "PROGRAMS",
+    "TISSUES",
+    "ExternalSpec",
+    "SyntheticSpec",
+    "materialise",
+    "spec_hash",
+    "spec_record",
+]
