@@ -155,7 +155,7 @@ def select_genes(
     kept = np.sort(order[:k])
     selection = GeneSelection(method, k, tuple(str(g) for g in genes[kept]), len(cases))
     if path is not None:
-        from ..store import atomic_write_text
+        from ..fsio import atomic_write_text
 
         atomic_write_text(path, json.dumps(selection.record()))
     return selection

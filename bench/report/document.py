@@ -3,7 +3,6 @@ per task (tables and figures beside it; nothing is retrained)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ import pandas as pd
 
 from .. import provenance
 from ..analysis import TaskStats, analyse
+from ..data.synthetic import spec_record
 from ..explain import explain_slide, figure_for, localisation_table
 from ..figures import calibration_figure, fold_auc_figure, method_colors, roc_figure, save_figure
 from ..fsio import atomic_write_text
@@ -32,8 +32,7 @@ def _synthetic_spec(config: dict) -> dict | None:
     task = config.get("task", {})
     if task.get("source") != "synthetic" or not task.get("labels"):
         return None
-    spec = Path(task["labels"]).parent.parent / "spec.json"
-    return json.loads(spec.read_text()) if spec.is_file() else {}
+    return spec_record(Path(task["labels"])) or {}
 
 
 def _data_lines(st: TaskStats) -> list[str]:
