@@ -293,7 +293,14 @@ class MoMKD(MILMethod):
             "per epoch in history) and in the report's memory table."
         ),
     }
-    summary = "genomics->WSI distillation through class-conditional memories, GATv2 encoder (Guo et al. 2026)"
+    summary = (
+        "Genomics->WSI KD through class-conditional memories, GATv2 encoder; memory modes gradient (code, "
+        "default), momentum (paper), vq-ema, fixed; adaptive memory size (docs/momkd.md)"
+    )
+    paper = "Guo et al., CVPR 2026"
+    paper_url = "https://arxiv.org/abs/2602.21395"
+    code_url = "https://github.com/CAIR-LAB-WFUSM/MoMKD"
+    code_commit = "226ad631d93d50790d9c842e6c5dc3ea641a9ae2"
 
     def __init__(self, cfg: MoMKDCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)

@@ -282,9 +282,16 @@ class TDC(MILMethod):
         },
     }
     summary = (
-        "ASSUMED SPEC (TDC's original not identified): frozen multimodal + self-EMA teachers -> ABMIL "
-        "student, Xing et al. 2022 discrepancy + gradient-guided KD"
+        "ASSUMED SPECIFICATION (TDC's original could not be identified): Xing et al.'s discrepancy- and "
+        "gradient-guided KD adapted to MIL; frozen multimodal + self-EMA teachers -> ABMIL student, logit KL "
+        "and two-sided CRD contrast per teacher weighted by AEKD_loss"
     )
+    #: TDC's own paper and code were not identified: these are Xing et al.'s, whose method is the
+    #: specification assumed here
+    paper = "Xing et al., MICCAI 2022 (assumed for TDC)"
+    paper_url = "https://doi.org/10.1007/978-3-031-16443-9_61"
+    code_url = "https://github.com/CityU-AIM-Group/MultiModal-learning"
+    code_commit = "99b46b0361eb2b9c048a340c6ff7d9e582a9e879"
 
     def __init__(self, cfg: TDCCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)

@@ -227,7 +227,14 @@ class WiKG(MILMethod):
             ("Dot-product knowledge score (paper)", "dot-score"),
         ]
     }
-    summary = "WSI-only dynamic kNN graph in feature space, knowledge-aware attention (Li et al. CVPR 2024)"
+    summary = (
+        "WSI-only graph MIL: dynamic top-k graph in feature space, knowledge-aware attention, mean pooling as "
+        "its train.py; chunked top-k, memory linear in N"
+    )
+    paper = "Li et al., CVPR 2024"
+    paper_url = "https://arxiv.org/abs/2403.07719"
+    code_url = "https://github.com/WonderLandxD/WiKG"
+    code_commit = "eb3144fb8267f525c57e71ced5c5b2b6a1c42a93"
 
     def __init__(self, cfg: WiKGCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)
