@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Bag, MethodCfg, MILMethod, MILOutput
+from .base import Bag, MethodCfg, MILMethod, MILOutput, PatchMap
 from .graph_layers import GATv2Encoder
 from .packing import pack_bags, segment_pool, segment_softmax
 from .registry import register_method
@@ -433,6 +433,25 @@ class MoMKD(MILMethod):
             attention = segment_softmax(self._memory_scores(z)[1], packed)  # (T,)
             pooled = segment_pool(attention, h, packed)  # (B, Dw)
         return self.head(pooled)
+
+    def explain_maps(self, bag: Bag, out: MILOutput) -> dict[str, PatchMap]:
+        """Each patch's nearest memory code among all 2K by cosine (``out.extras["sim"]``, pruned components
+        at −inf so never chosen): its bank (0 = C−, 1 = C+), and the code itself, C− first
+        (bank · K + component)."""
+        sim = out.extras["sim"].float()  # (N, 2, K)
+        k = sim.shape[2]
+        nearest = sim.reshape(sim.shape[0], 2 * k).argmax(dim=1)  # (N,) bank * K + component
+        codes = tuple(f"C−{i}" for i in range(k)) + tuple(f"C+{i}" for i in range(k))
+        return {
+            "nearest class memory bank": PatchMap(
+                values=torch.div(nearest, k, rounding_mode="floor").float(),
+                categories=("C− (negative)", "C+ (positive)"),
+                classes=(0, 1),
+            ),
+            "nearest memory component": PatchMap(
+                values=nearest.float(), categories=codes, classes=(0,) * k + (1,) * k
+            ),
+        }
 
     # ---------------------------------------------------------------- training losses
 
