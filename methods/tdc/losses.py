@@ -8,15 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "discrepancy_contrastive_loss",
-    "ema_alpha",
-    "gradient_refine_weights",
-    "kd_kl",
-    "mid_ranks",
-    "nce_contrast_loss",
-]
-
 
 def kd_kl(z_s: Tensor, z_t: Tensor, temperature: float) -> Tensor:
     r"""Logit KD of ``KD_loss.DistillKL``: :math:`T^2\,\mathrm{KL}(\mathrm{softmax}(z_t/T)\,\|\,

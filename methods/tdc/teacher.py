@@ -112,20 +112,20 @@ def train_teacher(teacher: MultimodalTeacher, bags: Sequence[Bag], cfg: TDCCfg, 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.teacher_seed)
         order = torch.Generator().manual_seed(cfg.teacher_seed)
-        opt = torch.optim.Adam(
+        optimizer = torch.optim.Adam(
             teacher.parameters(),
             lr=cfg.teacher_lr,
             weight_decay=cfg.teacher_weight_decay,
             fused=True,
         )
-        sched = linear_decay(opt, epochs)
+        scheduler = linear_decay(optimizer, epochs)
         teacher.train()
         for _ in range(epochs):
             for i in torch.randperm(len(bags), generator=order).tolist():
                 z_f, _, z_p, z_o = teacher(bags[i])
                 label = bags[i].label.view(1)
                 loss = sum(F.cross_entropy(z.unsqueeze(0), label) for z in (z_f, z_p, z_o))
-                opt.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
-            sched.step()
+                optimizer.step()
+            scheduler.step()
