@@ -13,7 +13,7 @@ START, END = "<!-- methods-table:start -->", "<!-- methods-table:end -->"
 REGENERATE = (
     "python -c \"import re,pathlib,methods.registry as r; p=pathlib.Path('README.md'); "
     "p.write_text(re.sub(r'(<!-- methods-table:start -->\\n).*?(<!-- methods-table:end -->)', "
-    "lambda m: m[1]+r.methods_markdown()+m[2], p.read_text(), flags=re.S))\""
+    'lambda m: m[1]+r.methods_markdown()+m[2], p.read_text(), flags=re.S))"'
 )
 
 
