@@ -7,9 +7,11 @@ from . import momkd as momkd
 from . import tdc as tdc
 from . import wikg as wikg
 from .base import Bag as Bag
+from .base import DataNeeds as DataNeeds
 from .base import MethodCfg as MethodCfg
 from .base import MILMethod as MILMethod
 from .base import MILOutput as MILOutput
+from .base import PatchMap as PatchMap
 from .registry import create_method as create_method
 from .registry import get_method_class as get_method_class
 from .registry import list_methods as list_methods

@@ -53,7 +53,13 @@ class ABMIL(MILMethod):
     variants = {
         "ilse": {"hidden_dim": 500, "attn_dim": 128, "dropout": 0.0, "lr": 5e-4, "weight_decay": 1e-4},
     }
-    summary = "WSI-only gated-attention MIL (Ilse et al. 2018; CLAM form)"
+    summary = "WSI-only gated-attention MIL in CLAM's form (variant `ilse`: the AMLab original)"
+    #: defaults and the gated form from CLAM (``Attn_Net_Gated``, ``core_utils.py``); the ``ilse`` variant
+    #: follows AMLab-Amsterdam/AttentionDeepMIL at eb0434b
+    paper = "Ilse et al., ICML 2018"
+    paper_url = "https://arxiv.org/abs/1802.04712"
+    code_url = "https://github.com/mahmoodlab/CLAM"
+    code_commit = "53e2409d4a8189c682c173382964a85f114f923c"
 
     def __init__(self, cfg: ABMILCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)

@@ -12,7 +12,11 @@ are the authors' own. The trainer, evaluator and runner only ever call the metho
 - ``predict_logits(bags)``, ``validation_logits_batch(bags)``: several bags per forward for inference and
   validation, each bag's values as alone (default: one by one; methods pack them, ``packing.py``);
 - ``configure_optimizer()``: the optimiser and scheduler of the authors' code, read from the config;
-- ``search_space(trial)``: Optuna search space as config overrides.
+- ``search_space(trial)``: Optuna search space as config overrides;
+- ``explain_maps(bag, out)``: named per-patch maps beyond the attention, for ``bench explain``;
+- ``cfg.needs()``: what the harness must attach to each bag (graph, omics, gene groups), as :class:`DataNeeds`.
+
+Each method's class also says where it comes from (``paper``, ``paper_url``, ``code_url``, ``code_commit``).
 
 Nothing in ``methods/`` knows about files, folds or the command line.
 """
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Bag", "MILMethod", "MILOutput", "MethodCfg"]
+__all__ = ["Bag", "DataNeeds", "MILMethod", "MILOutput", "MethodCfg", "PatchMap"]
 
 
 @dataclass
@@ -95,11 +99,35 @@ class MILOutput:
 
 @dataclass(frozen=True)
 class PatchMap:
-    """A per-patch map a method offers ``bench explain``: continuous values, or category indices."""
+    """One named per-patch map a method offers ``bench explain`` beside its attention.
+
+    Attributes:
+        values: one value per patch, shape ``(N,)``, float; for a categorical map, each patch's category index.
+        categories: names of the categories, indexed by ``values``; None for a continuous map.
+        classes: for a categorical map, the class index each category belongs to (the harness draws each
+            class's categories in one colour family); None: no grouping.
+    """
 
     values: Tensor
     categories: tuple[str, ...] | None = None
     classes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What the harness must provide a method with, declared by its config (:meth:`MethodCfg.needs`).
+
+    Attributes:
+        graph: each bag carries the spatial kNN graph (``bag.edge_index``, built with ``graph_k`` and
+            ``graph_symmetric``).
+        omics: the method reads ``bag.omics`` in ``loss``/``prepare`` (training only).
+        gene_groups: the config has a ``gene_groups`` field (group index per gene) that the harness fills,
+            via ``cfg.replace(gene_groups=...)``, from the task's ``omics_groups`` file.
+    """
+
+    graph: bool
+    omics: bool
+    gene_groups: bool
 
 
 @dataclass
@@ -153,6 +181,10 @@ class MethodCfg:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def needs(self) -> DataNeeds:
+        """What the harness must attach to each bag; a config with a ``gene_groups`` field overrides it."""
+        return DataNeeds(graph=self.needs_graph, omics=self.uses_omics, gene_groups=False)
+
 
 def linear_decay(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate ``lr * (1 - (e + 1) / (epochs + 1))`` after epoch ``e`` (stepped once per epoch): linear
@@ -181,6 +213,12 @@ class MILMethod(nn.Module):
     ablation_notes: ClassVar[dict[str, str]] = {}
     #: one line for ``bench methods``.
     summary: ClassVar[str] = ""
+    #: provenance (``register_method`` refuses an empty ``paper`` or ``code_url``): a short citation with
+    #: venue and year, the paper's address, the authors' repository, and the commit its defaults were read from.
+    paper: ClassVar[str] = ""
+    paper_url: ClassVar[str] = ""
+    code_url: ClassVar[str] = ""
+    code_commit: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__()
@@ -237,10 +275,6 @@ class MILMethod(nn.Module):
                 scored[name][1].append(z)
         return {name: (rows, torch.stack(z)) for name, (rows, z) in scored.items()}
 
-    def explain_maps(self, bag: Bag, out: MILOutput) -> dict[str, PatchMap]:
-        """Named per-patch maps beyond the attention (default: none)."""
-        return {}
-
     def last_epoch_modules(self) -> tuple[str, ...]:
         """Names of direct submodules that keep their last epoch's weights when the trainer restores the best
         validation epoch (default: none; MKD's teachers, as its reference saves them every epoch)."""
@@ -257,31 +291,37 @@ class MILMethod(nn.Module):
         # fused kernels: same update rule, one kernel instead of a loop over tensors (~8x faster on CPU)
         fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
         if cfg.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(
+            optimizer: torch.optim.Optimizer = torch.optim.Adam(
                 params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
             )
         elif cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         else:
             raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adam' or 'adamw'")
         if cfg.scheduler == "none":
-            sched = None
+            scheduler = None
         elif cfg.scheduler == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt,
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
                 mode="min" if cfg.monitor == "loss" else "max",
                 factor=cfg.plateau_factor,
                 patience=cfg.plateau_patience,
             )
         elif cfg.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.cosine_t_max)
         elif cfg.scheduler == "linear":
-            sched = linear_decay(opt, cfg.epochs)
+            scheduler = linear_decay(optimizer, cfg.epochs)
         else:
             raise ValueError(
                 f"unknown scheduler {cfg.scheduler!r}; use 'none', 'plateau', 'cosine' or 'linear'"
             )
-        return opt, sched
+        return optimizer, scheduler
+
+    def explain_maps(self, bag: Bag, out: MILOutput) -> dict[str, PatchMap]:
+        """Named per-patch maps beyond the attention (which the harness takes from ``out.attention``), keyed
+        by a panel title, from ``out = self(bag)`` (called in eval mode under ``torch.inference_mode``).
+        Default: none."""
+        return {}
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ arXiv 2403.10040. Reference code: ZacharyWang-007/G-HANet at 54020e8 (``models/m
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from scipy.stats import ttest_ind
 from torch import Tensor, nn
 
-from .base import Bag, MethodCfg, MILMethod, MILOutput
+from .base import Bag, DataNeeds, MethodCfg, MILMethod, MILOutput
 from .layers import GatedAttention
 from .packing import pack_bags
 from .registry import register_method
@@ -177,6 +178,10 @@ class GHANetCfg(MethodCfg):
     gene_groups: tuple[int, ...] | None = None  # group index (0..num_tokens-1) per gene; None = contiguous
     share_cross_attention: bool = True  # the code reuses cross_attention0 in round two
 
+    def needs(self) -> DataNeeds:
+        """As every method's, plus the gene groups: the harness fills ``gene_groups`` from ``omics_groups``."""
+        return dataclasses.replace(super().needs(), gene_groups=True)
+
 
 @register_method("ghanet")
 class GHANet(MILMethod):
@@ -219,7 +224,14 @@ class GHANet(MILMethod):
     variants: ClassVar[dict[str, dict[str, Any]]] = {
         "separate-cross-attention": {"share_cross_attention": False}
     }
-    summary = "Omics-reconstruction KD with token cross-attention + hyper-attention (Wang et al., TMI 2025)"
+    summary = (
+        "Omics-reconstruction KD with token cross-attention + hyper-attention; survival head replaced by "
+        "2-class CE; each bag's loss / 32 (gc), partial window carried into the next epoch, as the code"
+    )
+    paper = "Wang et al., IEEE TMI 2025"
+    paper_url = "https://arxiv.org/abs/2403.10040"
+    code_url = "https://github.com/ZacharyWang-007/G-HANet"
+    code_commit = "54020e8050ec3688f4485033f20f4b9077ee5f7e"
 
     def __init__(self, cfg: GHANetCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)

@@ -111,8 +111,10 @@ class _PaddedGATv2Attention(torch.autograd.Function):
         gathered, work = _block_buffers(x_l, table, hc)
         for first, end, w in table.blocks:
             b, slots = end - first, (end - first) * w
-            idx, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
-            g = torch.index_select(x_l2, 0, idx, out=gathered[:slots])  # (S, H*C) neighbours' W_l x_j
+            neighbour_ids, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
+            g = torch.index_select(
+                x_l2, 0, neighbour_ids, out=gathered[:slots]
+            )  # (S, H*C) neighbours' W_l x_j
             z = torch.add(
                 g.view(b, w, hc), x_r2.index_select(0, targets).unsqueeze(1), out=work[:slots].view(b, w, hc)
             )
@@ -146,8 +148,8 @@ class _PaddedGATv2Attention(torch.autograd.Function):
         gathered, work = _block_buffers(x_l, table, hc)
         for first, end, w in table.blocks:
             b, slots = end - first, (end - first) * w
-            idx, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
-            g = torch.index_select(x_l2, 0, idx, out=gathered[:slots])
+            neighbour_ids, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
+            g = torch.index_select(x_l2, 0, neighbour_ids, out=gathered[:slots])
             z = torch.add(
                 g.view(b, w, hc), x_r2.index_select(0, targets).unsqueeze(1), out=work[:slots].view(b, w, hc)
             )
@@ -165,7 +167,7 @@ class _PaddedGATv2Attention(torch.autograd.Function):
             torch.ops.aten.leaky_relu_backward.grad_input(grad_z, z, slope, True, grad_input=grad_z)
             grad_r.index_copy_(0, targets, grad_z.view(b, w, hc).sum(1))
             grad_z.view(b, w, heads, ch).addcmul_(a_drop.to(dtype).unsqueeze(-1), go)  # w.r.t. gathered x_l
-            grad_l.index_add_(0, idx, grad_z.view(slots, hc))
+            grad_l.index_add_(0, neighbour_ids, grad_z.view(slots, hc))
         return grad_l.view_as(x_l), grad_r.view_as(x_r), grad_att.to(att.dtype), None, None, None, None
 
 

@@ -250,8 +250,13 @@ class MKD(MILMethod):
         "eval-teachers": {"teacher_val_dropout": False, "teachers_last_epoch": False},
     }
     summary = (
-        "Online KD: ABMIL student + omics and bilinear-fusion teachers, SP/KL/orthogonal/CORAL (Zhang 2025)"
+        "Online KD: ABMIL student + omics and bilinear-fusion teachers, SP/KL/orthogonal/CORAL losses, 16-slide "
+        "KD windows; teachers scored with dropout on and kept at their last epoch, as the code"
     )
+    paper = "Zhang et al., MICCAI 2025"
+    paper_url = "https://arxiv.org/abs/2508.17213"
+    code_url = "https://github.com/zqb77/MICCAI25"
+    code_commit = "545555a9ea01dae0ad34ada40b30a3a97b5fa7bc"
 
     def __init__(self, cfg: MKDCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)

@@ -18,6 +18,8 @@ __all__ = [
     "create_method",
     "get_method_class",
     "list_methods",
+    "method_rows",
+    "methods_markdown",
     "parse_method_name",
     "register_method",
     "resolve_config",
@@ -37,6 +39,12 @@ def register_method(name: str):
     def wrap(cls: type[MILMethod]) -> type[MILMethod]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
+        missing = [attr for attr in ("paper", "code_url") if not getattr(cls, attr, "").strip()]
+        if missing:
+            raise ValueError(
+                f"method {name!r} ({cls.__name__}) does not say where it comes from: set the class "
+                f"attribute(s) {', '.join(missing)} (the paper's citation and the authors' repository)"
+            )
         unknown = [v for rows in cls.ablations.values() for _, v in rows if v and v not in cls.variants]
         if unknown:
             raise ValueError(f"{cls.__name__}.ablations names undeclared variants {unknown}")
@@ -105,3 +113,41 @@ def create_method(
             "add 'omics: <csv>' to the task YAML or choose a WSI-only method."
         )
     return cls(cfg, in_dim=in_dim, omics_dim=omics_dim)
+
+
+def method_rows() -> list[dict[str, str]]:
+    """One row per registered method, in registration order, for ``bench methods`` and the README: ``name``,
+    ``variants`` (comma-separated, ``–`` for none), ``summary``, ``paper`` (citation), ``paper_url``, and
+    ``code`` (``<authors' repository>@<short commit>``; the repository alone where no commit is known)."""
+    rows = []
+    for name, cls in _REGISTRY.items():
+        commit = cls.code_commit[:7]
+        rows.append(
+            {
+                "name": name,
+                "variants": ", ".join(cls.variants) or "–",
+                "summary": cls.summary,
+                "paper": cls.paper,
+                "paper_url": cls.paper_url,
+                "code": f"{cls.code_url}@{commit}" if commit else cls.code_url,
+            }
+        )
+    return rows
+
+
+def methods_markdown() -> str:
+    """The README's methods table: :func:`method_rows` as a markdown table (the paper linked to its address)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "| method | variants | what | paper | authors' code (commit) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in method_rows():
+        variants = ", ".join(f"`{v}`" for v in row["variants"].split(", ")) if row["variants"] != "–" else "–"
+        paper = f"[{cell(row['paper'])}]({row['paper_url']})" if row["paper_url"] else cell(row["paper"])
+        cells = [f"`{row['name']}`", variants, cell(row["summary"]), paper, cell(row["code"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

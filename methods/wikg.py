@@ -91,23 +91,25 @@ class _KnowledgeAttention(torch.autograd.Function):
     @staticmethod
     def _block(
         eh: Tensor,
-        idx: Tensor,
+        block_index: Tensor,
         e_t: Tensor,
         scale: float,
         dot: bool,
         nb_buf: Tensor,
         g_buf: Tensor,
-        tmp: Tensor,
+        scratch: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
         """Forward of one block of B rows: ``(nb, p, g, sum(nb), sum(g), a)`` (sums only for ``code``)."""
-        b, k = idx.shape
-        nb = torch.index_select(e_t, 0, idx.reshape(-1), out=nb_buf[:b].view(b * k, -1)).view(b, k, -1)
-        p = torch.mul(nb, (eh * scale).unsqueeze(1), out=tmp[:b]).sum(-1).softmax(-1)  # (B, k)
+        b, k = block_index.shape
+        nb = torch.index_select(e_t, 0, block_index.reshape(-1), out=nb_buf[:b].view(b * k, -1)).view(
+            b, k, -1
+        )
+        p = torch.mul(nb, (eh * scale).unsqueeze(1), out=scratch[:b]).sum(-1).softmax(-1)  # (B, k)
         g = torch.mul(nb, p.unsqueeze(-1), out=g_buf[:b])
         g = g.addcmul_(eh.unsqueeze(1), (2 - p).unsqueeze(-1)).tanh_()  # (B, k, C)
         if dot:
             nb_sum = g_sum = None
-            score = torch.mul(nb, g, out=tmp[:b]).sum(-1)
+            score = torch.mul(nb, g, out=scratch[:b]).sum(-1)
         else:
             nb_sum, g_sum = nb.sum(-1), g.sum(-1)
             score = nb_sum * g_sum
@@ -118,11 +120,17 @@ class _KnowledgeAttention(torch.autograd.Function):
         ctx: Any, e_h: Tensor, e_t: Tensor, index: Tensor, scale: float, dot: bool, rows: int
     ) -> Tensor:
         out = torch.empty_like(e_h)
-        nb_buf, g_buf, tmp = (e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(3))
+        nb_buf, g_buf, scratch = (e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(3))
         for first in range(0, e_h.shape[0], rows):
-            eh, idx = e_h[first : first + rows], index[first : first + rows]
-            nb, _, _, _, _, a = _KnowledgeAttention._block(eh, idx, e_t, scale, dot, nb_buf, g_buf, tmp)
-            torch.sum(torch.mul(nb, a.unsqueeze(-1), out=tmp[: len(idx)]), 1, out=out[first : first + rows])
+            eh, block_index = e_h[first : first + rows], index[first : first + rows]
+            nb, _, _, _, _, a = _KnowledgeAttention._block(
+                eh, block_index, e_t, scale, dot, nb_buf, g_buf, scratch
+            )
+            torch.sum(
+                torch.mul(nb, a.unsqueeze(-1), out=scratch[: len(block_index)]),
+                1,
+                out=out[first : first + rows],
+            )
         ctx.save_for_backward(e_h, e_t, index)
         ctx.scale, ctx.dot, ctx.rows = scale, dot, rows
         return out
@@ -136,21 +144,23 @@ class _KnowledgeAttention(torch.autograd.Function):
         grad_h = torch.empty_like(e_h)
         grad_t = torch.zeros_like(e_t)
         one = torch.ones((), dtype=e_h.dtype, device=e_h.device)
-        nb_buf, g_buf, tmp, gn_buf = (e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(4))
+        nb_buf, g_buf, scratch, gn_buf = (
+            e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(4)
+        )
         for first in range(0, e_h.shape[0], rows):
-            eh, idx, go = (
+            eh, block_index, go = (
                 e_h[first : first + rows],
                 index[first : first + rows],
                 grad_out[first : first + rows],
             )
-            b = len(idx)
+            b = len(block_index)
             nb, p, g, nb_sum, g_sum, a = _KnowledgeAttention._block(
-                eh, idx, e_t, scale, dot, nb_buf, g_buf, tmp
+                eh, block_index, e_t, scale, dot, nb_buf, g_buf, scratch
             )
-            grad_a = torch.mul(nb, go.unsqueeze(1), out=tmp[:b]).sum(-1)  # (B, k)
+            grad_a = torch.mul(nb, go.unsqueeze(1), out=scratch[:b]).sum(-1)  # (B, k)
             grad_s = a * (grad_a - (a * grad_a).sum(-1, keepdim=True))  # through the softmax over k
             grad_nb = torch.mul(go.unsqueeze(1), a.unsqueeze(-1), out=gn_buf[:b])  # (B, k, C)
-            grad_u = torch.addcmul(one, g, g, value=-1, out=tmp[:b])  # tanh' = 1 - g^2
+            grad_u = torch.addcmul(one, g, g, value=-1, out=scratch[:b])  # tanh' = 1 - g^2
             if dot:
                 grad_nb.addcmul_(g, grad_s.unsqueeze(-1))
                 grad_u.mul_(nb).mul_(grad_s.unsqueeze(-1))
@@ -164,7 +174,7 @@ class _KnowledgeAttention(torch.autograd.Function):
             through_w = torch.mul(nb, grad_w.unsqueeze(-1), out=g).sum(1)
             grad_h[first : first + rows] = through_u + scale * through_w
             grad_nb.addcmul_(eh.unsqueeze(1), (scale * grad_w).unsqueeze(-1))
-            grad_t.index_add_(0, idx.reshape(-1), grad_nb.view(-1, grad_nb.shape[-1]))
+            grad_t.index_add_(0, block_index.reshape(-1), grad_nb.view(-1, grad_nb.shape[-1]))
         return grad_h, grad_t, None, None, None, None
 
 
@@ -227,7 +237,14 @@ class WiKG(MILMethod):
             ("Dot-product knowledge score (paper)", "dot-score"),
         ]
     }
-    summary = "WSI-only dynamic kNN graph in feature space, knowledge-aware attention (Li et al. CVPR 2024)"
+    summary = (
+        "WSI-only graph MIL: dynamic top-k graph in feature space, knowledge-aware attention, mean pooling as "
+        "its train.py; chunked top-k, memory linear in N"
+    )
+    paper = "Li et al., CVPR 2024"
+    paper_url = "https://arxiv.org/abs/2403.07719"
+    code_url = "https://github.com/WonderLandxD/WiKG"
+    code_commit = "eb3144fb8267f525c57e71ced5c5b2b6a1c42a93"
 
     def __init__(self, cfg: WiKGCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)
