@@ -374,15 +374,14 @@ def explain_cmd(
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the registered methods and their variants."""
+    """List the registered methods: variants, what each does, its paper and the authors' code it follows."""
     from rich.table import Table
 
-    from methods import get_method_class, list_methods
+    from methods.registry import method_rows
 
-    table = Table("method", "variants", "what")
-    for name in list_methods():
-        cls = get_method_class(name)
-        table.add_row(name, ", ".join(cls.variants) or "–", cls.summary)
+    table = Table("method", "variants", "what", "paper", "authors' code (commit)")
+    for row in method_rows():
+        table.add_row(row["name"], row["variants"], row["summary"], row["paper"], row["code"])
     console.print(table)
 
 

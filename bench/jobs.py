@@ -160,7 +160,7 @@ def method_config(
         cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
     if opts.epochs is not None:
         cfg = cfg.replace(epochs=min(cfg.epochs, opts.epochs), min_epochs=min(cfg.min_epochs, opts.epochs))
-    if data.gene_groups is not None and hasattr(cfg, "gene_groups"):
+    if data.gene_groups is not None and cfg.needs().gene_groups:
         cfg = cfg.replace(gene_groups=data.gene_groups)
     return cfg
 
@@ -171,7 +171,7 @@ def _best(data: TaskData, opts: RunOptions, method: str, fold: int) -> dict[str,
 
 def _selects_genes(data: TaskData, cfg: MethodCfg) -> bool:
     """Whether the task's ``omics_select`` applies to this method (it reads omics, and there are some)."""
-    return data.task.omics_select is not None and cfg.uses_omics and data.internal.omics is not None
+    return data.task.omics_select is not None and cfg.needs().omics and data.internal.omics is not None
 
 
 def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
@@ -291,13 +291,13 @@ def train_fold(
     internal = data.internal
     omics, genes = None, None
     omics_dim = None if internal.omics is None else internal.omics.shape[1]
-    if internal.omics is not None and cfg.uses_omics:
+    if internal.omics is not None and cfg.needs().omics:
         table = internal.omics
         genes = fold_genes(data, fold)
         if genes is not None:
             table = genes.apply(table)
             omics_dim = table.shape[1]
-            if data.gene_groups is not None and hasattr(cfg, "gene_groups"):
+            if data.gene_groups is not None and cfg.needs().gene_groups:
                 where = internal.omics.columns.get_indexer(genes.genes)
                 cfg = cfg.replace(gene_groups=tuple(data.gene_groups[i] for i in where))
         train_cases = _train_cases(data, fold)

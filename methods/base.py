@@ -284,6 +284,15 @@ class MILMethod(nn.Module):
         """JSON-able facts about the trained model for the fold's metrics (e.g. active memory components)."""
         return {}
 
+    #: what the cells of :meth:`summarise_reports` mean, for the caption of the report's table of them.
+    reports_caption: ClassVar[str] = ""
+
+    @classmethod
+    def summarise_reports(cls, reports: Sequence[dict[str, Any]]) -> dict[str, str]:
+        """The :meth:`training_report` of each fold of one task summarised as table cells (column -> text)
+        for the report; default: none (the method is left out of that table)."""
+        return {}
+
     def configure_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
         """Optimiser and (possibly None) scheduler as the config says."""
         cfg = self.cfg

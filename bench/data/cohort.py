@@ -89,7 +89,7 @@ class Cohort:
 
 def graph_settings(cfg: MethodCfg) -> tuple[int, bool, Path] | None:
     """``(k, symmetric, cache folder)`` of the spatial kNN graph a method's config asks for, or None."""
-    return (cfg.graph_k, cfg.graph_symmetric, cache_root() / "graphs") if cfg.needs_graph else None
+    return (cfg.graph_k, cfg.graph_symmetric, cache_root() / "graphs") if cfg.needs().graph else None
 
 
 def slide_bag(

@@ -22,7 +22,7 @@ from ..store import load_results
 from ..tables import Table, safe_stem, write_table
 from . import prose
 from .results_tables import operating_points_table, table1, table2
-from .stats_tables import headline_table, localisation_md_table, memory_table, runs_table, tests_table
+from .stats_tables import headline_table, localisation_md_table, method_reports_table, runs_table, tests_table
 
 __all__ = ["write_report"]
 
@@ -176,7 +176,7 @@ def _what_was_run(doc: _Document, analyses: Sequence[TaskStats]) -> None:
 
 
 def _comparisons(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[str]) -> None:
-    """The headline table, each task's paired tests, and the memory table when a method reports one."""
+    """The headline table, each task's paired tests, and the methods' own reports on their trained models."""
     doc.text("## Headline: AUC with 95 % confidence intervals and paired tests", "")
     doc.table(headline_table(analyses, methods), "table_headline")
     doc.text("## Paired comparisons with the reference method", "")
@@ -188,10 +188,10 @@ def _comparisons(doc: _Document, analyses: Sequence[TaskStats], methods: Sequenc
                 f"{st.task.upper()}: no other method shares folds with {st.reference}; nothing to compare.",
                 "",
             )
-    memory = memory_table(analyses)
-    if memory is not None:
-        doc.text("## Memory use (methods with class memories)", "")
-        doc.table(memory, "table_memory")
+    reports = method_reports_table(analyses)
+    if reports is not None:
+        doc.text("## What the methods report about their trained models", "")
+        doc.table(reports, "table_method_reports")
 
 
 def _figures(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[str]) -> None:

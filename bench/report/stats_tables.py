@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from methods import get_method_class
+
 from ..analysis import TaskStats
 from ..tables import Table, bold_best, cohort_label, fmt, fmt_ci, fmt_diff, fmt_p, method_order
 
@@ -19,7 +21,7 @@ __all__ = [
     "localisation_md_table",
     "marks",
     "marks_caption",
-    "memory_table",
+    "method_reports_table",
     "runs_table",
     "tests_table",
 ]
@@ -165,32 +167,27 @@ def runs_table(st: TaskStats) -> Table:
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.task}")
 
 
-def memory_table(analyses: Sequence[TaskStats]) -> Table | None:
-    """Methods with class memories × tasks: memory components in use and kept per class, or None if no
-    method on disk reports them (``method_report`` of each fold's metrics.json, e.g. MoMKD's)."""
+def method_reports_table(analyses: Sequence[TaskStats]) -> Table | None:
+    """Methods × tasks: what each method says about its trained models (``MILMethod.summarise_reports`` of
+    the ``method_report`` of its folds' metrics.json, e.g. MoMKD's class memories), or None if none does."""
     cells: dict[str, dict[tuple[str, str], str]] = {}
+    captions: dict[str, str] = {}
+    columns: dict[tuple[str, str], None] = {}
     for st in analyses:
         for method in sorted({r.method for r in st.runs}):
+            cls = get_method_class(method)
             reports = [r.metrics.get("method_report", {}) for r in st.runs if r.method == method]
-            reports = [m for m in reports if "memory_positive_num_active" in m]
-            if not reports:
-                continue
-            size = max(int(m.get("memory_size", 0)) for m in reports)
-            for name, sign in (("positive", "+"), ("negative", "−")):
-                used = np.array([m[f"memory_{name}_num_active"] for m in reports], dtype=float)
-                kept = np.array([m.get(f"memory_{name}_kept", size) for m in reports], dtype=float)
-                sd = float(used.std(ddof=1)) if len(used) > 1 else float("nan")
-                cell = fmt(float(used.mean()), sd, scale=1.0)
-                cells.setdefault(method, {})[(st.task, sign)] = f"{cell} / {kept.mean():.1f} of {size}"
+            for column, text in cls.summarise_reports(reports).items():
+                cells.setdefault(method, {})[(st.task, column)] = text
+                columns[(st.task, column)] = None
+                captions[cls.name] = cls.reports_caption
     if not cells:
         return None
-    columns = [(st.task, sign) for st in analyses for sign in ("+", "−")]
-    header = ["Method"] + [f"{t.upper()} C{sign}" for t, sign in columns]
+    header = ["Method"] + [f"{t.upper()} {column}" for t, column in columns]
     rows = [[m] + [cells[m].get(col, "–") for col in columns] for m in sorted(cells)]
     caption = (
-        "Class memories: components in use (share of the class's training patches whose nearest own-class "
-        "code it is, in the last training epoch of the kept weights, at least the method's active_threshold, "
-        "1 % by default), mean ± SD over folds / components kept (fewer than K where adaptive memory pruned "
-        "them), mean over folds, of K."
+        "What the methods report about their trained models: "
+        + "; ".join(f"{name}: {text}" for name, text in sorted(captions.items()))
+        + "."
     )
-    return Table(header, rows, [[False] * len(header) for _ in rows], caption, "tab:memory")
+    return Table(header, rows, [[False] * len(header) for _ in rows], caption, "tab:method-reports")

@@ -8,6 +8,8 @@ Memory layout everywhere: ``(2, K, S)``, row 0 the C− memory (class 0), row 1 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -313,3 +315,27 @@ class MemoryDynamics(nn.Module):
             report[f"memory_{name}_kept"] = sum(kept)
         report["tau"] = float(self.tau.detach())
         return report
+
+    reports_caption = (
+        "class memories: components in use (share of the class's training patches whose nearest own-class "
+        "code it is, in the last training epoch of the kept weights, at least the method's active_threshold, "
+        "1 % by default), mean ± SD over folds / components kept (fewer than K where adaptive memory pruned "
+        "them), mean over folds, of K"
+    )
+
+    @classmethod
+    def summarise_reports(cls, reports: Sequence[dict[str, Any]]) -> dict[str, str]:
+        """Per class memory (C+, C−): ``used ± SD / kept of K`` over the folds' :meth:`training_report`."""
+        reports = [m for m in reports if "memory_positive_num_active" in m]
+        if not reports:
+            return {}
+        size = max(int(m.get("memory_size", 0)) for m in reports)
+        cells = {}
+        for name, sign in (("positive", "+"), ("negative", "−")):
+            used = [float(m[f"memory_{name}_num_active"]) for m in reports]
+            kept = [float(m.get(f"memory_{name}_kept", size)) for m in reports]
+            spread = f" ± {statistics.stdev(used):.1f}" if len(used) > 1 else ""
+            cells[f"C{sign}"] = (
+                f"{statistics.fmean(used):.1f}{spread} / {statistics.fmean(kept):.1f} of {size}"
+            )
+        return cells

@@ -97,7 +97,8 @@ def test_momkd_memory_assignment_is_the_nearest_component(trained):
     splits = pd.read_csv(out / "toy" / "splits.tsv", sep="\t", dtype=str)
     slide = splits.slide_id[splits.fold_0 == "test"].iloc[0]
     ex = explain_slide(out, "toy", "momkd", slide, fold=0)
-    assert ex.memory_size == 4 and ex.memory_bank is not None
+    banks, codes_map = ex.maps["nearest class memory bank"], ex.maps["nearest memory component"]
+    assert len(codes_map.categories) == 2 * 4 and banks.categories is not None  # K = 4 per class
     model, _ = load_fold_model(out / "toy" / "momkd" / "fold_0", torch.device("cpu"))
     from bench.data.graph import knn_edge_index
     from methods.base import Bag
@@ -113,9 +114,10 @@ def test_momkd_memory_assignment_is_the_nearest_component(trained):
         codes = F.normalize(model.memory, dim=-1)  # (2, K, S): bank 0 = C-, bank 1 = C+
         cos = torch.einsum("ns,bks->nbk", z, codes)
     flat = cos.reshape(len(z), -1).argmax(dim=1).numpy()
-    np.testing.assert_array_equal(ex.memory_bank, flat // 4)
-    np.testing.assert_array_equal(ex.memory_component, flat % 4)
-    assert cos.amax(dim=2).argmax(dim=1).numpy().tolist() == ex.memory_bank.tolist()
+    bank, code = banks.values.numpy().astype(int), codes_map.values.numpy().astype(int)
+    np.testing.assert_array_equal(bank, flat // 4)
+    np.testing.assert_array_equal(code % 4, flat % 4)
+    assert cos.amax(dim=2).argmax(dim=1).numpy().tolist() == bank.tolist()
 
 
 def test_localisation_table_scores_each_fold(trained):
@@ -165,7 +167,7 @@ def test_report_assembles_tables_figures_and_report_md(trained, monkeypatch):
     folder = out / "toy" / "report"
     for stem in ("table_headline", "tests_toy", "table_localisation", "table1_internal", "runs_toy"):
         assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.tex").is_file()
-    memory = (folder / "table_memory.md").read_text()  # MoMKD's memories, per class; ABMIL has none
+    memory = (folder / "table_method_reports.md").read_text()  # MoMKD's memories, per class; ABMIL has none
     assert "| momkd | " in memory and "abmil" not in memory and memory.count(" of 4") == 2
     tex = (folder / "table_headline.tex").read_text()
     assert r"\toprule" in tex and "{[}" in tex and "†" not in tex

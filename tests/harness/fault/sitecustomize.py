@@ -4,9 +4,9 @@ an exception bench does not expect, to check what the installed console script s
 import os
 
 if os.environ.get("BENCH_TEST_FAULT"):
-    import methods
+    import methods.registry
 
-    def _broken() -> list[str]:
+    def _broken() -> list[dict[str, str]]:
         raise RuntimeError("injected fault")
 
-    methods.list_methods = _broken
+    methods.registry.method_rows = _broken
