@@ -1,19 +1,36 @@
-"""The ``bench`` command line (typer + rich). Heavy imports happen inside the commands, so ``--help`` is instant.
+"""The ``bench`` command line (typer + rich): each command parses its options (bench/cli_options.py builds the
+option objects) and calls bench/commands.py. Heavy imports happen inside the commands, so ``--help`` is instant.
 
 Bad input ends with one paragraph naming the file and the fix, exit code 2, and no traceback.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from .cli_options import (
+    Device,
+    Epochs,
+    Folds,
+    Format,
+    Out,
+    Precision,
+    Quiet,
+    Seed,
+    TaskOpt,
+    Workers,
+    console,
+    err_console,
+    progress_bar,
+    run_options,
+    table_formats,
+    write_crash_log,
+)
 from .errors import BenchError
 from .redact import redact
 
@@ -27,77 +44,12 @@ app = typer.Typer(
 data_app = typer.Typer(help="Inspect a task's data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-if not console.is_terminal:  # piped or captured: do not squeeze result tables into 80 columns
-    console = Console(width=160)
-err_console = Console(stderr=True, soft_wrap=True)
-
-Out = Annotated[Path, typer.Option("--out", help="Output folder.")]
-Folds = Annotated[
-    int | None, typer.Option("--folds", help="Number of CV folds (default: the task's).", min=2)
-]
-Seed = Annotated[
-    int | None, typer.Option("--seed", help="Seed for splits and training (default: the task's).")
-]
-Epochs = Annotated[
-    int | None, typer.Option("--epochs", help="Cap on training epochs (for quick runs).", min=1)
-]
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:i")]
-Workers = Annotated[int, typer.Option("--workers", help="Jobs run in parallel.", min=1)]
-Precision = Annotated[
-    str,
-    typer.Option(
-        "--precision",
-        help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast, the CPU included).",
-    ),
-]
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
-TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path to a task YAML.")]
-
-
-def _options(out: Path, folds, seed, epochs, device: str, workers: int, quiet: bool, precision: str = "auto"):
-    from .device import PRECISIONS, cpu_has_bf16
-    from .jobs import RunOptions
-
-    if precision not in PRECISIONS:
-        raise BenchError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
-    if precision == "bf16" and device == "cpu" and cpu_has_bf16() is False:
-        err_console.print(
-            "warning: --precision bf16 on a CPU without native bf16 (no AVX-512-BF16/AMX): "
-            "expect it to be several times slower than fp32."
-        )
-    return RunOptions(
-        out=out,
-        folds=folds,
-        seed=seed,
-        epochs=epochs,
-        device=device,
-        workers=workers,
-        quiet=quiet,
-        precision=precision,
-    )
-
-
-def _progress(quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if quiet:
-        return None
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    )
-
 
 def _run_and_print(task: str, methods: list[str], opts) -> None:
     from .commands import run
     from .report.results_tables import summary_rich_table
 
-    progress = _progress(opts.quiet)
+    progress = progress_bar(opts.quiet)
     if progress is None:
         summary = run(task, methods, opts)
     else:
@@ -152,9 +104,10 @@ def run_cmd(
     ] = None,
 ) -> None:
     """K-fold CV of each method on a task, plus every external cohort; resumable."""
+    # Long only because typer reads every option from the signature; the body builds option objects and delegates.
     from .jobs import parse_methods
 
-    opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
+    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision)
     names = parse_methods(methods)
     if executor == "local":
         _run_and_print(task, names, opts)
@@ -247,14 +200,15 @@ def sweep_cmd(
     workers: Workers = 1,
     precision: Precision = "auto",
     quiet: Quiet = False,
-    fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
+    fmt: Format = "both",
 ) -> None:
     """Nested Optuna search, one per outer fold, blind to its test patients; then <method>[best] on the folds."""
+    # Long only because typer reads every option from the signature; the body builds option objects and delegates.
     from .commands import tune
     from .sweep import SweepOptions
 
-    formats = _formats(fmt)
-    opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
+    formats = table_formats(fmt)
+    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision)
     sw = SweepOptions(
         method=method,
         params=None if params is None else tuple(p.strip() for p in params.split(",") if p.strip()),
@@ -266,7 +220,7 @@ def sweep_cmd(
         pruning=pruning,
         inner_folds=inner_folds,
     )
-    progress = _progress(quiet)
+    progress = progress_bar(quiet)
     if progress is None:
         tune(task, sw, opts, formats, console.print)
     else:
@@ -288,23 +242,16 @@ def ablate_cmd(
     workers: Workers = 1,
     precision: Precision = "auto",
     quiet: Quiet = False,
-    fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
+    fmt: Format = "both",
 ) -> None:
     """Run a method's ablation variants on the same folds, then write its ablation tables."""
     from .commands import ablate, ablation_methods
 
     base, names = ablation_methods(method)
-    opts = _options(out, folds, seed, epochs, device, workers, quiet, precision)
+    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision)
     _run_and_print(task, names, opts)
-    for table in ablate(base, task, out, _formats(fmt), console.print):
+    for table in ablate(base, task, out, table_formats(fmt), console.print):
         console.print(table.markdown())
-
-
-def _formats(fmt: str) -> list[str]:
-    choices = {"markdown": ["markdown"], "latex": ["latex"], "both": ["markdown", "latex"]}
-    if fmt not in choices:
-        raise BenchError(f"--format {fmt!r}: choose markdown, latex or both.")
-    return choices[fmt]
 
 
 @app.command("report")
@@ -313,7 +260,7 @@ def report_cmd(
         str, typer.Option("--task", help="One task or a comma-separated list, e.g. her2,pr,odx.")
     ],
     out: Out = Path("results"),
-    fmt: Annotated[str, typer.Option("--format", help="markdown | latex | both")] = "both",
+    fmt: Format = "both",
     vs: Annotated[
         str | None,
         typer.Option("--vs", help="Reference method of the paired tests (default: best mean internal AUC)."),
@@ -338,7 +285,7 @@ def report_cmd(
     from .commands import ReportOptions, report
 
     ro = ReportOptions(
-        formats=tuple(_formats(fmt)),
+        formats=tuple(table_formats(fmt)),
         reference=vs,
         n_boot=bootstrap,
         seed=seed,
@@ -421,37 +368,6 @@ def data_check_cmd(task: TaskOpt) -> None:
     console.print(f"[green]✓[/green] task {cfg.name!r}: no problems found.")
 
 
-def _out_folder(argv: list[str]) -> Path:
-    """The ``--out`` folder named on the command line (default ``results``), read without parsing."""
-    for i, arg in enumerate(argv):
-        if arg == "--out" and i + 1 < len(argv):
-            return Path(argv[i + 1])
-        if arg.startswith("--out="):
-            return Path(arg.split("=", 1)[1])
-    return Path("results")
-
-
-def _log_crash(exc: BaseException) -> Path | None:
-    """Write the traceback of an unexpected error under ``<out>/logs/`` (else the temp folder); its path."""
-    import tempfile
-    import time
-    import traceback
-
-    text = f"bench {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n" + "".join(
-        traceback.format_exception(exc)
-    )
-    text = redact(text)  # a --storage URL's password, on the command line or in a message
-    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    for folder in (_out_folder(sys.argv[1:]) / "logs", Path(tempfile.gettempdir()) / "bench-logs"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text)
-            return folder / name
-        except OSError:
-            continue
-    return None
-
-
 def main() -> None:
     """Console entry point: usage errors give the usage message (exit 2), a ``BenchError`` its paragraph
     (exit 2), and anything unexpected one line pointing at the traceback written under ``--out`` (exit 1)."""
@@ -488,7 +404,7 @@ def main() -> None:
             err_console.print(f"error: {escape(exc.format_message())}", highlight=False)
         sys.exit(exc.exit_code)
     except Exception as exc:
-        log = _log_crash(exc)
+        log = write_crash_log(exc)
         where = f"the traceback is in {log}" if log else "no log could be written"
         err_console.print(
             f"[bold red]internal error:[/bold red] {escape(type(exc).__name__)}: {escape(redact(str(exc)))} "

@@ -22,7 +22,7 @@ from .errors import BenchError
 from .executors import SlurmOptions, run_jobs
 from .explain import SlideExplanation, explain_slide, figure_for
 from .figures import save_figure
-from .jobs import RunOptions, expand_jobs, method_config, parse_methods, prepare_task
+from .jobs import expand_jobs, method_config, parse_methods
 from .report.document import write_report
 from .report.results_tables import variant_table
 from .store import load_results, write_summary
@@ -30,6 +30,7 @@ from .studies import storage_url
 from .sweep import SweepOptions
 from .sweep_report import write_sweep_report
 from .tables import Table, write_table
+from .taskdata import RunOptions, prepare_task
 
 __all__ = [
     "ReportOptions",

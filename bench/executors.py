@@ -26,9 +26,10 @@ from typing import Any
 
 from .device import bind_worker
 from .errors import BenchError
-from .jobs import Job, RunOptions, TaskData, plan_job, run_job
+from .jobs import Job, plan_job, run_job
 from .locks import claim_path, describe_holder, try_claim
 from .store import fold_status, remove_stale_temporaries
+from .taskdata import RunOptions, TaskData
 
 __all__ = [
     "POLL_S",

@@ -35,7 +35,7 @@ from .data.formats import feature_path
 from .device import resolve_device
 from .errors import BenchError
 from .figures import PatchPanel, explain_figure
-from .store import MODEL_FILE, fold_dir, iter_fold_dirs, read_saved_splits
+from .store import MODEL_FILE, TaskResults, fold_dir, iter_fold_dirs, read_saved_splits
 
 __all__ = [
     "SlideExplanation",
@@ -200,8 +200,8 @@ def explain_slide(
     if fold is None:
         fold = _test_fold(splits, slide_id)
     if fold is None:  # an external slide, or no splits on disk: the first fold with weights
-        kept = sorted(fold_dir(out, task, method, 0).parent.glob(f"fold_*/{MODEL_FILE}"))
-        fold = int(kept[0].parent.name.split("_")[1]) if kept else 0
+        kept = [k for m, k, fd in iter_fold_dirs(out, task) if m == method and (fd / MODEL_FILE).is_file()]
+        fold = kept[0] if kept else 0
     dev = resolve_device(device)
     model, config = load_fold_model(fold_dir(out, task, method, fold), dev)
     cohort, path, case_id, label = _locate_slide(config, slide_id)
@@ -264,7 +264,7 @@ def figure_for(ex: SlideExplanation):
 
 
 def localisation_table(
-    out: Path, task: str, n_slides: int = 12, seed: int = 0, device: str = "cpu"
+    results: TaskResults, n_slides: int = 12, seed: int = 0, device: str = "cpu"
 ) -> pd.DataFrame:
     """Mean localisation AUC over (a seeded sample of) each fold's test slides, per method and fold, for the
     trained model (``auc``) and for the same architecture untrained (``auc_untrained``, seeded per fold).
@@ -275,35 +275,47 @@ def localisation_table(
     dev = resolve_device(device)
     columns = ["method", "fold", "slides", "auc", "auc_untrained"]
     rows = []
-    for method, fold, fd in iter_fold_dirs(out, task):
-        if not (fd / MODEL_FILE).is_file():
+    for run in results.runs:
+        if not (run.path / MODEL_FILE).is_file():
             continue
-        pred = read_table(fd / "predictions.csv")
+        pred = run.predictions
         slides = np.sort(pred.slide_id[pred.cohort == "test"].to_numpy())
         if len(slides) > n_slides:  # the same sample for every method of a fold
-            slides = np.random.default_rng([seed, fold]).choice(slides, n_slides, replace=False)
-        model, config = load_fold_model(fd, dev)
-        untrained, _ = load_fold_model(fd, dev, untrained_seed=seed * 1000 + fold)
-        trained_aucs, untrained_aucs = [], []
-        for slide_id in slides:
-            _, path, case_id, label = _locate_slide(config, str(slide_id))
-            bag, relevance = _bag(path, model, str(slide_id), case_id, label)
-            if relevance is None:
-                return pd.DataFrame(columns=columns)
-            try:
-                trained_aucs.append(localisation_auc(_patch_maps(model, bag, dev)[1], relevance))
-            except BenchError:  # no attention: nothing to score for this method
-                break
-            untrained_aucs.append(localisation_auc(_patch_maps(untrained, bag, dev)[1], relevance))
-        valid = ~np.isnan(trained_aucs)
+            slides = np.random.default_rng([seed, run.fold]).choice(slides, n_slides, replace=False)
+        scored = _fold_localisation(run.path, slides, dev, seed * 1000 + run.fold)
+        if scored is None:  # the slides carry no ground truth
+            return pd.DataFrame(columns=columns)
+        trained, untrained = scored
+        valid = ~np.isnan(trained)
         if valid.any():
             rows.append(
                 [
-                    method,
-                    fold,
+                    run.method,
+                    run.fold,
                     int(valid.sum()),
-                    float(np.mean(np.asarray(trained_aucs)[valid])),
-                    float(np.nanmean(np.asarray(untrained_aucs)[valid])),
+                    float(np.mean(trained[valid])),
+                    float(np.nanmean(untrained[valid])),
                 ]
             )
     return pd.DataFrame(rows, columns=columns)
+
+
+def _fold_localisation(
+    path: Path, slides: np.ndarray, device: torch.device, untrained_seed: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Localisation AUCs of ``slides`` under a fold's kept model and its untrained twin; None when a slide
+    has no relevance, empty arrays when the method gives no attention."""
+    model, config = load_fold_model(path, device)
+    untrained, _ = load_fold_model(path, device, untrained_seed=untrained_seed)
+    trained_aucs, untrained_aucs = [], []
+    for slide_id in slides:
+        _, feature_file, case_id, label = _locate_slide(config, str(slide_id))
+        bag, relevance = _bag(feature_file, model, str(slide_id), case_id, label)
+        if relevance is None:
+            return None
+        try:
+            trained_aucs.append(localisation_auc(_patch_maps(model, bag, device)[1], relevance))
+        except BenchError:  # no attention: nothing to score for this method
+            break
+        untrained_aucs.append(localisation_auc(_patch_maps(untrained, bag, device)[1], relevance))
+    return np.asarray(trained_aucs, dtype=float), np.asarray(untrained_aucs, dtype=float)

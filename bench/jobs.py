@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,13 @@ from methods.base import Bag, MethodCfg
 from methods.registry import UnknownMethodError, parse_method_name
 
 from .best import load_best, tuned_by
-from .config import TaskConfig, cache_root
-from .csvio import read_table
-from .data.cohort import Cohort, OmicsScaler, graph_settings, load_cohorts, raise_problems
-from .data.genes import GeneSelection, select_genes
-from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
-from .data.task import load_task
+from .config import TaskConfig
+from .data.cohort import Cohort, graph_settings
+from .data.genes import GeneSelection
+from .data.omics import OmicsScaler
+from .data.splits import fold_parts, membership_digest
 from .device import resolve_device, resolve_precision
-from .errors import BenchError, DataError
+from .errors import BenchError
 from .evaluate import (
     best_f1_threshold,
     cohort_metrics,
@@ -41,21 +40,18 @@ from .evaluate import (
     slide_predictions,
 )
 from .provenance import versions
-from .store import config_hash, fold_dir, fold_status, write_fold, write_splits
+from .store import config_hash, fold_dir, fold_status, write_fold
+from .taskdata import RunOptions, TaskData, fold_genes, train_cases
 from .train import TrainResult, fit
 
 __all__ = [
     "FoldFit",
     "Job",
     "JobPlan",
-    "RunOptions",
-    "TaskData",
     "check_method",
     "expand_jobs",
-    "fold_genes",
     "method_config",
     "plan_job",
-    "prepare_task",
     "run_job",
     "stage_bags",
     "train_fold",
@@ -63,73 +59,10 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """Options common to every command (the contract's common options)."""
-
-    out: Path = Path("results")
-    folds: int | None = None
-    seed: int | None = None
-    epochs: int | None = None
-    device: str = "auto"
-    workers: int = 1
-    quiet: bool = False
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16
-
-
-@dataclass(frozen=True)
 class Job:
     task: str  # task name or YAML path, as given
     method: str  # method name, possibly with a [variant]
     fold: int
-
-
-@dataclass
-class TaskData:
-    """Everything a job of one task needs, loaded and checked once per process."""
-
-    task: TaskConfig
-    internal: Cohort
-    externals: dict[str, Cohort]
-    splits: pd.DataFrame
-    folds: int
-    seed: int
-    gene_groups: tuple[int, ...] | None = None
-    # fit once per process, keyed by the fold's split membership (a sweep's inner folds reuse fold numbers)
-    gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
-
-
-def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
-    """Load and check a task's cohorts, then make (or import) and save its patient-level splits."""
-    task = load_task(task_ref)
-    internal, externals, problems = load_cohorts(task)
-    raise_problems(problems)
-    folds = opts.folds or task.folds
-    seed = task.seed if opts.seed is None else opts.seed
-    if task.splits is not None:
-        splits = read_splits(task.splits, internal.slides)
-        folds = len(fold_columns(splits))
-    else:
-        splits = make_splits(internal.slides, folds, seed, task.val_fraction)
-    write_splits(opts.out, task.name, splits)
-    return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
-
-
-def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | None:
-    """Group index per omics gene from the task's ``omics_groups`` CSV (columns gene, group)."""
-    if task.omics_groups is None or internal.omics is None:
-        return None
-    path = task.omics_groups
-    if not path.is_file():
-        raise DataError("omics_groups file not found", path, "correct 'omics_groups' in the task YAML.")
-    df = read_table(path, ids=("gene", "group"))
-    if not {"gene", "group"} <= set(df.columns):
-        raise DataError("expected columns gene, group", path)
-    names = {g: i for i, g in enumerate(sorted(df.group.unique()))}
-    mapping = dict(zip(df.gene, df.group.map(names), strict=True))
-    missing = [g for g in internal.omics.columns if g not in mapping]
-    if missing:
-        raise DataError(f"{len(missing)} omics gene(s) have no group (e.g. {missing[:3]})", path)
-    return tuple(int(mapping[g]) for g in internal.omics.columns)
 
 
 def method_config(
@@ -300,8 +233,7 @@ def train_fold(
             if data.gene_groups is not None and cfg.needs().gene_groups:
                 where = internal.omics.columns.get_indexer(genes.genes)
                 cfg = cfg.replace(gene_groups=tuple(data.gene_groups[i] for i in where))
-        train_cases = _train_cases(data, fold)
-        omics = OmicsScaler(data.task.omics_log1p).fit(table, train_cases).transform(table)
+        omics = OmicsScaler(data.task.omics_log1p).fit(table, train_cases(data, fold)).transform(table)
     val_omics = omics if cfg.monitor == "mean-auc" else None  # model selection on teachers that read omics
     train_bags, val_bags = stage_bags(
         [_bags(internal, parts["train"], cfg, omics), _bags(internal, parts["val"], cfg, val_omics)], device
@@ -322,31 +254,6 @@ def train_fold(
     autocast = resolve_precision(precision, device)
     val = slide_predictions(val_bags, predict(result.model, val_bags, device, autocast), "val")
     return FoldFit(result, val, cfg, genes)
-
-
-def _train_cases(data: TaskData, fold: int) -> list[str]:
-    """The patients of fold ``fold``'s training part (not its validation or test part)."""
-    slides = data.internal.slides
-    return slides.case_id[slides.slide_id.isin(fold_parts(data.splits, fold)["train"])].unique().tolist()
-
-
-def fold_genes(data: TaskData, fold: int) -> GeneSelection | None:
-    """The task's ``omics_select`` fit on fold ``fold``'s training patients (once per process), or None.
-
-    It reads the omics and labels of the training patients only; validation, test and external patients
-    get the genes it chose (bench/data/genes.py says why this differs from the MoMKD authors).
-    """
-    spec = data.task.omics_select
-    if spec is None or data.internal.omics is None:
-        return None
-    key = membership_digest(data.splits, fold)
-    if key not in data.gene_selections:
-        log = OmicsScaler(data.task.omics_log1p).log_expression(data.internal.omics)
-        labels = data.internal.patients.set_index("case_id").label
-        data.gene_selections[key] = select_genes(
-            log, labels, _train_cases(data, fold), spec.method, spec.k, data.seed, cache_root() / "genes"
-        )
-    return data.gene_selections[key]
 
 
 def run_job(

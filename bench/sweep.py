@@ -64,10 +64,11 @@ from .best import write_best_record
 from .data.splits import check_splits, membership_digest
 from .device import bind_worker, resolve_device
 from .errors import BenchError
-from .jobs import RunOptions, TaskData, check_method, method_config, prepare_task, train_fold
+from .jobs import check_method, method_config, train_fold
 from .locks import HOST
 from .redact import redact
 from .studies import complete_by_fold, make_storage, open_study, storage_url, study_name
+from .taskdata import RunOptions, TaskData, prepare_task
 
 __all__ = [
     "SweepOptions",
@@ -280,6 +281,40 @@ def _shares(
     return plan
 
 
+def _run_workers(
+    data: TaskData, sw: SweepOptions, opts: RunOptions, url: str, plan: list[list[_Share]], advance: Any
+) -> None:
+    """Each worker's shares in its own spawned process; ``advance`` updates the progress every two seconds."""
+    workers = len(plan)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_worker, data, sw, opts, url, shares, i, workers) for i, shares in enumerate(plan)
+        ]
+        while True:
+            finished, running = wait(futures, timeout=2.0, return_when=FIRST_EXCEPTION)
+            advance()
+            for future in finished:
+                future.result()
+            if not running:
+                break
+
+
+def _check_sweep(sw: SweepOptions) -> None:
+    """A method without a variant, at least one inner fold, and only parameters of its search space."""
+    _, variant = check_method(sw.method)
+    if variant:
+        raise BenchError(f"bench sweep takes a method name without a variant, not {sw.method!r}.")
+    if sw.inner_folds < 1:
+        raise BenchError(f"--inner-folds {sw.inner_folds}: give 1 (each fold's validation split) or more.")
+    names = space_names(get_method_class(sw.method))
+    unknown = sorted(set(sw.params or ()) - set(names))
+    if unknown:
+        raise BenchError(
+            f"--params {','.join(unknown)}: not in the search space of {sw.method!r}, which declares "
+            f"{', '.join(names)} (see its search_space)."
+        )
+
+
 def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | None = None) -> dict[int, Any]:
     """Run ``sw.trials`` more trials of each outer fold's study (split over ``opts.workers`` processes);
     returns the studies by outer fold.
@@ -289,19 +324,7 @@ def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | No
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _, variant = check_method(sw.method)
-    cls = get_method_class(sw.method)
-    if variant:
-        raise BenchError(f"bench sweep takes a method name without a variant, not {sw.method!r}.")
-    if sw.inner_folds < 1:
-        raise BenchError(f"--inner-folds {sw.inner_folds}: give 1 (each fold's validation split) or more.")
-    names = space_names(cls)
-    unknown = sorted(set(sw.params or ()) - set(names))
-    if unknown:
-        raise BenchError(
-            f"--params {','.join(unknown)}: not in the search space of {sw.method!r}, which declares "
-            f"{', '.join(names)} (see its search_space)."
-        )
+    _check_sweep(sw)
     data = prepare_task(task_ref, opts)
     method_config(data, sw.method, opts)  # a bad task/method combination fails before any trial
     for k in range(data.folds):  # too few patients for the inner CV fails before any trial too
@@ -336,18 +359,8 @@ def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | No
     plan = _shares(sw, data.folds, max(workers, 1), base_seed, existing)
     if workers <= 1:
         _optimize(data, sw, opts, url, plan[0], resolve_device(opts.device), [advance])
-        return studies
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_worker, data, sw, opts, url, shares, i, workers) for i, shares in enumerate(plan)
-        ]
-        while True:
-            finished, running = wait(futures, timeout=2.0, return_when=FIRST_EXCEPTION)
-            advance()
-            for future in finished:
-                future.result()
-            if not running:
-                break
+    else:
+        _run_workers(data, sw, opts, url, plan, advance)
     return studies
 
 

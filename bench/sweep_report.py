@@ -154,6 +154,26 @@ def _sensitivity_table(
                 str(len(pairs)),
             ]
         )
+    caption = _sensitivity_caption(complete, scored, folds, method, outer_folds)
+    bold = [[False] * 5 for _ in rows]
+    return Table(
+        ["Parameter", "Importance", "Spearman ρ", "p", "Trials"],
+        rows,
+        bold,
+        caption,
+        f"tab:sweep-{method}-sensitivity",
+    )
+
+
+def _sensitivity_caption(
+    complete: Sequence[Any],
+    scored: Sequence[tuple[Any, float]],
+    folds: int | None,
+    method: str,
+    outer_folds: int,
+) -> str:
+    """The sensitivity table's caption: what was pooled, and the spread between trials against one trial's
+    inner-fold noise."""
     means = np.array([t.value for t in complete])
     fold_sd = [sd for t in complete if not math.isnan(sd := _inner_sd(t))]
     noise = ""
@@ -179,14 +199,10 @@ def _sensitivity_table(
         f"(range {means.min() * 100:.1f}–{means.max() * 100:.1f}){noise}. Importances over few, noisy trials "
         "are themselves noisy."
     )
-    bold = [[False] * 5 for _ in rows]
-    return Table(
-        ["Parameter", "Importance", "Spearman ρ", "p", "Trials"],
-        rows,
-        bold,
-        caption,
-        f"tab:sweep-{method}-sensitivity",
-    )
+    return caption
+
+
+_SIZE = (COLUMN_WIDTH, COLUMN_WIDTH * 0.7)
 
 
 def _figures(
@@ -198,22 +214,25 @@ def _figures(
     params: Sequence[str],
 ) -> list[Path]:
     """From the pooled trials of every outer fold (:func:`_pooled`): the optimisation history of each outer
-    fold's search (its trials and best so far; pruned trials as grey crosses at their last running mean), and
-    the validation AUC against each numeric searched parameter, on the inner folds every trial finished when
-    some were pruned (:func:`_common_fold_scores`), with the mean per value for a discrete parameter; a
-    parameter searched on a log scale (or powers of two) is drawn on one. PNG and SVG, in the report's figure
-    style."""
+    fold's search, and the validation AUC against each numeric searched parameter. PNG and SVG, in the
+    report's figure style."""
+    written = save_figure(_history_figure(study, method), folder, f"sweep_{method}_history")
+    for p in params:
+        fig = _parameter_figure(study, scored, folds, method, p)
+        if fig is not None:
+            written += save_figure(fig, folder, f"sweep_{method}_{p}")
+    return written
+
+
+def _history_figure(study: Any, method: str) -> Any:
+    """Each outer fold's trials and best so far; pruned trials as grey crosses at their last running mean."""
     import optuna
     from matplotlib.figure import Figure
 
     complete = sorted(complete_trials(study), key=lambda t: t.number)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values]
-    pruned_values = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
-    size = (COLUMN_WIDTH, COLUMN_WIDTH * 0.7)
-    written = []
-
     with paper_style():
-        fig = Figure(figsize=size)
+        fig = Figure(figsize=_SIZE)
         ax = fig.add_subplot()
         for k in sorted({t.user_attrs["outer_fold"] for t in complete}):
             mine = [t for t in complete if t.user_attrs["outer_fold"] == k]
@@ -224,7 +243,7 @@ def _figures(
         if pruned:
             ax.plot(
                 [t.user_attrs["trial"] for t in pruned],
-                pruned_values,
+                [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
                 "x",
                 ms=3,
                 color="grey",
@@ -237,31 +256,39 @@ def _figures(
         )
         ax.legend()
         fig.tight_layout()
-    written += save_figure(fig, folder, f"sweep_{method}_history")
+    return fig
+
+
+def _parameter_figure(
+    study: Any, scored: Sequence[tuple[Any, float]], folds: int | None, method: str, p: str
+) -> Any:
+    """Validation AUC against parameter ``p`` on the inner folds every trial finished when some were pruned
+    (:func:`_common_fold_scores`), with the mean per value for a discrete parameter, on a log axis for a
+    parameter searched on a log scale (or powers of two); None for a non-numeric parameter."""
+    import optuna
+    from matplotlib.figure import Figure
 
     complete_state = optuna.trial.TrialState.COMPLETE
+    points = [(t.params[p], y, t.state == complete_state) for t, y in scored if p in t.params]
+    if not points or not all(isinstance(x, int | float) for x, _, _ in points):
+        return None
+    xs, ys = np.array([x for x, _, _ in points], dtype=float), np.array([y for _, y, _ in points])
+    done = np.array([c for _, _, c in points])
+    dist = next(t.distributions[p] for t in complete_trials(study) if p in t.params)
     ylabel = "validation AUC" if folds is None else f"validation AUC, first {folds} inner fold(s)"
-    for p in params:
-        points = [(t.params[p], y, t.state == complete_state) for t, y in scored if p in t.params]
-        if not points or not all(isinstance(x, int | float) for x, _, _ in points):
-            continue
-        xs, ys = np.array([x for x, _, _ in points], dtype=float), np.array([y for _, y, _ in points])
-        done = np.array([c for _, _, c in points])
-        dist = next(t.distributions[p] for t in complete if p in t.params)
-        with paper_style():
-            fig = Figure(figsize=size)
-            ax = fig.add_subplot()
-            ax.plot(xs[done], ys[done], "o", ms=3, alpha=0.7, label="complete trial")
-            if (~done).any():
-                ax.plot(xs[~done], ys[~done], "x", ms=3, color="grey", label="pruned trial")
-            levels = np.unique(xs)
-            if not isinstance(dist, optuna.distributions.FloatDistribution):
-                ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
-            powers_of_two = xs.min() > 0 and np.allclose(np.log2(levels), np.round(np.log2(levels)))
-            if getattr(dist, "log", False) or (powers_of_two and xs.max() / xs.min() >= 8):
-                ax.set_xscale("log", base=2 if powers_of_two else 10)
-            ax.set(xlabel=p, ylabel=ylabel, title=f"{method}: validation AUC against {p}")
-            ax.legend()
-            fig.tight_layout()
-        written += save_figure(fig, folder, f"sweep_{method}_{p}")
-    return written
+    with paper_style():
+        fig = Figure(figsize=_SIZE)
+        ax = fig.add_subplot()
+        ax.plot(xs[done], ys[done], "o", ms=3, alpha=0.7, label="complete trial")
+        if (~done).any():
+            ax.plot(xs[~done], ys[~done], "x", ms=3, color="grey", label="pruned trial")
+        levels = np.unique(xs)
+        if not isinstance(dist, optuna.distributions.FloatDistribution):
+            ax.plot(levels, [ys[xs == v].mean() for v in levels], "-", label="mean per value")
+        powers_of_two = xs.min() > 0 and np.allclose(np.log2(levels), np.round(np.log2(levels)))
+        if getattr(dist, "log", False) or (powers_of_two and xs.max() / xs.min() >= 8):
+            ax.set_xscale("log", base=2 if powers_of_two else 10)
+        ax.set(xlabel=p, ylabel=ylabel, title=f"{method}: validation AUC against {p}")
+        ax.legend()
+        fig.tight_layout()
+    return fig

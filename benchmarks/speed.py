@@ -244,10 +244,11 @@ def run_validation(args: argparse.Namespace, names: list[str]) -> list[dict[str,
     import torch
 
     from bench.config import cache_root
-    from bench.data.cohort import OmicsScaler
+    from bench.data.omics import OmicsScaler
     from bench.data.splits import fold_parts
     from bench.evaluate import predict
-    from bench.jobs import RunOptions, method_config, prepare_task
+    from bench.jobs import method_config
+    from bench.taskdata import RunOptions, prepare_task
     from bench.train import mean_model_auc
     from methods import create_method
 

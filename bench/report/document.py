@@ -18,7 +18,7 @@ from ..data.synthetic import spec_record
 from ..explain import explain_slide, figure_for, localisation_table
 from ..figures import calibration_figure, fold_auc_figure, method_colors, roc_figure, save_figure
 from ..fsio import atomic_write_text
-from ..store import load_results
+from ..store import TaskResults, load_results
 from ..tables import Table, safe_stem, write_table
 from . import prose
 from .results_tables import operating_points_table, table1, table2
@@ -136,7 +136,7 @@ def write_report(
     _comparisons(doc, analyses, methods)
     _figures(doc, analyses, methods)
     if loc_slides > 0:
-        _localisation(doc, analyses, methods, loc_slides, seed, device)
+        _localisation(doc, results, analyses, methods, loc_slides, seed, device)
     doc.text("## Tables in the paper's form", "")
     doc.table(table1(results), "table1_internal")
     doc.table(table2(results), "table2_external")
@@ -226,10 +226,16 @@ def _figures(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[st
 
 
 def _localisation(
-    doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[str], slides: int, seed: int, device: str
+    doc: _Document,
+    results: dict[str, TaskResults],
+    analyses: Sequence[TaskStats],
+    methods: Sequence[str],
+    slides: int,
+    seed: int,
+    device: str,
 ) -> None:
     """Synthetic tasks: localisation AUC per method and fold, and one test slide drawn under each method."""
-    loc = {st.task: localisation_table(doc.out, st.task, slides, seed, device) for st in analyses}
+    loc = {t: localisation_table(r, slides, seed, device) for t, r in results.items()}
     if not any(len(df) for df in loc.values()):
         return
     doc.text("## Does the model look where the signal is? (synthetic tasks)", "")

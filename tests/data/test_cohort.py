@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.data.cohort import OmicsScaler, load_cohort
+from bench.data.cohort import load_cohort
+from bench.data.omics import OmicsScaler
 from bench.data.task import load_task
 
 

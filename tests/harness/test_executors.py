@@ -20,9 +20,10 @@ import torch
 import bench.device as device
 import bench.executors as executors
 from bench.commands import run
-from bench.jobs import RunOptions, expand_jobs, prepare_task, run_job, stage_bags
+from bench.jobs import expand_jobs, run_job, stage_bags
 from bench.locks import HOST, is_stale, try_claim
 from bench.store import FOLD_FILES, write_summary
+from bench.taskdata import RunOptions, prepare_task
 from methods.base import Bag
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

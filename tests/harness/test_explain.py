@@ -15,7 +15,7 @@ from matplotlib.image import imread
 from bench.cli import main
 from bench.data.formats import read_slide, write_trident_h5
 from bench.explain import explain_slide, load_fold_model, localisation_auc, localisation_table
-from bench.store import MODEL_FILE
+from bench.store import MODEL_FILE, load_results
 
 
 def _add_relevance(folder: Path) -> None:
@@ -122,7 +122,7 @@ def test_momkd_memory_assignment_is_the_nearest_component(trained):
 
 def test_localisation_table_scores_each_fold(trained):
     _, out = trained
-    table = localisation_table(out, "toy", n_slides=3)
+    table = localisation_table(load_results(out, "toy"), n_slides=3)
     assert set(table.method) == {"abmil", "momkd"} and set(table.fold) == {0, 1}
     assert (
         table.slides.max() <= 3 and table.auc.between(0, 1).all() and table.auc_untrained.between(0, 1).all()

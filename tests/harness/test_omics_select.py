@@ -8,9 +8,10 @@ import torch
 import yaml
 
 import bench.jobs as jobs
+import bench.taskdata as taskdata
 from bench.data.splits import fold_parts
 from bench.explain import load_fold_model
-from bench.jobs import RunOptions, fold_genes, prepare_task
+from bench.taskdata import RunOptions, fold_genes, prepare_task
 
 
 def _with_select(task, setting: str = "{method: gbdt, k: 4}"):
@@ -118,7 +119,7 @@ def test_a_sweep_s_inner_folds_get_their_own_selection(small_task, tmp_path):
     outer = fold_genes(data, 0)
     inner_data, j = search_folds(data, 1, 2)[0]
     inner = fold_genes(inner_data, j)
-    train = jobs._train_cases(inner_data, j)
+    train = taskdata.train_cases(inner_data, j)
     outer_test = set(data.splits.case_id[data.splits.fold_1 == "test"])
     assert not set(train) & outer_test
     assert inner.train_patients == len(set(train) & set(data.internal.omics.index)) != outer.train_patients

@@ -11,7 +11,8 @@ import torch
 from bench.cli import main
 from bench.device import resolve_precision
 from bench.evaluate import predict
-from bench.jobs import Job, RunOptions, plan_job, prepare_task
+from bench.jobs import Job, plan_job
+from bench.taskdata import RunOptions, prepare_task
 from bench.train import fit
 from methods import Bag, resolve_config
 

@@ -12,10 +12,11 @@ import yaml
 import bench.jobs as jobs
 import bench.studies as storages
 import bench.sweep as sweep
+import bench.taskdata as taskdata
 from bench.cli import main
 from bench.errors import BenchError
-from bench.jobs import RunOptions
 from bench.redact import redact, remember
+from bench.taskdata import RunOptions
 
 SECRET = "Secr3t-pw"
 URLS = {  # a closed port on this machine: connecting fails at once
@@ -68,7 +69,7 @@ def test_cli_with_an_unreachable_storage_shows_no_password(form, small_task, tmp
 
 
 def test_best_yaml_and_config_record_the_storage_without_its_password(small_task, tmp_path):
-    data = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
+    data = taskdata.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
     lr = optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
     studies = {}
     for k in range(2):

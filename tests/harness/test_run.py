@@ -10,8 +10,8 @@ import yaml
 
 import bench.jobs as jobs
 from bench.commands import run
-from bench.jobs import RunOptions, prepare_task
 from bench.store import FOLD_FILES
+from bench.taskdata import RunOptions, prepare_task
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_omics_scaled_with_training_patients_only(small_task, opts):
 
     parts = fold_parts(data.splits, 0)
     train_cases = data.internal.slides.case_id[data.internal.slides.slide_id.isin(parts["train"])].unique()
-    from bench.data.cohort import OmicsScaler
+    from bench.data.omics import OmicsScaler
 
     scaled = OmicsScaler().fit(data.internal.omics, train_cases).transform(data.internal.omics)
     assert abs(float(scaled.loc[train_cases].mean().abs().max())) < 1e-5

@@ -268,7 +268,7 @@ def test_ids_that_look_missing_are_real_ids(tmp_path, cohort_tools):
     import json
 
     from bench.commands import run
-    from bench.jobs import RunOptions
+    from bench.taskdata import RunOptions
 
     make_cohort, write_task = cohort_tools
     root = make_cohort(tmp_path / "c", n_patients=24)

@@ -13,9 +13,9 @@ import pytest
 
 import bench.store as store
 from bench.commands import run
-from bench.jobs import RunOptions
 from bench.locks import try_claim
 from bench.store import fold_status, iter_fold_dirs, write_fold, write_summary
+from bench.taskdata import RunOptions
 
 
 @pytest.fixture

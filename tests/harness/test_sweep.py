@@ -16,14 +16,15 @@ import yaml
 
 import bench.jobs as jobs
 import bench.sweep as sweep
+import bench.taskdata as taskdata
 from bench.best import best_path
 from bench.cli import main
 from bench.data.splits import fold_parts
 from bench.errors import BenchError
-from bench.jobs import RunOptions
 from bench.studies import make_storage
 from bench.sweep import SweepOptions, restricted_overrides, search, space_names
 from bench.sweep_report import write_sweep_report
+from bench.taskdata import RunOptions
 from methods import get_method_class, resolve_config
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -88,7 +89,7 @@ def test_nested_sweep_never_scores_a_fold_s_test_patients_and_best_uses_each_fol
     code, printed, err = bench(monkeypatch, capsys, *args, "--out", str(out), "--quiet")
     assert code == 0, err
 
-    splits = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
+    splits = taskdata.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
     searched = [(k, ids) for k, ids in scored if k is not None]
     assert sorted(k for k, _ in searched) == [0, 0, 0, 1, 1, 1]  # 3 trials per outer fold, one score each
     for k, cases in searched:
@@ -166,7 +167,7 @@ def test_inner_cv_search_partitions_the_fold_s_training_and_validation_patients(
     read, scored = _spy_search(monkeypatch)
     opts = RunOptions(out=tmp_path / "res", folds=2, epochs=1, quiet=True)
     studies = search(str(small_task), SweepOptions("abmil", trials=1, inner_folds=2), opts)
-    splits = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
+    splits = taskdata.prepare_task(str(small_task), RunOptions(out=tmp_path / "x", folds=2)).splits
     assert set(studies) == {0, 1}
     for k in range(2):
         parts = [cases for outer, cases in scored if outer == k]
@@ -180,7 +181,7 @@ def test_inner_cv_search_partitions_the_fold_s_training_and_validation_patients(
 
 
 def test_best_yaml_of_a_former_flat_sweep_is_refused(small_task, tmp_path):
-    data = jobs.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
+    data = taskdata.prepare_task(str(small_task), RunOptions(out=tmp_path, folds=2))
     path = best_path(tmp_path, "toy", "abmil")
     path.parent.mkdir(parents=True)
     path.write_text(yaml.safe_dump({"method": "abmil", "overrides": {"lr": 1e-3}}))
