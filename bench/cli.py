@@ -23,6 +23,8 @@ from .cli_options import (
     Quiet,
     Seed,
     TaskOpt,
+    Track,
+    TrackUri,
     Workers,
     console,
     err_console,
@@ -31,7 +33,7 @@ from .cli_options import (
     table_formats,
     write_crash_log,
 )
-from .errors import BenchError
+from .errors import BenchError, plain_warnings
 from .redact import redact
 
 app = typer.Typer(
@@ -82,6 +84,8 @@ def run_cmd(
     workers: Workers = 1,
     precision: Precision = "auto",
     quiet: Quiet = False,
+    track: Track = None,
+    track_uri: TrackUri = None,
     executor: Annotated[
         str, typer.Option("--executor", help="local (this machine) | slurm (a job array via submitit).")
     ] = "local",
@@ -107,7 +111,7 @@ def run_cmd(
     # Long only because typer reads every option from the signature; the body builds option objects and delegates.
     from .jobs import parse_methods
 
-    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision)
+    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri)
     names = parse_methods(methods)
     if executor == "local":
         _run_and_print(task, names, opts)
@@ -200,6 +204,8 @@ def sweep_cmd(
     workers: Workers = 1,
     precision: Precision = "auto",
     quiet: Quiet = False,
+    track: Track = None,
+    track_uri: TrackUri = None,
     fmt: Format = "both",
 ) -> None:
     """Nested Optuna search, one per outer fold, blind to its test patients; then <method>[best] on the folds."""
@@ -208,7 +214,7 @@ def sweep_cmd(
     from .sweep import SweepOptions
 
     formats = table_formats(fmt)
-    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision)
+    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri)
     sw = SweepOptions(
         method=method,
         params=None if params is None else tuple(p.strip() for p in params.split(",") if p.strip()),
@@ -242,13 +248,15 @@ def ablate_cmd(
     workers: Workers = 1,
     precision: Precision = "auto",
     quiet: Quiet = False,
+    track: Track = None,
+    track_uri: TrackUri = None,
     fmt: Format = "both",
 ) -> None:
     """Run a method's ablation variants on the same folds, then write its ablation tables."""
     from .commands import ablate, ablation_methods
 
     base, names = ablation_methods(method)
-    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision)
+    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri)
     _run_and_print(task, names, opts)
     for table in ablate(base, task, out, table_formats(fmt), console.print):
         console.print(table.markdown())
@@ -370,7 +378,9 @@ def data_check_cmd(task: TaskOpt) -> None:
 
 def main() -> None:
     """Console entry point: usage errors give the usage message (exit 2), a ``BenchError`` its paragraph
-    (exit 2), and anything unexpected one line pointing at the traceback written under ``--out`` (exit 1)."""
+    (exit 2), and anything unexpected one line pointing at the traceback written under ``--out`` (exit 1);
+    a tracking store's failure one warning line."""
+    plain_warnings()
     try:
         app(standalone_mode=False)
     except BenchError as exc:

@@ -25,6 +25,8 @@ __all__ = [
     "Quiet",
     "Seed",
     "TaskOpt",
+    "Track",
+    "TrackUri",
     "Workers",
     "console",
     "err_console",
@@ -59,14 +61,40 @@ Precision = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+Track = Annotated[
+    str | None,
+    typer.Option(
+        "--track",
+        help="Log each fold to mlflow | tensorboard (the 'tracking' extra), or none (default: the task's "
+        "'tracking:' block, else none).",
+    ),
+]
+TrackUri = Annotated[
+    str | None,
+    typer.Option(
+        "--track-uri",
+        help="MLflow tracking URI (http://host:5000, sqlite:///x.db) or a folder (default: <out>/mlruns, "
+        "<out>/tensorboard).",
+    ),
+]
 TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path to a task YAML.")]
 
 
 def run_options(
-    out: Path, folds, seed, epochs, device: str, workers: int, quiet: bool, precision: str = "auto"
+    out: Path,
+    folds,
+    seed,
+    epochs,
+    device: str,
+    workers: int,
+    quiet: bool,
+    precision: str = "auto",
+    track: str | None = None,
+    track_uri: str | None = None,
 ):
     from .device import PRECISIONS, cpu_has_bf16
     from .taskdata import RunOptions
+    from .tracking import tracking_spec
 
     if precision not in PRECISIONS:
         raise BenchError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
@@ -84,6 +112,7 @@ def run_options(
         workers=workers,
         quiet=quiet,
         precision=precision,
+        track=tracking_spec(track, track_uri),
     )
 
 

@@ -4,6 +4,7 @@ about files written go through ``log``."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from .studies import storage_url
 from .sweep import SweepOptions
 from .sweep_report import write_sweep_report
 from .tables import Table, write_table
-from .taskdata import RunOptions, prepare_task
+from .taskdata import RunOptions, TaskData, prepare_task
+from .tracking import open_tracker, resolve_tracking
 
 __all__ = [
     "ReportOptions",
@@ -40,6 +42,7 @@ __all__ = [
     "explain",
     "report",
     "run",
+    "start_tracking",
     "submit",
     "tune",
 ]
@@ -56,9 +59,21 @@ def run(task_ref: str, methods: Sequence[str], opts: RunOptions, progress: Any |
     data = prepare_task(task_ref, opts)
     for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
         method_config(data, method, opts)
+    opts = start_tracking(data, methods, opts)
     run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
     summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
-    return summary[summary.method.isin(methods)]
+    summary = summary[summary.method.isin(methods)]
+    open_tracker(opts.track, opts.out).summary(data.task.name, summary)
+    return summary
+
+
+def start_tracking(data: TaskData, methods: Sequence[str], opts: RunOptions) -> RunOptions:
+    """``opts`` with its tracking resolved (the command line's, else the task's; bench/tracking.py) and the
+    store prepared for ``methods`` before any job starts; tracking off when the store fails (warned)."""
+    track = resolve_tracking(opts.track, data.task.tracking, opts.out)
+    if not open_tracker(track, opts.out).start(data.task.name, methods):
+        track = None
+    return dataclasses.replace(opts, track=track)
 
 
 def submit(
@@ -69,6 +84,7 @@ def submit(
     data = prepare_task(task_ref, opts)
     for name in methods:
         method_config(data, name, opts)
+    opts = start_tracking(data, methods, opts)
     return data.task.name, executors.submit_slurm(
         data, expand_jobs(task_ref, methods, data.folds), opts, slurm
     )

@@ -16,6 +16,7 @@ __all__ = [
     "ExternalCohort",
     "OmicsSelect",
     "TaskConfig",
+    "Tracking",
     "builtin_task_dir",
     "cache_root",
     "list_builtin_tasks",
@@ -56,6 +57,19 @@ class OmicsSelect(_Strict):
     k: int = Field(768, ge=1, description="genes kept (the MoMKD authors keep 768)")
 
 
+class Tracking(_Strict):
+    """Where each fold's run is logged (bench/tracking.py); ``--track`` on the command line wins over it."""
+
+    backend: Literal["mlflow", "tensorboard", "none"] = Field(
+        description="mlflow | tensorboard | none (none: a task's tracking switched off)"
+    )
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http(s)://, sqlite:///, ...) or a folder (MLflow: a local store in "
+        "it; TensorBoard: the log folder); default: <out>/mlruns or <out>/tensorboard",
+    )
+
+
 class TaskConfig(_Strict):
     """One prediction task (the contract's task YAML)."""
 
@@ -93,6 +107,9 @@ class TaskConfig(_Strict):
     train: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of every method's training settings (epochs, patience, ...)",
+    )
+    tracking: Tracking | None = Field(
+        None, description="log every fold to MLflow or TensorBoard (results never change with it)"
     )
     source: Literal["files", "synthetic"] = "files"
     synthetic: dict[str, Any] | None = Field(None, description="generator settings when source is synthetic")
@@ -163,6 +180,9 @@ def read_task(task: str | Path) -> TaskConfig:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'task'}: {e['msg']}" for e in exc.errors())
         raise BenchError(f"{path}: invalid task definition ({problems}). See README 'Task format'.") from exc
+    if cfg.tracking is not None and cfg.tracking.uri and "://" not in cfg.tracking.uri:
+        folder = str(_resolve(base, Path(cfg.tracking.uri)))
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": folder})})
     if cfg.source == "synthetic":
         return cfg
     return cfg.model_copy(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .device import bind_worker
-from .errors import BenchError
+from .errors import BenchError, plain_warnings
 from .jobs import Job, plan_job, run_job
 from .locks import claim_path, describe_holder, try_claim
 from .store import fold_status, remove_stale_temporaries
@@ -131,6 +131,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(slots: Any, workers: int, data: TaskData, opts: RunOptions) -> None:
+    plain_warnings()
     device = bind_worker(opts.device, slots.get(), workers)
     _WORKER.update(data=data, opts=dataclasses.replace(opts, device=str(device), quiet=True))
 

@@ -42,6 +42,7 @@ from .evaluate import (
 from .provenance import versions
 from .store import config_hash, fold_dir, fold_status, write_fold
 from .taskdata import RunOptions, TaskData, fold_genes, train_cases
+from .tracking import TrackedFold, open_tracker
 from .train import TrainResult, fit
 
 __all__ = [
@@ -109,8 +110,10 @@ def _selects_genes(data: TaskData, cfg: MethodCfg) -> bool:
 
 def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
     """The task settings that change results; ``omics_select`` only where it applies (so a task without it,
-    or a method without omics, keeps the hash it had before the key existed)."""
-    identity = task.model_dump(exclude={"path", "train", "synthetic", "folds", "seed"}, mode="json")
+    or a method without omics, keeps the hash it had before the key existed); never ``tracking``."""
+    identity = task.model_dump(
+        exclude={"path", "train", "synthetic", "folds", "seed", "tracking"}, mode="json"
+    )
     if not selects_genes:
         identity.pop("omics_select", None)
     return identity
@@ -263,10 +266,45 @@ def run_job(
     overrides: dict[str, Any] | None = None,
     on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
 ) -> str:
-    """Run one job unless its results are already on disk; returns ``skipped`` or ``trained``."""
+    """Run one job unless its results are already on disk; returns ``skipped`` or ``trained``.
+
+    A trained job is logged to ``opts.track``'s store (bench/tracking.py), which never changes its results.
+    """
     plan = plan_job(data, job, opts, overrides)
     if fold_status(plan.path, plan.hash) == "done":
         return "skipped"
+    tracked = open_tracker(opts.track, opts.out).fold(data.task.name, job.method, job.fold)
+    ok = False
+    try:
+        _train_and_write(data, job, opts, plan, _with_tracking(tracked, on_epoch), tracked)
+        ok = True
+    finally:
+        tracked.close(ok)
+    return "trained"
+
+
+def _with_tracking(
+    tracked: TrackedFold, on_epoch: Callable[[int, int, dict[str, float]], Any] | None
+) -> Callable[[int, int, dict[str, float]], None]:
+    """The trainer's epoch hook: the record to the tracking store, then to ``on_epoch`` (a progress bar)."""
+
+    def hook(epoch: int, total: int, record: dict[str, float]) -> None:
+        tracked.epoch(epoch, record)
+        if on_epoch is not None:
+            on_epoch(epoch, total, record)
+
+    return hook
+
+
+def _train_and_write(
+    data: TaskData,
+    job: Job,
+    opts: RunOptions,
+    plan: JobPlan,
+    on_epoch: Callable[[int, int, dict[str, float]], Any],
+    tracked: TrackedFold,
+) -> None:
+    """Train, select, threshold and predict the job, write its fold folder, and log it to ``tracked``."""
     started = time.time()
     cfg, device = plan.cfg, plan.device
     fitted = train_fold(data, job.fold, job.method, cfg, device, on_epoch, opts.precision)
@@ -301,7 +339,7 @@ def run_job(
     if fitted.genes is not None:
         config["omics_selection"] = fitted.genes.record()
     write_fold(plan.path, predictions, metrics, config, plan.hash, model.state_dict())
-    return "trained"
+    tracked.finish(config, plan.hash, metrics, plan.path)
 
 
 def expand_jobs(task: str, methods: Iterable[str], folds: int) -> list[Job]:

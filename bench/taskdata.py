@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import TaskConfig, cache_root
+from .config import TaskConfig, Tracking, cache_root
 from .csvio import read_table
 from .data.cohort import Cohort, load_cohorts, raise_problems
 from .data.genes import GeneSelection, select_genes
@@ -34,6 +34,9 @@ class RunOptions:
     workers: int = 1
     quiet: bool = False
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16
+    # where folds are logged (bench/tracking.py; never part of a fold's configuration hash): as given on
+    # the command line (None: not given, the task's block applies), then resolved by the command
+    track: Tracking | None = None
 
 
 @dataclass

@@ -30,7 +30,12 @@ LAYERS: list[tuple[str, ...]] = [
         "bench.config",
         "bench.stats",
     ),
-    ("bench.store", "bench.best", "bench.data"),  # results on disk; a task's data
+    (
+        "bench.store",
+        "bench.best",
+        "bench.tracking",
+        "bench.data",
+    ),  # results on disk, to a tracking store; data
     ("bench.evaluate", "bench.train"),  # predicting and training one model
     ("bench.taskdata", "bench.jobs"),  # a task's data loaded once; plan and run one fold
     (
