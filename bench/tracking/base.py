@@ -7,6 +7,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ __all__ = [
     "flatten",
     "fold_files",
     "metric_key",
-    "numbers",
+    "numeric",
     "run_tags",
 ]
 
@@ -137,12 +138,13 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", name.replace("@", "_at_"))
 
 
-def numbers(record: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric entries of a history record (booleans and text left out), ``epoch`` excluded."""
+def numeric(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a history record (NumPy scalars too; booleans and text left out), ``epoch``
+    excluded."""
     return {
         metric_key(k): float(v)
         for k, v in record.items()
-        if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)
+        if k != "epoch" and isinstance(v, Real) and not isinstance(v, bool)
     }
 
 
@@ -152,10 +154,10 @@ def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         metric_key(f"{cohort}/{name}"): float(value)
         for cohort, values in metrics.get("cohorts", {}).items()
         for name, value in values.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(value, Real) and not isinstance(value, bool)
     }
     for name in ("best_epoch", "epochs_run", "train_seconds"):
-        if isinstance(metrics.get(name), int | float):
+        if isinstance(metrics.get(name), Real):
             flat[name] = float(metrics[name])
     return flat
 

@@ -19,7 +19,7 @@ from .base import (
     flatten,
     fold_files,
     metric_key,
-    numbers,
+    numeric,
     run_tags,
 )
 
@@ -143,7 +143,7 @@ class _MLflowFold(Guarded):
         self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def epoch(self, epoch: int, record: Mapping[str, Any]) -> None:
-        self._metrics(numbers(record), epoch)
+        self._metrics(numeric(record), epoch)
 
     def finish(self, config: Mapping[str, Any], hash_: str, metrics: Mapping[str, Any], folder: Path) -> None:
         from mlflow.entities import Param, RunTag

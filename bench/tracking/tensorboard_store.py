@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from ..fsio import plain
-from .base import Guarded, TrackedFold, final_metrics, flatten, fold_files, numbers
+from .base import Guarded, TrackedFold, final_metrics, flatten, fold_files, numeric
 
 __all__ = ["TensorBoardTracker"]
 
@@ -37,7 +37,7 @@ class _TensorBoardFold(Guarded):
 
     def epoch(self, epoch: int, record: Mapping[str, Any]) -> None:
         def log() -> None:
-            for k, v in numbers(record).items():
+            for k, v in numeric(record).items():
                 self.writer.add_scalar(k, v, epoch)
 
         self._call(log)

@@ -11,6 +11,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -21,7 +22,7 @@ from bench.errors import BenchError, TrackingWarning
 from bench.jobs import Job, plan_job
 from bench.taskdata import RunOptions, prepare_task
 from bench.tracking import open_tracker, resolve_tracking, tracking_spec
-from bench.tracking.base import flatten
+from bench.tracking.base import flatten, numeric
 
 FOLDS = 2
 
@@ -97,6 +98,14 @@ def test_params_respect_mlflow_limits():
     assert flat["a.b"] == "[1, 2]" and flat["e"] == "null"
     assert len(flat["a.c_at_d"]) == 6000 and flat["a.c_at_d"].endswith("…")
     assert max(len(k) for k in flat) == 250
+    record = {
+        "epoch": 3,
+        "train_loss": np.float32(0.5),
+        "val_auc": float("nan"),
+        "stopped": True,
+        "note": "x",
+    }
+    assert set(numeric(record)) == {"train_loss", "val_auc"}  # NumPy scalars kept; booleans, text left out
 
 
 # ------------------------------------------------------------------------------------------------- MLflow
