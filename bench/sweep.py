@@ -48,7 +48,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,8 @@ from .locks import HOST
 from .redact import redact
 from .studies import complete_by_fold, make_storage, open_study, storage_url, study_name
 from .taskdata import RunOptions, TaskData, prepare_task
+from .tracking import Tracker, open_tracker, resolve_tracking
+from .tracking.base import Trial
 
 __all__ = [
     "SweepOptions",
@@ -227,6 +229,7 @@ def _optimize(
     """Run this worker's shares, one outer fold after another; ``sw.timeout`` bounds them all together."""
     storage = make_storage(url)
     deadline = None if sw.timeout is None else time.monotonic() + sw.timeout
+    tracker = open_tracker(opts.track, opts.out)
     for share in shares:
         left = None if deadline is None else deadline - time.monotonic()
         if share.trials == 0 or (left is not None and left <= 0):
@@ -239,8 +242,19 @@ def _optimize(
             _objective(data, share.fold, sw, opts, device),
             n_trials=share.trials,
             timeout=left,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, _track_trials(tracker, data.task.name, sw.method, share.fold)],
         )
+
+
+def _track_trials(tracker: Tracker, task: str, method: str, fold: int) -> Callable[[Any, Any], None]:
+    """An Optuna callback logging each finished trial of outer fold ``fold`` to ``tracker``."""
+
+    def log(study: Any, trial: Any) -> None:
+        inner = tuple(trial.user_attrs.get("inner_val_auc", ()))
+        record = Trial(trial.number, trial.state.name, dict(trial.params), trial.value, inner)
+        tracker.trial(task, method, fold, record)
+
+    return log
 
 
 def _worker(
@@ -327,6 +341,10 @@ def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | No
     _check_sweep(sw)
     data = prepare_task(task_ref, opts)
     method_config(data, sw.method, opts)  # a bad task/method combination fails before any trial
+    track = resolve_tracking(opts.track, data.task.tracking, opts.out)
+    if not open_tracker(track, opts.out).start(data.task.name, [sw.method], "sweep"):
+        track = None
+    opts = dataclasses.replace(opts, track=track)
     for k in range(data.folds):  # too few patients for the inner CV fails before any trial too
         search_folds(data, k, sw.inner_folds)
     url = storage_url(sw.storage, opts.out, data.task.name, sw.method)

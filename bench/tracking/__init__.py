@@ -13,6 +13,9 @@ switches a task's off) makes every trained fold log, through :class:`Tracker`:
 - the fold folder's files as artefacts: predictions.csv, metrics.json, config.yaml and any figure there
   (not model.pt: the weights stay in ``--out``).
 
+``bench sweep`` logs each finished trial of each outer fold's search too (the overrides it tried, its mean
+and per-inner-fold validation AUC, its Optuna state), then ``M[best]``'s folds as above.
+
 MLflow: one experiment per task (``bench/<task>``), one parent run per method, a nested run per fold
 (``fold_<k>``), each tagged ``bench.task``, ``bench.method``, ``bench.fold``; the parent runs get the
 summary's mean and SD over folds (``test/auc_mean``...) when ``bench run`` finishes. Default store: SQLite

@@ -7,6 +7,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ __all__ = [
     "Guarded",
     "TrackedFold",
     "Tracker",
+    "Trial",
     "final_metrics",
     "flatten",
     "fold_files",
@@ -34,6 +36,21 @@ MAX_KEY, MAX_VALUE, MAX_PARAMS = 250, 6000, 100  # MLflow's param key and value 
 
 
 # ------------------------------------------------------------------------------------------- the interface
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A finished trial of a sweep: its number, Optuna state, the overrides it tried, and its scores."""
+
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL
+    params: dict[str, Any]
+    value: float | None  # mean validation AUC over its inner folds (None: pruned or failed)
+    inner_val_auc: tuple[float, ...] = ()
+
+    def metrics(self) -> dict[str, float]:
+        scores = {f"inner_val_auc/{j}": float(v) for j, v in enumerate(self.inner_val_auc)}
+        return scores if self.value is None else {"mean_val_auc": float(self.value), **scores}
 
 
 class TrackedFold(Protocol):
@@ -52,14 +69,18 @@ class TrackedFold(Protocol):
 class Tracker(Protocol):
     """Where a task's folds are logged (:func:`open_tracker`)."""
 
-    def start(self, task: str, methods: Sequence[str]) -> bool:
-        """Prepare the store for these methods (once, before any job); False (warned) when it fails."""
+    def start(self, task: str, methods: Sequence[str], level: str = "method") -> bool:
+        """Prepare the store for these methods' folds (``level`` sweep: their trials), once, before any job;
+        False (warned) when it fails."""
 
     def fold(self, task: str, method: str, fold: int) -> TrackedFold:
         """Open fold ``fold``'s run of ``method``."""
 
     def summary(self, task: str, summary: Any) -> None:
         """Log summary.csv's rows (mean and SD over folds) on each method's run."""
+
+    def trial(self, task: str, method: str, fold: int, trial: Trial) -> None:
+        """Log one finished trial of outer fold ``fold``'s search (``bench sweep``)."""
 
 
 class _NullFold:
@@ -76,13 +97,16 @@ class _NullFold:
 class _NullTracker:
     """No tracking: every call does nothing."""
 
-    def start(self, task: str, methods: Sequence[str]) -> bool:
+    def start(self, task: str, methods: Sequence[str], level: str = "method") -> bool:
         return True
 
     def fold(self, task: str, method: str, fold: int) -> TrackedFold:
         return _NullFold()
 
     def summary(self, task: str, summary: Any) -> None:
+        pass
+
+    def trial(self, task: str, method: str, fold: int, trial: Trial) -> None:
         pass
 
 
@@ -168,13 +192,9 @@ def fold_files(folder: Path) -> list[Path]:
     return files + sorted(p for pattern in FIGURES for p in folder.glob(pattern))
 
 
-def run_tags(out: str, task: str, method: str, fold: int | None = None) -> dict[str, str]:
-    tags = {
-        "bench.task": task,
-        "bench.method": method,
-        "bench.level": "method" if fold is None else "fold",
-        "bench.out": out,
-    }
+def run_tags(out: str, task: str, method: str, level: str, fold: int | None = None) -> dict[str, str]:
+    """The tags of a run: ``bench.level`` is method or fold (``bench run``), sweep or trial (``bench sweep``)."""
+    tags = {"bench.task": task, "bench.method": method, "bench.level": level, "bench.out": out}
     if fold is not None:
         tags["bench.fold"] = str(fold)
     return tags

@@ -15,6 +15,7 @@ from .base import (
     MAX_PARAMS,
     Guarded,
     TrackedFold,
+    Trial,
     final_metrics,
     flatten,
     fold_files,
@@ -73,25 +74,26 @@ class MLflowTracker(Guarded):
             self._experiments[task] = exp_id
         return self._experiments[task]
 
-    def parent(self, task: str, method: str) -> str:
-        """The run id of ``method``'s parent run for this ``--out``, created (finished: a container) when
-        there is none."""
+    def parent(self, task: str, method: str, level: str = "method") -> str:
+        """The run id of ``method``'s parent run (``level`` method: its folds; sweep: its trials) for this
+        ``--out``, created (finished: a container) when there is none."""
         exp = self.experiment(task)
         runs = self.client.search_runs(
             [exp],
-            filter_string=f"tags.`bench.level` = 'method' and tags.`bench.method` = '{method}'",
+            filter_string=f"tags.`bench.level` = '{level}' and tags.`bench.method` = '{method}'",
             order_by=["attributes.start_time ASC"],
             max_results=1000,
         )
         for run in runs:
             if run.data.tags.get("bench.out") == self.out:
                 return run.info.run_id
-        run = self.client.create_run(exp, tags=run_tags(self.out, task, method), run_name=method)
+        name = method if level == "method" else f"{method} {level}"
+        run = self.client.create_run(exp, tags=run_tags(self.out, task, method, level), run_name=name)
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
-    def start(self, task: str, methods: Sequence[str]) -> bool:
-        self._call(lambda: [self.parent(task, m) for m in methods])
+    def start(self, task: str, methods: Sequence[str], level: str = "method") -> bool:
+        self._call(lambda: [self.parent(task, m, level) for m in methods])
         return not self.dead
 
     def fold(self, task: str, method: str, fold: int) -> TrackedFold:
@@ -115,6 +117,33 @@ class MLflowTracker(Guarded):
 
         self._call(log)
 
+    def trial(self, task: str, method: str, fold: int, trial: Trial) -> None:
+        """A run per trial, nested in the method's sweep run: the overrides as parameters, its scores."""
+
+        def log() -> None:
+            from mlflow.entities import Metric, Param
+
+            tags = {
+                **run_tags(self.out, task, method, "trial", fold),
+                "mlflow.parentRunId": self.parent(task, method, "sweep"),
+                "bench.trial": str(trial.number),
+                "optuna.state": trial.state,
+            }
+            run = self.client.create_run(
+                self.experiment(task), tags=tags, run_name=f"fold_{fold} trial {trial.number}"
+            )
+            now = int(time.time() * 1000)
+            self.client.log_batch(
+                run.info.run_id,
+                metrics=[Metric(metric_key(k), v, now, 0) for k, v in trial.metrics().items()],
+                params=[Param(k, v) for k, v in flatten(trial.params).items()][:MAX_PARAMS],
+            )
+            status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(trial.state, "FAILED")
+            self.client.set_terminated(run.info.run_id, status)
+
+        self._call(log)
+        self.dead = False  # one trial's failure (warned) does not silence the next
+
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
@@ -128,7 +157,7 @@ class _MLflowFold(Guarded):
 
         def open_run() -> str:
             parent = tracker.parent(task, method)
-            tags = {**run_tags(tracker.out, task, method, fold), "mlflow.parentRunId": parent}
+            tags = {**run_tags(tracker.out, task, method, "fold", fold), "mlflow.parentRunId": parent}
             return self.client.create_run(
                 tracker.experiment(task), tags=tags, run_name=f"fold_{fold}"
             ).info.run_id

@@ -9,25 +9,41 @@ from typing import Any
 import yaml
 
 from ..fsio import plain
-from .base import Guarded, TrackedFold, final_metrics, flatten, fold_files, numeric
+from .base import Guarded, TrackedFold, Trial, final_metrics, flatten, fold_files, numeric
 
 __all__ = ["TensorBoardTracker"]
 
 
-class TensorBoardTracker:
-    """Event files under ``<uri>/<task>/<method>/fold_<k>/``; TensorBoard has no runs to prepare."""
+class TensorBoardTracker(Guarded):
+    """Event files under ``<uri>/<task>/<method>/fold_<k>/`` (a sweep's trials: ``<method>-sweep/``);
+    TensorBoard has no runs to prepare."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root, self.where = root, f"tensorboard at {root}"
 
-    def start(self, task: str, methods: Sequence[str]) -> bool:
+    def start(self, task: str, methods: Sequence[str], level: str = "method") -> bool:
         return True
 
     def fold(self, task: str, method: str, fold: int) -> TrackedFold:
-        return _TensorBoardFold(self.root / task / method / f"fold_{fold}", f"tensorboard at {self.root}")
+        return _TensorBoardFold(self.root / task / method / f"fold_{fold}", self.where)
 
     def summary(self, task: str, summary: Any) -> None:
         pass
+
+    def trial(self, task: str, method: str, fold: int, trial: Trial) -> None:
+        """Each trial's overrides and scores as hparams (TensorBoard's HParams dashboard compares them)."""
+        folder = self.root / task / f"{method}-sweep" / f"fold_{fold}"
+        params = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in trial.params.items()
+        }
+
+        def log() -> None:
+            writer = _summary_writer(folder)
+            writer.add_hparams(params, trial.metrics(), run_name=f"trial_{trial.number}")
+            writer.close()
+
+        self._call(log)
+        self.dead = False  # one trial's failure (warned) does not silence the next
 
 
 class _TensorBoardFold(Guarded):

@@ -20,6 +20,7 @@ from bench.commands import run
 from bench.config import Tracking
 from bench.errors import BenchError, TrackingWarning
 from bench.jobs import Job, plan_job
+from bench.sweep import SweepOptions, search
 from bench.taskdata import RunOptions, prepare_task
 from bench.tracking import open_tracker, resolve_tracking, tracking_spec
 from bench.tracking.base import flatten, numeric
@@ -113,10 +114,12 @@ def test_params_respect_mlflow_limits():
 
 def test_mlflow_runs_read_back(small_task, tmp_path):
     """The folds log to the default SQLite store under --out: task experiment -> method run -> nested fold
-    runs, with the config and its hash, every epoch, the final metrics per cohort and the fold's files."""
+    runs, with the config and its hash, every epoch, the final metrics per cohort and the fold's files; a
+    sweep's trials nest in the method's sweep run."""
     mlflow = pytest.importorskip("mlflow")
     tracked = tmp_path / "tracked"
-    run(str(small_task), ["abmil"], _opts(tracked, track=Tracking(backend="mlflow")))
+    mlflow_spec = Tracking(backend="mlflow")
+    run(str(small_task), ["abmil"], _opts(tracked, track=mlflow_spec))
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tracked}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("bench/toy")
@@ -148,6 +151,23 @@ def test_mlflow_runs_read_back(small_task, tmp_path):
             got, pd.read_csv(tracked / "toy" / "abmil" / f"fold_{k}" / "predictions.csv")
         )
 
+    # bench sweep: each outer fold's trials nested in the method's sweep run, with their overrides and scores
+    studies = search(
+        str(small_task), SweepOptions("abmil", trials=1), _opts(tracked, epochs=1, track=mlflow_spec)
+    )
+    runs = client.search_runs([exp.experiment_id])
+    (sweep,) = [r for r in runs if r.data.tags["bench.level"] == "sweep"]
+    trials = {int(r.data.tags["bench.fold"]): r for r in runs if r.data.tags["bench.level"] == "trial"}
+    assert sweep.info.run_name == "abmil sweep" and sorted(trials) == list(range(FOLDS))
+    for k, r in trials.items():
+        (best,) = studies[k].trials
+        assert (
+            r.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+            and r.data.tags["optuna.state"] == "COMPLETE"
+        )
+        assert r.data.metrics["mean_val_auc"] == pytest.approx(best.value)
+        assert {key: float(v) for key, v in r.data.params.items()} == pytest.approx(best.params)
+
 
 def test_unreachable_store_is_a_warning_and_the_run_goes_on(small_task, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
@@ -169,13 +189,15 @@ def test_unreachable_store_is_a_warning_and_the_run_goes_on(small_task, tmp_path
 
 def test_tensorboard_event_files_read_back_and_results_unchanged(small_task, tmp_path):
     """Each fold's event files hold every epoch, the final metrics, the config and a PR curve per cohort;
-    summary.csv is byte for byte the untracked run's."""
+    summary.csv is byte for byte the untracked run's; a sweep's trials are hparams sessions."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     plain = tmp_path / "plain"
     run(str(small_task), ["abmil"], _opts(plain))
-    run(str(small_task), ["abmil"], _opts(tmp_path, track=Tracking(backend="tensorboard")))
+    tb = Tracking(backend="tensorboard")
+    run(str(small_task), ["abmil"], _opts(tmp_path, track=tb))
     assert (plain / "toy" / "summary.csv").read_bytes() == (tmp_path / "toy" / "summary.csv").read_bytes()
     for k in range(FOLDS):
         config, metrics = _fold(tmp_path, k)
@@ -189,6 +211,16 @@ def test_tensorboard_event_files_read_back_and_results_unchanged(small_task, tmp
         (text,) = events.Tensors("config/text_summary")
         assert config["hash"] in text.tensor_proto.string_val[0].decode()
         assert {"test/pr_curve", "ext/pr_curve"} <= set(events.Tags()["tensors"])
+    studies = search(str(small_task), SweepOptions("abmil", trials=1), _opts(tmp_path, epochs=1, track=tb))
+    for k in range(FOLDS):  # each trial's overrides and score for TensorBoard's HParams dashboard
+        events = EventAccumulator(
+            str(tmp_path / "tensorboard" / "toy" / "abmil-sweep" / f"fold_{k}" / "trial_0")
+        )
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        tried = HParamsPluginData.FromString(content).session_start_info.hparams
+        assert {k: v.number_value for k, v in tried.items()} == pytest.approx(studies[k].trials[0].params)
+        assert events.Scalars("mean_val_auc")[0].value == pytest.approx(studies[k].trials[0].value)
 
 
 @pytest.mark.slow
