@@ -56,7 +56,20 @@ def test_tracking_never_enters_the_configuration_hash(small_task, tmp_path):
     assert plan_job(tracked, Job(str(tracked_task), "abmil", 0), _opts(tmp_path)).hash == plain
 
 
-def test_the_command_line_wins_and_uris_default_under_out(tmp_path):
+def _extra(monkeypatch, installed: bool) -> None:
+    """Make the 'tracking' extra look installed or not (``--track`` checks for it before anything else)."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name in {"mlflow", "tensorboard"}:
+            return object() if installed else None
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_the_command_line_wins_and_uris_default_under_out(tmp_path, monkeypatch):
+    _extra(monkeypatch, installed=True)  # resolving needs no backend, only the check that it is there
     task = Tracking(backend="mlflow", uri="http://mlflow.lab:5000")
     out = tmp_path / "res"
     assert resolve_tracking(None, task, out) == task
@@ -64,10 +77,11 @@ def test_the_command_line_wins_and_uris_default_under_out(tmp_path):
     assert resolve_tracking(Tracking(backend="none"), task, out) is None  # --track none switches it off
     tb = resolve_tracking(Tracking(backend="tensorboard"), task, out)
     assert tb == Tracking(backend="tensorboard", uri=str(out.resolve() / "tensorboard"))
-    if importlib.util.find_spec("mlflow") is not None:
-        local = resolve_tracking(Tracking(backend="mlflow"), None, out)
-        assert local.uri == f"sqlite:///{out.resolve()}/mlruns/mlflow.db"  # MLflow's recommended store
-        assert resolve_tracking(local, None, tmp_path) == local  # resolving twice changes nothing
+    local = resolve_tracking(Tracking(backend="mlflow"), None, out)
+    assert local.uri == f"sqlite:///{out.resolve()}/mlruns/mlflow.db"  # MLflow's recommended store
+    assert resolve_tracking(local, None, tmp_path) == local  # resolving twice changes nothing
+    folder = resolve_tracking(Tracking(backend="mlflow", uri=str(tmp_path / "store")), None, out)
+    assert folder.uri == f"sqlite:///{tmp_path}/store/mlflow.db"
     opts = RunOptions(out=out, track=tb)
     assert pickle.loads(pickle.dumps(opts)) == opts  # travels to spawned workers and Slurm array tasks
     with pytest.raises(BenchError, match="--track-uri needs --track"):
@@ -77,12 +91,7 @@ def test_the_command_line_wins_and_uris_default_under_out(tmp_path):
 
 
 def test_without_the_extra_track_says_how_to_install(monkeypatch, small_task, tmp_path):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name in {"mlflow", "tensorboard"} else real(name, *a),
-    )
+    _extra(monkeypatch, installed=False)
     for backend in ("mlflow", "tensorboard"):
         with pytest.raises(BenchError, match=r"pip install -e '\.\[tracking\]'"):
             tracking_spec(backend, None)
