@@ -21,7 +21,7 @@ from ..fsio import atomic_write_text
 from ..store import TaskResults, load_results
 from ..tables import Table, safe_stem, write_table
 from . import prose
-from .results_tables import operating_points_table, table1, table2
+from .results_tables import calibration_table, operating_points_table, table1, table2
 from .stats_tables import headline_table, localisation_md_table, method_reports_table, runs_table, tests_table
 
 __all__ = ["write_report"]
@@ -134,7 +134,7 @@ def write_report(
     _head(doc, tasks, command)
     _what_was_run(doc, analyses)
     _comparisons(doc, analyses, methods)
-    _figures(doc, analyses, methods)
+    _figures(doc, results, analyses, methods)
     if loc_slides > 0:
         _localisation(doc, results, analyses, methods, loc_slides, seed, device)
     doc.text("## Tables in the paper's form", "")
@@ -194,8 +194,10 @@ def _comparisons(doc: _Document, analyses: Sequence[TaskStats], methods: Sequenc
         doc.table(reports, "table_method_reports")
 
 
-def _figures(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[str]) -> None:
-    """Per task: fold AUCs, and ROC and calibration curves of every cohort."""
+def _figures(
+    doc: _Document, results: dict[str, TaskResults], analyses: Sequence[TaskStats], methods: Sequence[str]
+) -> None:
+    """Per task: fold AUCs, ROC and calibration curves of every cohort, and the calibration table."""
     colors = method_colors(methods)
     doc.text("## Figures", "")
     for st in analyses:
@@ -223,6 +225,9 @@ def _figures(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[st
                 + ("" if cohort == "test" else "; every fold model's predictions pooled")
                 + ").",
             )
+        calibration = calibration_table(results[st.task], methods)
+        if calibration is not None:
+            doc.table(calibration, f"calibration_{st.task}")
 
 
 def _localisation(
