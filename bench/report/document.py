@@ -64,6 +64,7 @@ def _data_lines(st: TaskStats) -> list[str]:
         f"- Label `{task.get('label_col')}`, positive class {task.get('positive')}; slides aggregated to patients "
         f"by the **{st.aggregation}** of their probabilities; every metric is patient-level."
     )
+    lines.append(_grouping_line(config))
     for c in st.cohorts:
         rows = s[s.cohort == c]
         if rows.empty:
@@ -79,6 +80,27 @@ def _data_lines(st: TaskStats) -> list[str]:
         else:
             lines.append(f"- external cohort `{c}`: {n} patients, {pos} positive ({pos / max(n, 1):.0%}).")
     return lines
+
+
+def _grouping_line(config: dict) -> str:
+    """How the folds grouped patients (``split_grouping`` of a fold's config; folds written before it was
+    recorded: imported when the task named a splits file, else by patient, the only grouping then)."""
+    task = config.get("task", {})
+    grouping = config.get("split_grouping") or (
+        {"by": "imported", "file": task["splits"]} if task.get("splits") else {"by": "patient"}
+    )
+    if grouping["by"] == "site":
+        return (
+            f"- Splits grouped **by site** (`split_by: site`; site from {grouping.get('site_from')}): stratified "
+            "group k-fold, every tissue source site in one part (train, validation or test) of each fold, so no "
+            "site's stain or scanner is shared by training and test patients."
+        )
+    if grouping["by"] == "imported":
+        return f"- Splits **imported** from `{grouping.get('file')}` (their grouping is the file's)."
+    return (
+        "- Splits grouped **by patient** (`split_by: patient`): stratified k-fold over patients; patients of "
+        "one site can be on both sides of a fold (see `split_by: site`)."
+    )
 
 
 @dataclass

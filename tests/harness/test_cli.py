@@ -149,6 +149,7 @@ def test_report_writes_tables(monkeypatch, capsys, small_task, tmp_path):
     assert "Threshold (val.)" in points and "F1@0.5" in points and points.count("| abmil[ilse] |") == 2
     calibration = (folder / "calibration_toy.md").read_text()
     assert "| Brier | ECE | ECE bins |" in calibration and calibration.count("| abmil[ilse] |") == 2
-    assert calibration.splitlines()[2] in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert calibration.splitlines()[2] in report and "Splits grouped **by patient**" in report
     tex = (folder / "table1_internal.tex").read_text()
     assert r"\toprule" in tex and r"\textbf{" in tex and "abmil{[}ilse{]}" in tex
