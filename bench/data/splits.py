@@ -113,14 +113,16 @@ def _check_site_design(patients: pd.Series, sites: np.ndarray, folds: int) -> No
     """Refuse, before any split is drawn, a site-level design with too few sites of a class for every fold's
     test, validation and training parts to hold one (a site lies in one part of a fold)."""
     per_class = pd.Series(sites).groupby(patients.to_numpy()).nunique()
+    need = next(
+        n for n in range(folds, folds + 4) if n - -(-n // folds) >= 2
+    )  # 2 sites left out of a test part
     for label, n in per_class.items():
-        if n < folds or n - -(-n // folds) < 2:
+        if n < need:
             raise DataError(
                 f"split_by: site keeps each tissue source site in one part of every fold, so each class needs "
                 f"patients at a site of its own in every fold's test, validation and training parts: at least "
-                f"{max(folds, 3)} sites for {folds} folds (and two left outside each test part); class {label} "
-                f"has patients at {n} site(s) (sites per class: {per_class.to_dict()}; "
-                f"{len(set(sites))} sites in all)",
+                f"{need} sites with patients of each class for {folds} folds; class {label} has patients at "
+                f"{n} site(s) (sites per class: {per_class.to_dict()}; {len(set(sites))} sites in all)",
                 fix="lower 'folds' (or --folds), use 'split_by: patient', or add patients from more sites.",
             )
 

@@ -51,8 +51,11 @@ def test_no_patient_and_no_site_in_two_parts():
 def test_too_few_sites_of_a_class():
     slides = _site_slides()
     slides["label"] = slides.site.isin(["S00", "S01"]).astype(int)  # positives at two sites only
-    with pytest.raises(DataError, match=r"at least 3 sites for 3 folds.*class 1 has patients at 2 site"):
+    with pytest.raises(DataError, match=r"at least 3 sites .* for 3 folds; class 1 has patients at 2 site"):
         make_splits(slides, 3, 0, 0.2, by="site")
+    slides["label"] = slides.site.isin(["S00", "S01", "S02"]).astype(int)  # 2 folds: a test part takes 2 of 3
+    with pytest.raises(DataError, match=r"at least 4 sites .* for 2 folds; class 1 has patients at 3 site"):
+        make_splits(slides, 2, 0, 0.2, by="site")
 
 
 def test_site_leakage_in_a_table_is_refused():
