@@ -2,15 +2,25 @@
 # Patient- vs site-level splits (issue 15) on a synthetic cohort of 8 tissue source sites that differ in stain
 # (a constant feature offset per site) and case mix (so prevalence): ABMIL, 2 folds, 10 epochs, split seeds
 # 0-2, each once split by patient (benchmarks/tasks/sites.yaml) and once by site (sites-by-site.yaml). Prints
-# the internal test AUC and the external AUC (mean over the 2 folds) of each run, then their means.
-#   benchmarks/site_split.sh /tmp/site-split
+# the internal test AUC and the external AUC (mean over the 2 folds) of each run, then their means. A second
+# argument replaces the tasks' site_stain_scale (0: sites differ in case mix only, no site signature: the
+# control), in copies of the two YAMLs written under OUT_FOLDER/tasks.
+#   benchmarks/site_split.sh /tmp/site-split; benchmarks/site_split.sh /tmp/site-split-control 0
 set -euo pipefail
-out=${1:?usage: benchmarks/site_split.sh OUT_FOLDER}
+out=${1:?usage: benchmarks/site_split.sh OUT_FOLDER [SITE_STAIN_SCALE]}
 here=$(cd "$(dirname "$0")" && pwd)
+tasks=$here/tasks
+if [ $# -ge 2 ]; then
+  tasks=$out/tasks
+  mkdir -p "$tasks"
+  for task in sites sites-by-site; do
+    sed "s/^  site_stain_scale: .*/  site_stain_scale: $2/" "$here/tasks/$task.yaml" > "$tasks/$task.yaml"
+  done
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 for seed in 0 1 2; do
   for task in sites sites-by-site; do
-    bench run --task "$here/tasks/$task.yaml" --methods abmil --device cpu --seed "$seed" \
+    bench run --task "$tasks/$task.yaml" --methods abmil --device cpu --seed "$seed" \
       --out "$out/seed_$seed" --quiet > /dev/null
   done
 done
