@@ -3,8 +3,8 @@
 # (a constant feature offset per site) and case mix (so prevalence): ABMIL, 2 folds, 10 epochs, split seeds
 # 0-2, each once split by patient (benchmarks/tasks/sites.yaml) and once by site (sites-by-site.yaml). Prints
 # the internal test AUC and the external AUC (mean over the 2 folds) of each run, then their means. A second
-# argument replaces the tasks' site_stain_scale (0: sites differ in case mix only, no site signature: the
-# control), in copies of the two YAMLs written under OUT_FOLDER/tasks.
+# argument replaces the tasks' site_stain_scale (2.0; 0: sites differ in case mix only, no site signature: the
+# control), in copies of the two YAMLs written under OUT_FOLDER/tasks. Results: docs/synthetic.md.
 #   benchmarks/site_split.sh /tmp/site-split; benchmarks/site_split.sh /tmp/site-split-control 0
 set -euo pipefail
 out=${1:?usage: benchmarks/site_split.sh OUT_FOLDER [SITE_STAIN_SCALE]}
