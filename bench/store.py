@@ -80,10 +80,14 @@ def iter_fold_dirs(out: Path, task: str) -> Iterator[tuple[str, int, Path]]:
     if not task_dir.is_dir():
         return
     for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir() and p.name not in NOT_METHODS):
-        folds = [(int(fd.name[5:]), fd) for fd in method_dir.glob("fold_*") if fd.name[5:].isdigit()]
-        for k, fd in sorted(folds):
-            if fd.is_dir():
-                yield method_dir.name, k, fd
+        folds = [
+            (int(folder.name[5:]), folder)
+            for folder in method_dir.glob("fold_*")
+            if folder.name[5:].isdigit()
+        ]
+        for k, folder in sorted(folds):
+            if folder.is_dir():
+                yield method_dir.name, k, folder
 
 
 def fold_readable(path: Path) -> bool:
@@ -255,10 +259,14 @@ def load_results(out: Path, task: str, design: tuple[Any, Any] | None = None) ->
     """
     runs = [
         FoldRun(
-            method, fold, fd, _read_yaml(fd / "config.yaml"), json.loads((fd / "metrics.json").read_text())
+            method,
+            fold,
+            folder,
+            _read_yaml(folder / "config.yaml"),
+            json.loads((folder / "metrics.json").read_text()),
         )
-        for method, fold, fd in iter_fold_dirs(out, task)
-        if all((fd / f).is_file() for f in FOLD_FILES) and fold_readable(fd)
+        for method, fold, folder in iter_fold_dirs(out, task)
+        if all((folder / f).is_file() for f in FOLD_FILES) and fold_readable(folder)
     ]
     if not runs:
         return TaskResults(Path(out), task, [], [])

@@ -11,7 +11,7 @@ validation patients only, and ``M[best]`` on fold k uses that search's best conf
   patients and score the patient-level AUC on fold k's validation patients (the split that fold's model is
   already early-stopped and thresholded on); with J >= 2, the mean over a stratified J-fold CV of fold k's
   training and validation patients together (each inner model trained on J-1 parts, selected and scored on
-  the held-out one). ``runner.train_fold`` reads and predicts nothing else: no outer test patient and no
+  the held-out one). ``jobs.train_fold`` reads and predicts nothing else: no outer test patient and no
   external cohort is seen while searching. Trial results live in the study's storage only; no fold folder is
   written.
 - Cost: ``trials`` trials per outer fold, each training ``inner_folds`` models. The default (1) costs
