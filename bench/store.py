@@ -3,7 +3,7 @@
 ```
 <out>/<task>/<method>/fold_<k>/predictions.csv   slide_id, case_id, label, prob, cohort
 <out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold,
-                                                 acc@0.5, balanced_acc@0.5, f1@0.5, n
+                                                 acc@0.5, balanced_acc@0.5, f1@0.5, n, brier, ece, ece_bins
 <out>/<task>/<method>/fold_<k>/config.yaml       the fully resolved configuration (+ its hash)
 <out>/<task>/<method>/fold_<k>/model.pt          the kept weights (state_dict; optional, for `bench explain`)
 <out>/<task>/summary.csv                         task, method, cohort, metric, mean, std, n
@@ -56,8 +56,9 @@ __all__ = [
 
 FOLD_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `bench explain`
-# the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax
-METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5")
+# the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax,
+# then calibration (Brier score, ECE; absent from folds written before they existed)
+METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5", "brier", "ece")
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "cohort")
 NOT_METHODS = {"report", "sweeps", "logs", "slurm"}  # folders under <out>/<task> that hold no method
 

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from methods import get_method_class
 
@@ -146,7 +146,8 @@ def search_folds(data: TaskData, fold: int, inner_folds: int) -> list[tuple[Task
     ``inner_folds`` 1: the outer fold itself (trained on its training patients, scored on its validation
     patients). J >= 2: a stratified J-fold CV of the fold's training and validation patients, seeded by the
     task seed and the fold; inner fold j trains on the other parts and is selected and scored on part j.
-    The outer fold's test patients are ``test`` in every inner fold, a part train_fold never reads.
+    The outer fold's test patients are ``test`` in every inner fold, a part train_fold never reads. Splits
+    by site (``split_by: site``) get inner folds by site (stratified group J-fold).
     """
     if inner_folds == 1:
         return [(data, fold)]
@@ -159,9 +160,13 @@ def search_folds(data: TaskData, fold: int, inner_folds: int) -> list[tuple[Task
             f"{counts.to_dict()} per class, too few for a stratified {inner_folds}-fold CV. Use fewer inner "
             "folds (1: the fold's own validation split)."
         )
-    table = data.splits[["case_id", "slide_id", "label"]].copy()
-    cv = StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=data.seed * 1000 + fold)
-    for j, (_, held_out) in enumerate(cv.split(patients.index, patients.to_numpy())):
+    by_site = "site" in data.splits.columns  # split_by: site: the inner folds keep sites apart too
+    table = data.splits[["case_id", "slide_id", "label", *(["site"] if by_site else [])]].copy()
+    sites = data.splits.groupby("case_id", sort=True)["site"].first()[patients.index] if by_site else None
+    cv = (StratifiedGroupKFold if by_site else StratifiedKFold)(
+        n_splits=inner_folds, shuffle=True, random_state=data.seed * 1000 + fold
+    )
+    for j, (_, held_out) in enumerate(cv.split(patients.index, patients.to_numpy(), sites)):
         inner = pd.Series("train", index=patients.index)
         inner.iloc[held_out] = "val"
         table[f"fold_{j}"] = table.case_id.map(inner).fillna("test").to_numpy()
