@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,18 @@ def make_cohort(
 def write_task(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feature_store(tmp_path_factory: pytest.TempPathFactory):
+    """The shared feature store of the tests' throw-away cohorts in a temporary folder, not in $BENCH_CACHE
+    (unless BENCH_FEATURE_STORE is set, e.g. to 0 to test without the store)."""
+    if "BENCH_FEATURE_STORE" in os.environ:
+        yield
+        return
+    os.environ["BENCH_FEATURE_STORE"] = str(tmp_path_factory.mktemp("feature-store"))
+    yield
+    del os.environ["BENCH_FEATURE_STORE"]
 
 
 @pytest.fixture(scope="session")
