@@ -191,7 +191,7 @@ def check_data(task_ref: str) -> tuple[TaskConfig, list[str], list[str]]:
             if cfg.splits is not None:
                 read_splits(cfg.splits, internal.slides)
             else:
-                make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction)
+                make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction, cfg.split_by)
         except BenchError as exc:
             problems.append(str(exc))
     return cfg, lines, problems

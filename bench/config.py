@@ -88,6 +88,15 @@ class TaskConfig(_Strict):
     splits: Path | None = Field(
         None, description="a Patho-Bench splits TSV or a folder of CLAM splits_{k}.csv"
     )
+    split_by: Literal["patient", "site"] = Field(
+        "patient",
+        description="group the patients of the splits bench makes by patient, or by tissue source site",
+    )
+    site_col: str | None = Field(
+        None,
+        description="column of the labels CSV naming each patient's site (split_by: site); default: the "
+        "site code of TCGA barcodes, the two characters after 'TCGA-' in case_id",
+    )
     patient_aggregation: Literal["mean", "max"] = "mean"
     external: list[ExternalCohort] = Field(default_factory=list)
     train: dict[str, Any] = Field(
@@ -109,6 +118,12 @@ class TaskConfig(_Strict):
                     raise ValueError(f"external cohort {ext.name!r} needs 'labels' and 'features'")
         if self.omics_select is not None and self.source == "files" and self.omics is None:
             raise ValueError("'omics_select' needs an 'omics' file to select genes from")
+        if self.split_by == "site" and self.splits is not None:
+            raise ValueError(
+                "'split_by: site' makes the splits and 'splits' imports them: give one of the two"
+            )
+        if self.site_col is not None and self.split_by != "site":
+            raise ValueError("'site_col' is read only with 'split_by: site'")
         names = [e.name for e in self.external]
         if len(set(names)) != len(names) or "test" in names:
             raise ValueError("external cohort names must be unique and must not be 'test'")

@@ -8,6 +8,10 @@ Threshold-dependent metrics are reported at two operating points, as the MoMKD a
   cohorts (keys ``acc``, ``balanced_acc``, ``f1``; the threshold itself is ``threshold``);
 - at the argmax of the two-class softmax, i.e. probability > 0.5 (keys ``acc@0.5``, ``balanced_acc@0.5``,
   ``f1@0.5``): no fitted threshold, so it does not move with a small validation split.
+
+Calibration needs no operating point: the Brier score (``brier``, sklearn's ``brier_score_loss``, the mean of
+``(p − y)²``) and the expected calibration error (``ece``, over ``ece_bins`` equal-mass bins:
+:func:`bench.stats.expected_calibration_error`), both of the patient probabilities.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
+    brier_score_loss,
     f1_score,
     precision_recall_curve,
     roc_auc_score,
@@ -28,6 +33,8 @@ from sklearn.metrics import (
 from methods.base import Bag, MILMethod
 from methods.packing import chunk_bags
 
+from .stats import calibration_bins, expected_calibration_error
+
 __all__ = [
     "ARGMAX",
     "PREDICT_PATCHES",
@@ -35,6 +42,7 @@ __all__ = [
     "auc",
     "best_f1_threshold",
     "binary_metrics",
+    "calibration_metrics",
     "cohort_metrics",
     "patient_auc",
     "patient_level",
@@ -144,9 +152,23 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     }
 
 
+def calibration_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Brier score, ECE and the number of ECE bins of patient labels ``y`` and probabilities ``p`` (NaN and 0
+    bins without patients)."""
+    if len(y) == 0:
+        return {"brier": float("nan"), "ece": float("nan"), "ece_bins": 0}
+    bins = calibration_bins(len(y))
+    return {
+        "brier": float(brier_score_loss(y, p, pos_label=1)),
+        "ece": expected_calibration_error(y, p, bins),
+        "ece_bins": bins,
+    }
+
+
 def cohort_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     """:func:`binary_metrics` at the validation-chosen ``threshold``, plus the same threshold-dependent
-    metrics at the argmax (``acc@0.5``, ``balanced_acc@0.5``, ``f1@0.5``).
+    metrics at the argmax (``acc@0.5``, ``balanced_acc@0.5``, ``f1@0.5``), then :func:`calibration_metrics`
+    (after ``n``: the keys before it are as they were before calibration was added).
 
     The argmax of a two-class softmax predicts positive when probability > 0.5 (a tie goes to class 0, as
     ``torch.argmax`` does in the authors' ``test.py``).
@@ -154,4 +176,9 @@ def cohort_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     metrics = binary_metrics(y, p, threshold)
     n = metrics.pop("n")
     at_argmax = _at(y, (p > 0.5).astype(int))
-    return {**metrics, **{f"{k}{ARGMAX}": at_argmax[k] for k in THRESHOLD_METRICS}, "n": n}
+    return {
+        **metrics,
+        **{f"{k}{ARGMAX}": at_argmax[k] for k in THRESHOLD_METRICS},
+        "n": n,
+        **calibration_metrics(y, p),
+    }

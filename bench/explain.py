@@ -200,7 +200,9 @@ def explain_slide(
     if fold is None:
         fold = _test_fold(splits, slide_id)
     if fold is None:  # an external slide, or no splits on disk: the first fold with weights
-        kept = [k for m, k, fd in iter_fold_dirs(out, task) if m == method and (fd / MODEL_FILE).is_file()]
+        kept = [
+            k for m, k, folder in iter_fold_dirs(out, task) if m == method and (folder / MODEL_FILE).is_file()
+        ]
         fold = kept[0] if kept else 0
     dev = resolve_device(device)
     model, config = load_fold_model(fold_dir(out, task, method, fold), dev)

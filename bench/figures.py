@@ -27,6 +27,8 @@ from matplotlib.figure import Figure
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from .stats import calibration_bins
+
 __all__ = [
     "COLUMN_WIDTH",
     "PatchPanel",
@@ -184,8 +186,9 @@ def calibration_figure(
     """Reliability curve per method: observed positive fraction against mean predicted probability.
 
     Args:
-        curves: method -> (labels ``(N,)``, probabilities ``(N,)``); quantile bins (about 15 patients each,
-            3 to 10 bins), so sparse probability ranges do not make empty bins.
+        curves: method -> (labels ``(N,)``, probabilities ``(N,)``); quantile bins, as many as
+            :func:`bench.stats.calibration_bins` gives (about 15 patients each, 3 to 10: the bins of the ECE),
+            so sparse probability ranges do not make empty bins.
     """
     colors = colors or method_colors(list(curves))
     with paper_style():
@@ -193,7 +196,7 @@ def calibration_figure(
         ax = fig.add_subplot()
         ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=0.6, label="perfectly calibrated")
         for method, (y, p) in curves.items():
-            bins = int(np.clip(len(y) // 15, 3, 10))
+            bins = calibration_bins(len(y))
             frac, mean_p = calibration_curve(y, np.clip(p, 0, 1), n_bins=bins, strategy="quantile")
             ax.plot(mean_p, frac, marker="o", ms=2.5, color=colors[method], label=method)
         ax.set(

@@ -28,7 +28,7 @@ from .config import TaskConfig
 from .data.cohort import Cohort, graph_settings
 from .data.genes import GeneSelection
 from .data.omics import OmicsScaler
-from .data.splits import fold_parts, membership_digest
+from .data.splits import fold_parts, membership_digest, split_grouping
 from .device import resolve_device, resolve_precision
 from .errors import BenchError
 from .evaluate import (
@@ -108,11 +108,15 @@ def _selects_genes(data: TaskData, cfg: MethodCfg) -> bool:
 
 
 def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
-    """The task settings that change results; ``omics_select`` only where it applies (so a task without it,
-    or a method without omics, keeps the hash it had before the key existed)."""
+    """The task settings that change results; ``omics_select`` only where it applies, ``split_by`` and
+    ``site_col`` only when the split is by site (so a task without them, or a method without omics, keeps
+    the hash it had before the keys existed)."""
     identity = task.model_dump(exclude={"path", "train", "synthetic", "folds", "seed"}, mode="json")
     if not selects_genes:
         identity.pop("omics_select", None)
+    if task.split_by == "patient":
+        identity.pop("split_by", None)
+        identity.pop("site_col", None)
     return identity
 
 
@@ -138,6 +142,7 @@ def job_config(
         hashed["precision"] = precision
     recorded = {
         **hashed,
+        "split_grouping": split_grouping(data.task),
         "task_file": str(data.task.path),
         "synthetic": data.task.synthetic,
         "device": str(device),

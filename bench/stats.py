@@ -1,5 +1,5 @@
 """Statistics of AUCs (pure functions of labels and scores; bench/analysis.py applies them to saved results):
-bootstrap CIs and paired tests.
+bootstrap CIs and paired tests; and the expected calibration error (bench/evaluate.py, the calibration figure).
 
 bench/analysis.py feeds them patient-level values: slides are first aggregated to patients with the task's
 aggregation (``patient_aggregation``: mean or max of the slide probabilities), then patients are resampled
@@ -20,6 +20,8 @@ or ranked.
 - **DeLong's test** (DeLong, DeLong & Clarke-Pearson 1988, Biometrics 44:837), computed with the midrank
   algorithm of Sun & Xu (2014, IEEE SPL 21:1389), for any linear contrast of AUCs measured on the same
   patients: a difference of two pooled AUCs, or a difference of two means of fold AUCs (external cohort).
+- **Expected calibration error** over equal-mass bins (:func:`expected_calibration_error`), as many bins as
+  :func:`calibration_bins` gives (about 15 patients a bin, 3 to 10).
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ __all__ = [
     "DeLong",
     "PairedTest",
     "bootstrap_auc_ci",
+    "calibration_bins",
     "corrected_resampled_ttest",
     "delong",
     "delong_contrast",
     "delong_test",
+    "expected_calibration_error",
     "midranks",
     "resampled_aucs",
     "stratified_counts",
@@ -198,3 +202,39 @@ def bootstrap_auc_ci(
     tail = (1 - level) / 2
     lo, hi = np.quantile(boots, [tail, 1 - tail])
     return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+#: patients per calibration bin aimed at, and the range of the number of bins
+PATIENTS_PER_BIN, MIN_BINS, MAX_BINS = 15, 3, 10
+
+
+def calibration_bins(n: int) -> int:
+    """Bins for ``n`` patients: ``n // 15`` clipped to 3 … 10, and never more than ``n``.
+
+    About 15 patients a bin keeps the observed fraction of a bin within about ±0.13 (its SD at p = 0.5), so a
+    test fold of a few dozen patients gets 3 bins rather than 10 nearly empty ones, whose gaps would be mostly
+    sampling noise (ECE is biased upwards by small bins); 10, the usual number, from 150 patients on.
+    """
+    return min(int(np.clip(n // PATIENTS_PER_BIN, MIN_BINS, MAX_BINS)), n)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int | None = None) -> float:
+    """Expected calibration error over equal-mass bins (Naeini et al., AAAI 2015; Guo et al., ICML 2017).
+
+    The patients, sorted by probability (stable: ties keep their order), are cut into ``B`` contiguous bins
+    ``S_1 … S_B`` whose sizes differ by at most one (``B`` = ``bins``, default :func:`calibration_bins`);
+    with ``N`` patients, ``ȳ_b`` the positive fraction and ``p̄_b`` the mean probability of bin ``b``:
+
+        ECE = Σ_b (|S_b| / N) · |ȳ_b − p̄_b|
+
+    It is 0 for a perfectly calibrated model and at most 1; NaN without patients.
+    """
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    order = np.argsort(p, kind="stable")
+    groups = np.array_split(order, bins or calibration_bins(len(y)))
+    return float(sum(len(g) * abs(y[g].mean() - p[g].mean()) for g in groups if len(g)) / len(y))

@@ -3,7 +3,7 @@
 ```
 <out>/<task>/<method>/fold_<k>/predictions.csv   slide_id, case_id, label, prob, cohort
 <out>/<task>/<method>/fold_<k>/metrics.json      per cohort: auc, acc, balanced_acc, f1, threshold,
-                                                 acc@0.5, balanced_acc@0.5, f1@0.5, n
+                                                 acc@0.5, balanced_acc@0.5, f1@0.5, n, brier, ece, ece_bins
 <out>/<task>/<method>/fold_<k>/config.yaml       the fully resolved configuration (+ its hash)
 <out>/<task>/<method>/fold_<k>/model.pt          the kept weights (state_dict; optional, for `bench explain`)
 <out>/<task>/summary.csv                         task, method, cohort, metric, mean, std, n
@@ -56,8 +56,9 @@ __all__ = [
 
 FOLD_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `bench explain`
-# the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax
-METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5")
+# the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax,
+# then calibration (Brier score, ECE; absent from folds written before they existed)
+METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5", "brier", "ece")
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "cohort")
 NOT_METHODS = {"report", "sweeps", "logs", "slurm"}  # folders under <out>/<task> that hold no method
 
@@ -79,10 +80,14 @@ def iter_fold_dirs(out: Path, task: str) -> Iterator[tuple[str, int, Path]]:
     if not task_dir.is_dir():
         return
     for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir() and p.name not in NOT_METHODS):
-        folds = [(int(fd.name[5:]), fd) for fd in method_dir.glob("fold_*") if fd.name[5:].isdigit()]
-        for k, fd in sorted(folds):
-            if fd.is_dir():
-                yield method_dir.name, k, fd
+        folds = [
+            (int(folder.name[5:]), folder)
+            for folder in method_dir.glob("fold_*")
+            if folder.name[5:].isdigit()
+        ]
+        for k, folder in sorted(folds):
+            if folder.is_dir():
+                yield method_dir.name, k, folder
 
 
 def fold_readable(path: Path) -> bool:
@@ -254,10 +259,14 @@ def load_results(out: Path, task: str, design: tuple[Any, Any] | None = None) ->
     """
     runs = [
         FoldRun(
-            method, fold, fd, _read_yaml(fd / "config.yaml"), json.loads((fd / "metrics.json").read_text())
+            method,
+            fold,
+            folder,
+            _read_yaml(folder / "config.yaml"),
+            json.loads((folder / "metrics.json").read_text()),
         )
-        for method, fold, fd in iter_fold_dirs(out, task)
-        if all((fd / f).is_file() for f in FOLD_FILES) and fold_readable(fd)
+        for method, fold, folder in iter_fold_dirs(out, task)
+        if all((folder / f).is_file() for f in FOLD_FILES) and fold_readable(folder)
     ]
     if not runs:
         return TaskResults(Path(out), task, [], [])

@@ -11,7 +11,7 @@ validation patients only, and ``M[best]`` on fold k uses that search's best conf
   patients and score the patient-level AUC on fold k's validation patients (the split that fold's model is
   already early-stopped and thresholded on); with J >= 2, the mean over a stratified J-fold CV of fold k's
   training and validation patients together (each inner model trained on J-1 parts, selected and scored on
-  the held-out one). ``runner.train_fold`` reads and predicts nothing else: no outer test patient and no
+  the held-out one). ``jobs.train_fold`` reads and predicts nothing else: no outer test patient and no
   external cohort is seen while searching. Trial results live in the study's storage only; no fold folder is
   written.
 - Cost: ``trials`` trials per outer fold, each training ``inner_folds`` models. The default (1) costs
@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from methods import get_method_class
 
@@ -144,7 +144,8 @@ def search_folds(data: TaskData, fold: int, inner_folds: int) -> list[tuple[Task
     ``inner_folds`` 1: the outer fold itself (trained on its training patients, scored on its validation
     patients). J >= 2: a stratified J-fold CV of the fold's training and validation patients, seeded by the
     task seed and the fold; inner fold j trains on the other parts and is selected and scored on part j.
-    The outer fold's test patients are ``test`` in every inner fold, a part train_fold never reads.
+    The outer fold's test patients are ``test`` in every inner fold, a part train_fold never reads. Splits
+    by site (``split_by: site``) get inner folds by site (stratified group J-fold).
     """
     if inner_folds == 1:
         return [(data, fold)]
@@ -157,9 +158,13 @@ def search_folds(data: TaskData, fold: int, inner_folds: int) -> list[tuple[Task
             f"{counts.to_dict()} per class, too few for a stratified {inner_folds}-fold CV. Use fewer inner "
             "folds (1: the fold's own validation split)."
         )
-    table = data.splits[["case_id", "slide_id", "label"]].copy()
-    cv = StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=data.seed * 1000 + fold)
-    for j, (_, held_out) in enumerate(cv.split(patients.index, patients.to_numpy())):
+    by_site = "site" in data.splits.columns  # split_by: site: the inner folds keep sites apart too
+    table = data.splits[["case_id", "slide_id", "label", *(["site"] if by_site else [])]].copy()
+    sites = data.splits.groupby("case_id", sort=True)["site"].first()[patients.index] if by_site else None
+    cv = (StratifiedGroupKFold if by_site else StratifiedKFold)(
+        n_splits=inner_folds, shuffle=True, random_state=data.seed * 1000 + fold
+    )
+    for j, (_, held_out) in enumerate(cv.split(patients.index, patients.to_numpy(), sites)):
         inner = pd.Series("train", index=patients.index)
         inner.iloc[held_out] = "val"
         table[f"fold_{j}"] = table.case_id.map(inner).fillna("test").to_numpy()

@@ -62,7 +62,7 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
         splits = read_splits(task.splits, internal.slides)
         folds = len(fold_columns(splits))
     else:
-        splits = make_splits(internal.slides, folds, seed, task.val_fraction)
+        splits = make_splits(internal.slides, folds, seed, task.val_fraction, task.split_by)
     write_splits(opts.out, task.name, splits)
     return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
 

@@ -26,6 +26,7 @@ from ..names import normalisation_clashes, unsafe_reason
 from .featurestore import StoredSlide, load_or_store, nonfinite_patches, store_root
 from .formats import SlideFeatures, feature_path, read_slide
 from .graph import load_or_build_graph
+from .sites import read_sites
 
 __all__ = [
     "Cohort",
@@ -46,7 +47,8 @@ class Cohort:
 
     Attributes:
         name: ``internal`` or the external cohort's name.
-        slides: one row per slide: case_id, slide_id, label (0/1), path (feature file).
+        slides: one row per slide: case_id, slide_id, label (0/1), path (feature file); and site with
+            ``split_by: site`` (internal cohort).
         dim: feature width D, read from the files.
         omics: raw omics (case_id index, one column per gene), or None.
     """
@@ -148,7 +150,11 @@ def read_slide_cached(path: str | Path) -> SlideFeatures:
     return _stored(path).slide
 
 
-def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFrame | None:
+def _read_labels(
+    task: TaskConfig, path: Path, problems: list[str], sites: bool = False
+) -> pd.DataFrame | None:
+    """case_id, slide_id, label (0/1) of a labels CSV, every problem collected; ``sites``: also the
+    ``site`` of each slide (:func:`bench.data.sites.read_sites`)."""
     if not path.is_file():
         problems.append(f"{path}: labels file not found. Fix: correct 'labels' in {task.path}.")
         return None
@@ -157,14 +163,18 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
     except DataError as exc:
         problems.append(str(exc))
         return None
-    missing = [c for c in (*ID_COLS, task.label_col) if c not in df.columns]
+    site_col = [task.site_col] if sites and task.site_col else []
+    missing = [c for c in (*ID_COLS, task.label_col, *site_col) if c not in df.columns]
     if missing:
         problems.append(
             f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)}). "
-            f"Fix: the labels CSV needs case_id, slide_id and the task's label_col '{task.label_col}'."
+            f"Fix: the labels CSV needs case_id, slide_id and the task's label_col '{task.label_col}'"
+            + (f" and site_col '{task.site_col}'." if site_col else ".")
         )
         return None
-    df = df[[*ID_COLS, task.label_col]].rename(columns={task.label_col: "raw_label"})
+    df = df[[*ID_COLS, task.label_col, *site_col]].rename(
+        columns={task.label_col: "raw_label", **{c: "site" for c in site_col}}
+    )
     for col in ID_COLS:
         df[col] = df[col].str.strip()
     empty = df[(df.case_id == "") | (df.slide_id == "")]
@@ -196,6 +206,8 @@ def _read_labels(task: TaskConfig, path: Path, problems: list[str]) -> pd.DataFr
             f"{path}: patient(s) {', '.join(mixed[:5])} have slides with different labels; labels are patient-level. "
             "Fix: give every slide of a patient the same label."
         )
+    if sites:
+        df["site"] = read_sites(task, df, path, problems)
     return df.drop(columns="raw_label")
 
 
@@ -338,7 +350,7 @@ def load_cohort(task: TaskConfig, cohort: str = "internal", check_values: bool =
     else:
         ext = next(e for e in task.external if e.name == cohort)
         labels_path, features_dir = ext.labels, ext.features
-    df = _read_labels(task, labels_path, problems)
+    df = _read_labels(task, labels_path, problems, sites=cohort == "internal" and task.split_by == "site")
     if df is None:
         return Cohort(cohort, pd.DataFrame(columns=[*ID_COLS, "label", "path"]), 0, None, problems)
     df, dim = _check_features(df, features_dir, problems)

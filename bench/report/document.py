@@ -21,7 +21,7 @@ from ..fsio import atomic_write_text
 from ..store import TaskResults, load_results
 from ..tables import Table, safe_stem, write_table
 from . import prose
-from .results_tables import operating_points_table, table1, table2
+from .results_tables import calibration_table, operating_points_table, table1, table2
 from .stats_tables import headline_table, localisation_md_table, method_reports_table, runs_table, tests_table
 
 __all__ = ["write_report"]
@@ -64,6 +64,7 @@ def _data_lines(st: TaskStats) -> list[str]:
         f"- Label `{task.get('label_col')}`, positive class {task.get('positive')}; slides aggregated to patients "
         f"by the **{st.aggregation}** of their probabilities; every metric is patient-level."
     )
+    lines.append(_grouping_line(config))
     for c in st.cohorts:
         rows = s[s.cohort == c]
         if rows.empty:
@@ -79,6 +80,27 @@ def _data_lines(st: TaskStats) -> list[str]:
         else:
             lines.append(f"- external cohort `{c}`: {n} patients, {pos} positive ({pos / max(n, 1):.0%}).")
     return lines
+
+
+def _grouping_line(config: dict) -> str:
+    """How the folds grouped patients (``split_grouping`` of a fold's config; folds written before it was
+    recorded: imported when the task named a splits file, else by patient, the only grouping then)."""
+    task = config.get("task", {})
+    grouping = config.get("split_grouping") or (
+        {"by": "imported", "file": task["splits"]} if task.get("splits") else {"by": "patient"}
+    )
+    if grouping["by"] == "site":
+        return (
+            f"- Splits grouped **by site** (`split_by: site`; site from {grouping.get('site_from')}): stratified "
+            "group k-fold, every tissue source site in one part (train, validation or test) of each fold, so no "
+            "site's stain or scanner is shared by training and test patients."
+        )
+    if grouping["by"] == "imported":
+        return f"- Splits **imported** from `{grouping.get('file')}` (their grouping is the file's)."
+    return (
+        "- Splits grouped **by patient** (`split_by: patient`): stratified k-fold over patients; patients of "
+        "one site can be on both sides of a fold (see `split_by: site`)."
+    )
 
 
 @dataclass
@@ -134,7 +156,7 @@ def write_report(
     _head(doc, tasks, command)
     _what_was_run(doc, analyses)
     _comparisons(doc, analyses, methods)
-    _figures(doc, analyses, methods)
+    _figures(doc, results, analyses, methods)
     if loc_slides > 0:
         _localisation(doc, results, analyses, methods, loc_slides, seed, device)
     doc.text("## Tables in the paper's form", "")
@@ -194,8 +216,10 @@ def _comparisons(doc: _Document, analyses: Sequence[TaskStats], methods: Sequenc
         doc.table(reports, "table_method_reports")
 
 
-def _figures(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[str]) -> None:
-    """Per task: fold AUCs, and ROC and calibration curves of every cohort."""
+def _figures(
+    doc: _Document, results: dict[str, TaskResults], analyses: Sequence[TaskStats], methods: Sequence[str]
+) -> None:
+    """Per task: fold AUCs, ROC and calibration curves of every cohort, and the calibration table."""
     colors = method_colors(methods)
     doc.text("## Figures", "")
     for st in analyses:
@@ -223,6 +247,9 @@ def _figures(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[st
                 + ("" if cohort == "test" else "; every fold model's predictions pooled")
                 + ").",
             )
+        calibration = calibration_table(results[st.task], methods)
+        if calibration is not None:
+            doc.table(calibration, f"calibration_{st.task}")
 
 
 def _localisation(

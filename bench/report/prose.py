@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["OPERATING_POINTS", "how_computed"]
+__all__ = ["CALIBRATION", "OPERATING_POINTS", "how_computed"]
 
 OPERATING_POINTS = (
     "ACC, BACC, F1: at the threshold of best F1 on each fold's validation patients, applied unchanged to the "
     "test part and every external cohort; @0.5: at the argmax (probability > 0.5), no fitted threshold."
+)
+
+CALIBRATION = (
+    "calibration of the patient probabilities, mean ± SD over folds (each fold's test part, or each fold's "
+    "model on the external cohort; lower is better, 0 is perfect). Brier: mean of (p − y)² (0.25 for a constant "
+    "0.5). ECE: expected calibration error, Σ_b (n_b / N) · |observed positive fraction − mean probability| over "
+    "equal-mass bins (patients sorted by probability, cut into bins of equal size); ECE bins: how many, about one "
+    "per 15 patients, 3 to 10 (fewer, fuller bins for small cohorts: tiny bins inflate the ECE with sampling "
+    "noise), the bins of the calibration figure. Neither depends on a threshold."
 )
 
 

@@ -5,6 +5,7 @@
   ACC and F1 at the threshold of best F1 on the validation patients.
 - Operating points (``operating_points_table``): per task, ACC / BACC / F1 at that threshold and at the argmax
   (probability > 0.5), with the threshold's spread over folds.
+- Calibration (``calibration_table``): per task, Brier score and ECE (equal-mass bins) of each fold's patients.
 - Variant tables (``variant_table``): a method's ablation or memory-mode variants, internal and external AUC.
 - The terminal table of ``bench run`` (``summary_rich_table``), from ``summary.csv``.
 """
@@ -25,7 +26,9 @@ from . import prose
 from .stats_tables import ALPHA, MARK_T, marks, marks_caption
 
 __all__ = [
+    "CALIBRATION_NAMES",
     "METRIC_NAMES",
+    "calibration_table",
     "operating_points_table",
     "summary_rich_table",
     "table1",
@@ -43,6 +46,8 @@ METRIC_NAMES = {
     "balanced_acc@0.5": "BACC@0.5",
     "f1@0.5": "F1@0.5",
 }
+
+CALIBRATION_NAMES = {"brier": "Brier", "ece": "ECE"}
 
 
 def _stats(long: pd.DataFrame) -> pd.DataFrame:
@@ -158,6 +163,32 @@ def operating_points_table(results: TaskResults, methods: Sequence[str] | None =
         "validation-threshold ones as ACC and F1."
     )
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:operating-points-{task}")
+
+
+def calibration_table(results: TaskResults, methods: Sequence[str] | None = None) -> Table | None:
+    """Rows method × cohort: Brier score and ECE of each fold's patients, mean ± SD over folds, and the number
+    of ECE bins; None when no fold on disk has them (folds written before they existed)."""
+    task = results.task
+    long = results.metrics(names=(*CALIBRATION_NAMES, "ece_bins"))
+    if long.empty:
+        return None
+    stats = _stats(long)
+    bins = long[long.metric == "ece_bins"].groupby(["method", "cohort"])["value"].agg(["min", "max"])
+    cohorts = sorted(set(long.cohort), key=lambda c: (c != "test", c))
+    header = ["Method", "Cohort", *CALIBRATION_NAMES.values(), "ECE bins"]
+    rows = []
+    for m in method_order(sorted(set(long.method)), methods):
+        for c in cohorts:
+            if (m, c, "brier") not in stats.index:
+                continue
+            lo, hi = (int(v) for v in bins.loc[(m, c)]) if (m, c) in bins.index else (0, 0)
+            rows.append(
+                [m, cohort_label(c)]
+                + [fmt(*_get(stats, m, c, k), scale=1.0, digits=3) for k in CALIBRATION_NAMES]
+                + [str(lo) if lo == hi else f"{lo}–{hi}"]
+            )
+    caption = f"{task.upper()}: {prose.CALIBRATION}"
+    return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:calibration-{task}")
 
 
 def variant_table(

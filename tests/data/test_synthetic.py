@@ -266,3 +266,27 @@ def test_external_feature_shift(moderate: Path) -> None:
         return float(np.mean(np.abs(other.mean(0) - internal.mean(0)) / spread))
 
     assert distance(shifted) > 3 * distance(same)
+
+
+def test_sites_are_opt_in_and_add_a_constant_offset_per_site(tiny: Path, tmp_path: Path) -> None:
+    """Without sites a spec keeps its cache key and files; with them (no case-mix shift here, so the draws are
+    otherwise the same) each slide's features move by its site's constant offset and labels.csv names the site."""
+    assert "n_sites" not in TINY.to_dict() and spec_hash(TINY) == spec_hash(
+        SyntheticSpec.from_dict({**TINY.to_dict(), "n_sites": 0})
+    )
+    sited = materialise(dataclasses.replace(TINY, n_sites=4, site_latent_shift=0.0), tmp_path)
+    assert (sited / "external/labels.csv").read_bytes() == (tiny / "external/labels.csv").read_bytes()
+    labels = pd.read_csv(sited / "internal/labels.csv")
+    plain = pd.read_csv(tiny / "internal/labels.csv")
+    pd.testing.assert_frame_equal(labels.drop(columns="site"), plain)
+    assert labels.groupby("case_id").site.nunique().max() == 1 and 2 <= labels.site.nunique() <= 4
+    a, b = _slides(sited, "internal"), _slides(tiny, "internal")
+    shifts = {}
+    for sid, site in zip(labels.slide_id, labels.site, strict=True):
+        diff = a[sid]["features"].astype(np.float64) - b[sid]["features"].astype(np.float64)
+        assert np.abs(diff - diff.mean(axis=0)).max() < 0.02  # one vector for every patch (float16 rounding)
+        shifts.setdefault(site, []).append(diff.mean(axis=0))
+    means = {site: np.mean(v, axis=0) for site, v in shifts.items()}
+    for site, v in shifts.items():
+        assert all(np.abs(d - means[site]).max() < 0.02 for d in v)
+    assert min(np.abs(means[s] - means[t]).max() for s in means for t in means if s < t) > 0.5

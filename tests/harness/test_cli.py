@@ -143,9 +143,13 @@ def test_report_writes_tables(monkeypatch, capsys, small_task, tmp_path):
     code, _, _ = bench(monkeypatch, capsys, "report", "--task", str(small_task), "--out", str(out))
     assert code == 0
     folder = out / "toy" / "report"
-    for stem in ("table1_internal", "table2_external", "operating_points_toy"):
+    for stem in ("table1_internal", "table2_external", "operating_points_toy", "calibration_toy"):
         assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.tex").is_file()
     points = (folder / "operating_points_toy.md").read_text()
     assert "Threshold (val.)" in points and "F1@0.5" in points and points.count("| abmil[ilse] |") == 2
+    calibration = (folder / "calibration_toy.md").read_text()
+    assert "| Brier | ECE | ECE bins |" in calibration and calibration.count("| abmil[ilse] |") == 2
+    report = (out / "report.md").read_text()
+    assert calibration.splitlines()[2] in report and "Splits grouped **by patient**" in report
     tex = (folder / "table1_internal.tex").read_text()
     assert r"\toprule" in tex and r"\textbf{" in tex and "abmil{[}ilse{]}" in tex

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from bench.evaluate import best_f1_threshold, binary_metrics, cohort_metrics, patient_level
+from bench.stats import calibration_bins, expected_calibration_error
 from bench.store import METRICS
 
 
@@ -51,6 +52,34 @@ def test_argmax_tie_is_the_negative_class():
 
 
 def test_summary_metrics_are_the_cohort_metrics():
-    """summary.csv carries every per-cohort result of cohort_metrics (not the threshold or the count)."""
+    """summary.csv carries every per-cohort result of cohort_metrics (not the threshold, the count or the
+    number of ECE bins)."""
     keys = cohort_metrics(np.array([0, 1]), np.array([0.2, 0.7]), 0.5)
-    assert set(METRICS) == set(keys) - {"threshold", "n"}
+    assert set(METRICS) == set(keys) - {"threshold", "n", "ece_bins"}
+
+
+def test_ece_hand_case():
+    """Three equal-mass bins of two patients: |0 − 0.15|, |1 − 0.45|, |0.5 − 0.8| weighted 1/3 each."""
+    y = np.array([1, 0, 0, 1, 0, 1])
+    p = np.array([0.3, 0.1, 0.2, 0.6, 0.7, 0.9])  # unsorted on purpose: bins are of the sorted probabilities
+    assert expected_calibration_error(y, p, bins=3) == pytest.approx((0.15 + 0.55 + 0.3) / 3)
+    assert expected_calibration_error(y, p, bins=1) == pytest.approx(abs(0.5 - 2.8 / 6))
+    assert expected_calibration_error(np.array([0, 1]), np.array([0.0, 1.0])) == 0.0
+
+
+def test_calibration_bins_rule():
+    assert [calibration_bins(n) for n in (2, 12, 44, 45, 90, 150, 400)] == [2, 3, 3, 3, 6, 10, 10]
+
+
+def test_calibration_metrics_in_cohort_metrics():
+    """Brier = mean (p − y)² = (0.49 + 0.01 + 0.04 + 0.16 + 0.49 + 0.01) / 6 = 0.2; 6 patients: 3 bins;
+    the keys that existed before calibration keep their values and come first."""
+    y = np.array([1, 0, 0, 1, 0, 1])
+    p = np.array([0.3, 0.1, 0.2, 0.6, 0.7, 0.9])
+    m = cohort_metrics(y, p, threshold=0.5)
+    assert m["brier"] == pytest.approx(0.2) and m["ece_bins"] == 3
+    assert m["ece"] == pytest.approx(1.0 / 3)
+    assert list(m)[-3:] == ["brier", "ece", "ece_bins"] and list(m)[list(m).index("n") + 1] == "brier"
+    assert {k: m[k] for k in list(m)[:-3]} == binary_metrics(y, p, 0.5) | {
+        k: m[k] for k in ("acc@0.5", "balanced_acc@0.5", "f1@0.5")
+    }

@@ -176,3 +176,21 @@ def test_report_assembles_tables_figures_and_report_md(trained, monkeypatch):
     for image in images:
         assert (out / image).is_file() and (out / image).stat().st_size > 10_000
     assert _bench(monkeypatch, "report", "--task", str(task), "--out", str(out), "--vs", "nosuch") == 2
+
+
+def test_report_reads_each_tasks_results_once(trained, monkeypatch):
+    """Every table and figure of the report comes from one walk of each task's results on disk."""
+    import bench.store as store
+    from bench.report.document import write_report
+
+    _, out = trained
+    walks = []
+    real = store.iter_fold_dirs
+
+    def counted(*args, **kwargs):
+        walks.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "iter_fold_dirs", counted)
+    write_report(out, ["toy"], ["markdown"], n_boot=0, loc_slides=2, log=lambda _: None)
+    assert walks == ["toy"]

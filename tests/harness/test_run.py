@@ -10,6 +10,7 @@ import yaml
 
 import bench.jobs as jobs
 from bench.commands import run
+from bench.stats import expected_calibration_error
 from bench.store import FOLD_FILES
 from bench.taskdata import RunOptions, prepare_task
 
@@ -33,6 +34,7 @@ def test_run_writes_contract_files(small_task, opts):
             assert set(metrics[cohort]) == {
                 *("auc", "acc", "balanced_acc", "f1", "threshold", "n"),
                 *("acc@0.5", "balanced_acc@0.5", "f1@0.5"),
+                *("brier", "ece", "ece_bins"),
             }
             # both operating points, recomputed from the saved predictions (patients: mean of their slides)
             pat = (
@@ -43,6 +45,10 @@ def test_run_writes_contract_files(small_task, opts):
             m = metrics[cohort]
             assert m["acc"] == pytest.approx(((pat.prob >= m["threshold"]) == pat.label).mean())
             assert m["acc@0.5"] == pytest.approx(((pat.prob > 0.5) == pat.label).mean())
+            assert m["brier"] == pytest.approx(((pat.prob - pat.label) ** 2).mean())
+            assert m["ece"] == pytest.approx(
+                expected_calibration_error(pat.label.to_numpy(), pat.prob.to_numpy(), m["ece_bins"])
+            )
         assert metrics["test"]["threshold"] == metrics["ext"]["threshold"] == metrics["val"]["threshold"]
         config = yaml.safe_load((fold / "config.yaml").read_text())
         assert config["method"] == "abmil" and config["fold"] == k and "hash" in config
@@ -50,7 +56,9 @@ def test_run_writes_contract_files(small_task, opts):
     disk = pd.read_csv(task_dir / "summary.csv")
     assert list(disk.columns) == ["task", "method", "cohort", "metric", "mean", "std", "n"]
     assert set(disk.cohort) == {"test", "ext"} and (disk.n == 3).all()
-    assert set(disk.metric) == {"auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5"}
+    assert set(disk.metric) == {
+        *("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5", "brier", "ece")
+    }
     assert len(summary) == len(disk)
     splits = pd.read_csv(task_dir / "splits.tsv", sep="\t", dtype=str)
     assert {"case_id", "slide_id", "fold_0", "fold_1", "fold_2"} <= set(splits.columns)

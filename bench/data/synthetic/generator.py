@@ -17,6 +17,10 @@ The generative model (full description and measured calibration in ``docs/synthe
    the programs. The ``.h5`` files store that ``relevance`` and the ``tissue`` type of each patch.
 4. External cohorts pass every feature through a scanner-like affine map (channel scale, offset, mixing),
    have their own slide-level stain directions, and their own bag sizes.
+5. Optionally (``n_sites`` > 0) internal patients belong to tissue source sites: each site shifts the latent
+   program means of its patients (its case mix, so its prevalences) and adds a constant offset to every
+   patch feature of its slides (its stain and scanner signature); drawn from a stream of their own, so the
+   rest of the cohort is drawn as without sites.
 
 Everything is drawn from ``numpy`` generators seeded by ``(seed, cohort, patient, slide)``, so a cohort is
 identical whatever order it is generated in. Nothing here is tuned for any method: it is a known truth.
@@ -216,6 +220,9 @@ def _write_cohort(spec: SyntheticSpec, world: _World, cohort: _Cohort, out: Path
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1, cohort.index]))
     n, k = cohort.n_patients, len(PROGRAMS)
     z = rng.standard_normal((n, k)) @ world.corr_chol.T + cohort.latent_shift  # (n, K)
+    sites = _sites(spec, n) if cohort.index == 0 else None
+    if sites is not None:
+        z += sites.latent_shift[sites.of]
     scores = {c: z @ w + world.score_noise[c] * rng.standard_normal(n) for c, w in _TASK_WEIGHTS.items()}
     n_slides = 1 + (rng.random(n) < spec.second_slide_fraction)
     case_ids = [f"{cohort.prefix}-{i + 1:04d}" for i in range(n)]
@@ -227,9 +234,11 @@ def _write_cohort(spec: SyntheticSpec, world: _World, cohort: _Cohort, out: Path
         for j in range(n_slides[i]):
             slide_id = f"{case_id}-{j + 1:02d}"
             slide_rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 2, cohort.index, i, j]))
-            _write_slide(spec, world, cohort, z[i], slide_rng, out / "features" / f"{slide_id}.h5")
-            rows.append([case_id, slide_id, *labels])
-    _write_csv(out / LABELS_FILE, ["case_id", "slide_id", *_TASK_WEIGHTS], rows)
+            offset = None if sites is None else sites.offset[sites.of[i]]
+            _write_slide(spec, world, cohort, z[i], slide_rng, out / "features" / f"{slide_id}.h5", offset)
+            rows.append([case_id, slide_id, *labels, *([] if sites is None else [sites.name(i)])])
+    header = ["case_id", "slide_id", *_TASK_WEIGHTS, *([] if sites is None else ["site"])]
+    _write_csv(out / LABELS_FILE, header, rows)
     _write_csv(
         out / "latent.csv",
         ["case_id", *PROGRAMS, *(f"score_{c}" for c in _TASK_WEIGHTS)],
@@ -243,6 +252,30 @@ def _write_cohort(spec: SyntheticSpec, world: _World, cohort: _Cohort, out: Path
         keep = np.flatnonzero(rng.random(n) < spec.omics_fraction)
         genes = [f"gene_{g + 1:04d}" for g in range(spec.n_genes)]
         _write_csv(out / "omics.csv", ["case_id", *genes], [[case_ids[i], *counts[i].tolist()] for i in keep])
+
+
+@dataclass
+class _Sites:
+    """The internal cohort's tissue source sites (``n_sites`` > 0)."""
+
+    of: np.ndarray  # (n,) site index of each patient
+    latent_shift: np.ndarray  # (S, K) shift of the program means of each site's patients
+    offset: np.ndarray  # (S, D) float32 constant feature offset of each site's slides
+
+    def name(self, patient: int) -> str:
+        return f"site_{self.of[patient] + 1:02d}"
+
+
+def _sites(spec: SyntheticSpec, n: int) -> _Sites | None:
+    """Sites of the ``n`` internal patients (Dirichlet(2) sizes), from a stream of their own; None without."""
+    if not spec.n_sites:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 3]))
+    s = spec.n_sites
+    of = rng.choice(s, size=n, p=rng.dirichlet(np.full(s, 2.0)))
+    shift = rng.normal(0.0, spec.site_latent_shift, size=(s, len(PROGRAMS)))
+    offset = rng.normal(0.0, spec.site_stain_scale, size=(s, spec.feature_dim)).astype(np.float32)
+    return _Sites(of, shift, offset)
 
 
 def _omics(spec: SyntheticSpec, world: _World, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -268,11 +301,15 @@ def _write_slide(
     z: np.ndarray,
     rng: np.random.Generator,
     path: Path,
+    site_offset: np.ndarray | None = None,
 ) -> None:
+    """One slide's TRIDENT file; ``site_offset`` (D,): its site's constant feature offset, if any."""
     n = round(math.exp(rng.uniform(math.log(cohort.bag_min), math.log(cohort.bag_max))))
     composition = _composition(z, rng)
     layout = _layout(n, composition, spec.max_informative_fraction, rng)
     feats = cohort.scanner.apply(_features(spec, world, cohort.scanner, layout, z, rng))
+    if site_offset is not None:
+        feats += site_offset
     write_trident_h5(
         path,
         feats.astype(spec.feature_dtype),

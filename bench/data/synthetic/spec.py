@@ -21,6 +21,8 @@ GENERATOR_VERSION = 1
 
 #: latent molecular programs, in the column order of ``latent.csv``.
 PROGRAMS = ("erbb2", "luminal", "proliferation", "immune", "stromal", "basal")
+#: settings of the internal cohort's sites, left out of the cache key when there are none (``n_sites`` 0)
+_SITE_SETTINGS = ("n_sites", "site_stain_scale", "site_latent_shift")
 # An external cohort's name: its folder and its case-id prefix.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -131,6 +133,15 @@ class SyntheticSpec:
         stain_scale: per-dimension sd of the slide-level stain/batch offset.
         feature_dtype: ``float16`` (half the disk) or ``float32``.
         external: the external cohorts.
+        n_sites: tissue source sites of the internal cohort (0, the default: none, and the three settings below
+            are left out of the cache key and ``spec.json``, so cohorts made before sites existed keep their
+            files and hashes). Each patient belongs to one site (Dirichlet(2) site sizes), written in the
+            ``site`` column of ``labels.csv``.
+        site_stain_scale: per-dimension sd of each site's constant feature offset ``N(0, σ² I_D)``, added to
+            every patch of its slides: a site's stain and scanner signature.
+        site_latent_shift: sd of each site's shift of the latent program means ``N(0, σ² I_K)``: sites differ in
+            case mix, so in prevalence, which a model can exploit through the site signature when a site is on
+            both sides of a split (Howard et al., Nature Communications 2021).
     """
 
     seed: int = 0
@@ -155,6 +166,9 @@ class SyntheticSpec:
     stain_scale: float = 0.3
     feature_dtype: str = "float16"
     external: tuple[ExternalSpec, ...] = (ExternalSpec(),)
+    n_sites: int = 0
+    site_stain_scale: float = 0.5
+    site_latent_shift: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -185,6 +199,9 @@ class SyntheticSpec:
                 "noise_scale",
                 "structure_scale",
                 "stain_scale",
+                "n_sites",
+                "site_stain_scale",
+                "site_latent_shift",
             ),
         )
         if self.gene_dispersion <= 0:
@@ -210,6 +227,9 @@ class SyntheticSpec:
         d = dataclasses.asdict(self)
         d["program_visibility"] = list(self.program_visibility)
         d["external"] = [dict(e, latent_shift=list(e["latent_shift"])) for e in d["external"]]
+        if not self.n_sites:
+            for name in _SITE_SETTINGS:
+                d.pop(name)
         return d
 
     @property
