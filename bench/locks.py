@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "is_stale",
     "pid_alive",
     "read_claim",
+    "remove_dead_temporaries",
     "try_claim",
 ]
 
@@ -126,6 +128,18 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def remove_dead_temporaries(folder: Path, prefix: str) -> None:
+    """Delete the temporary folders ``<prefix>.tmp-<this host>-<pid>-<tag>`` in ``folder`` whose process no
+    longer runs (what an atomic publication killed half-way leaves behind)."""
+    for p in Path(folder).glob(f"{prefix}.tmp-{HOST}-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+        except ValueError:
+            continue
+        if not pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def is_stale(path: Path, stale_after: float = STALE_AFTER_S) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,24 @@ def make_cohort(
 def write_task(path: Path, **fields) -> Path:
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The shared feature store of the tests' throw-away cohorts in a temporary folder, not in $BENCH_CACHE
+    (unless BENCH_FEATURE_STORE is set, e.g. to 0 to test without the store). Set before collection, so that
+    the environments test modules copy for their subprocesses have it too."""
+    if "BENCH_FEATURE_STORE" not in os.environ:
+        _STORE_DIR.append(tempfile.mkdtemp(prefix="bench-feature-store-"))
+        os.environ["BENCH_FEATURE_STORE"] = _STORE_DIR[0]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _STORE_DIR:
+        shutil.rmtree(_STORE_DIR.pop(), ignore_errors=True)
+        del os.environ["BENCH_FEATURE_STORE"]
+
+
+_STORE_DIR: list[str] = []
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ fails before any training with one message naming the files and the fixes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -22,6 +23,7 @@ from ..config import TaskConfig, cache_root
 from ..csvio import read_table
 from ..errors import DataError
 from ..names import normalisation_clashes, unsafe_reason
+from .featurestore import StoredSlide, load_or_store, nonfinite_patches, store_root
 from .formats import SlideFeatures, feature_path, read_slide
 from .graph import load_or_build_graph
 from .sites import read_sites
@@ -121,14 +123,31 @@ def slide_bag(
 
 
 @cache
-def _read_slide_memo(path: str, mtime_ns: int, size: int) -> SlideFeatures:
-    return read_slide(path)
+def _read_slide_memo(path: str, mtime_ns: int, size: int, root: Path | None) -> StoredSlide:
+    if root is not None:
+        try:
+            return load_or_store(path, root)
+        except OSError as exc:
+            warnings.warn(
+                f"{root}: cannot use the shared feature store ({exc}); every process reads its own copy of the "
+                "features. Fix: point BENCH_CACHE (or BENCH_FEATURE_STORE) at a writable folder with room for "
+                "the cohort's features.",
+                stacklevel=4,
+            )
+    sf = read_slide(path)
+    return StoredSlide(sf, nonfinite_patches(sf.features))
+
+
+def _stored(path: str | Path) -> StoredSlide:
+    st = Path(path).stat()
+    return _read_slide_memo(str(path), st.st_mtime_ns, st.st_size, store_root())
 
 
 def read_slide_cached(path: str | Path) -> SlideFeatures:
-    """Read a feature file once per process (keyed by path, mtime and size), then serve it from memory."""
-    st = Path(path).stat()
-    return _read_slide_memo(str(path), st.st_mtime_ns, st.st_size)
+    """Read a feature file once per process (keyed by path, mtime and size), then serve it from memory: the
+    machine's one memory-mapped copy in the feature store (bench/data/featurestore.py), or this process's own
+    copy when the store is off or cannot be written."""
+    return _stored(path).slide
 
 
 def _read_labels(
@@ -261,17 +280,17 @@ def _feature_shape(path: Path) -> tuple[int, ...]:
 
 
 def _check_values(df: pd.DataFrame, problems: list[str]) -> None:
-    """Read every bag (kept in memory afterwards) and reject NaN/inf features."""
+    """Reject NaN/inf features (counted once per file as it enters the store, so a cohort already stored is
+    checked without touching its features)."""
     for slide_id, p in zip(df.slide_id, df.path, strict=True):
         if not p:
             continue
         try:
-            feats = read_slide_cached(p).features
+            bad = _stored(p).nonfinite
         except DataError as exc:
             problems.append(str(exc))
             continue
-        if not np.isfinite(feats).all():
-            bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        if bad:
             problems.append(
                 f"{p}: slide {slide_id} has NaN/inf features in {bad} patch(es). Fix: re-extract the slide or drop it."
             )

@@ -47,7 +47,11 @@ def bench_cmd(task: Path, out: Path, *extra: str) -> list[str]:
 
 
 def predictions(out: Path, folds: int) -> list[pd.DataFrame]:
-    return [pd.read_csv(out / "toy" / "abmil" / f"fold_{k}" / "predictions.csv") for k in range(folds)]
+    return predictions_of(out, "abmil", folds)
+
+
+def predictions_of(out: Path, method: str, folds: int) -> list[pd.DataFrame]:
+    return [pd.read_csv(out / "toy" / method / f"fold_{k}" / "predictions.csv") for k in range(folds)]
 
 
 def log_events(out: Path) -> Counter:
@@ -103,6 +107,24 @@ def test_pool_gives_the_serial_results(small_task, tmp_path):
         pd.testing.assert_frame_equal(pa, pb, check_exact=False, rtol=1e-6)
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_exact=False)
     assert len({line.split()[2] for line in (pooled / "toy" / "claims.log").read_text().splitlines()}) == 2
+
+
+@pytest.mark.slow
+def test_pool_workers_see_this_process_environment_and_folder(small_task, tmp_path, monkeypatch):
+    """Workers fork from a server started by an earlier pool, yet read the environment and the working folder
+    of the process that starts their pool (as spawned workers would)."""
+    run(
+        str(small_task),
+        ["abmil"],
+        RunOptions(out=tmp_path / "first", quiet=True, folds=2, epochs=1, workers=2),
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))  # where the workers cache the kNN graphs
+    run(
+        str(small_task), ["momkd"], RunOptions(out=Path("relative"), quiet=True, folds=2, epochs=1, workers=2)
+    )
+    assert len(predictions_of(tmp_path / "relative", "momkd", 2)) == 2
+    assert any((tmp_path / "cache" / "graphs").iterdir())
 
 
 def test_worker_devices_and_threads(monkeypatch):

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ...locks import HOST, pid_alive
+from ...locks import HOST, remove_dead_temporaries
 from .generator import LABELS_FILE, generate
 from .spec import GENERATOR_VERSION, SyntheticSpec, spec_hash
 
@@ -44,7 +44,7 @@ def materialise(spec: SyntheticSpec, cache_root: Path) -> Path:
     if root.is_dir():
         return root
     cache_root.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temporaries(cache_root, digest)
+    remove_dead_temporaries(cache_root, f".synthetic-{digest}")
     tmp = cache_root / f".synthetic-{digest}.tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         generate(spec, tmp)
@@ -78,14 +78,3 @@ def spec_record(labels: Path) -> dict[str, Any] | None:
     if labels.name != LABELS_FILE or not _ROOT_NAME.match(root.name) or not record.is_file():
         return None
     return json.loads(record.read_text())
-
-
-def _remove_dead_temporaries(cache_root: Path, digest: str) -> None:
-    """Delete temporary folders of this spec left by processes of this host that no longer run."""
-    for p in cache_root.glob(f".synthetic-{digest}.tmp-{HOST}-*"):
-        try:
-            pid = int(p.name.rsplit("-", 2)[-2])
-        except ValueError:
-            continue
-        if not pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
