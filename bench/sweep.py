@@ -40,6 +40,9 @@ validation patients only, and ``M[best]`` on fold k uses that search's best conf
   importance, Spearman's rho, and the spread between trials against one trial's inner-fold noise) and the
   figures ``sweep_<M>_history.png|.svg`` (optimisation history per outer fold) and ``sweep_<M>_<param>.png``
   (AUC against each searched parameter: the sensitivity analysis, e.g. margin and memory size for MoMKD).
+
+Length (~420 lines): a fifth of it is this design note; the code is the search alone (storages in
+bench/studies.py, best.yaml in bench/best.py, tables and figures in bench/sweep_report.py).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ The generative model (full description and measured calibration in ``docs/synthe
 
 Everything is drawn from ``numpy`` generators seeded by ``(seed, cohort, patient, slide)``, so a cohort is
 identical whatever order it is generated in. Nothing here is tuned for any method: it is a known truth.
+
+Length (~420 lines): the whole generative model in one module, so its constants and draws read together;
+the per-slide layout and features (``_layout``, ``_features``) are the seam to split at next.
 """
 
 from __future__ import annotations
