@@ -35,6 +35,7 @@ __all__ = [
     "calibration_figure",
     "explain_figure",
     "fold_auc_figure",
+    "learning_curves_figure",
     "method_colors",
     "paper_style",
     "roc_figure",
@@ -177,6 +178,35 @@ def fold_auc_figure(
         colors = sns.color_palette("dark", len(hue_order))
         handles = [mpl.lines.Line2D([], [], ls="", marker="o", ms=3, color=c) for c in colors]
         fig.legend(handles, hue_order, loc="outside lower center", ncol=len(hue_order))
+    return fig
+
+
+def learning_curves_figure(curves: pd.DataFrame, title: str, order: Sequence[str]) -> Figure:
+    """Validation score against optimiser updates, one panel per method, one line per fold; a fold's kept
+    (best) epoch is a dot, and a fold that ended on its epoch cap rather than a plateau is drawn dashed.
+
+    Args:
+        curves: long table with columns method, fold, updates, score, kept (bool), capped (bool), metric.
+        order: methods, one panel each, in reading order.
+    """
+    ncols = min(3, max(1, len(order)))
+    nrows = int(np.ceil(len(order) / ncols))
+    with paper_style():
+        fig = Figure(figsize=(COLUMN_WIDTH * 2, 1.5 * nrows + 0.5), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()  # own y axis: monitors differ
+        for ax, method in zip(axes, order, strict=False):
+            mine = curves[curves.method == method]
+            for k, (fold, g) in enumerate(mine.groupby("fold", sort=True)):
+                color = sns.color_palette("colorblind")[k % 10]
+                ls = "--" if g.capped.iloc[0] else "-"
+                ax.plot(g.updates, g.score, ls=ls, lw=0.8, color=color, label=f"fold {fold}")
+                ax.plot(g.updates[g.kept], g.score[g.kept], "o", ms=2.5, color=color)
+            metric = mine.metric.iloc[0] if len(mine) else ""
+            ax.set(title=method, xlabel="optimiser updates", ylabel=f"validation {metric}")
+        for ax in axes[len(order) :]:
+            ax.set_visible(False)
+        axes[0].legend(fontsize=5, handlelength=1.2)
+        fig.suptitle(title)
     return fig
 
 

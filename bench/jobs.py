@@ -334,6 +334,7 @@ def _train_and_write(
         },
         "best_epoch": fitted.result.best_epoch,
         "epochs_run": fitted.result.epochs_run,
+        "stopped": fitted.result.stopped,
         "monitor": cfg.monitor,
         "history": fitted.result.history,
         "train_seconds": round(time.time() - started, 2),

@@ -50,11 +50,19 @@ MONITORS = {"auc": "val_auc", "loss": "val_loss", "mean-auc": "val_mean_auc"}
 
 @dataclass
 class TrainResult:
+    """The trained model (best validation epoch's weights) and how training went.
+
+    ``stopped`` is ``plateau`` when the last epoch met the early-stopping rule (``patience`` epochs without a
+    better validation score, ``min_epochs`` done) and ``cap`` when the epoch budget ended training while the
+    validation score was still improving: that fold may not have converged.
+    """
+
     model: MILMethod
     best_epoch: int
     epochs_run: int
     best_score: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = "cap"
 
 
 def seed_everything(seed: int) -> None:
@@ -166,13 +174,14 @@ def _train_epoch(
     device: torch.device,
     autocast: bool,
     pending: bool,
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, bool, int]:
     """One epoch over ``bags`` in ``order``: forward, summed loss terms, backward, a step every
-    ``accumulation_steps`` bags; returns the loss sum (on the device) and whether gradients are pending."""
+    ``accumulation_steps`` bags; returns the loss sum (on the device), whether gradients are pending, and
+    the number of optimiser updates made."""
     cfg = model.cfg
     accumulation = max(1, cfg.accumulation_steps)
     backward_scale = 1.0 / accumulation if cfg.accumulation_mean else 1.0
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, updates = torch.zeros((), device=device), 0
     if not cfg.carry_partial_window:
         pending = False
         optimizer.zero_grad(set_to_none=True)
@@ -188,11 +197,11 @@ def _train_epoch(
             pending = True
         if pending and (i + 1) % accumulation == 0:
             _step(model, optimizer, cfg)
-            pending = False
+            pending, updates = False, updates + 1
     if pending and not cfg.carry_partial_window:
         _step(model, optimizer, cfg)
-        pending = False
-    return loss_sum, pending
+        pending, updates = False, updates + 1
+    return loss_sum, pending, updates
 
 
 def fit(
@@ -223,14 +232,17 @@ def fit(
         raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
     best = _Selection(cfg)
     history: list[dict[str, Any]] = []
-    epoch, pending = 0, False
+    epoch, pending, updates = 0, False, 0
     optimizer.zero_grad(set_to_none=True)
     for epoch in range(cfg.epochs):
         model.train()
         model.on_epoch_start(epoch)
         order = epoch_order(labels, cfg.balanced_sampling, generator).tolist()
-        loss_sum, pending = _train_epoch(model, optimizer, train_bags, order, device, autocast, pending)
-        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, len(labels))}
+        loss_sum, pending, steps = _train_epoch(
+            model, optimizer, train_bags, order, device, autocast, pending
+        )
+        updates += steps
+        record = {"epoch": epoch, "updates": updates, "train_loss": float(loss_sum) / max(1, len(labels))}
         record.update(model.on_epoch_end(epoch))
         record.update(_validate(model, val_bags, device, autocast, aggregation))
         history.append(record)
@@ -246,7 +258,8 @@ def fit(
             break
     best.restore(model)
     model.eval()
-    return TrainResult(model, best.epoch, epoch + 1, float(best.score), history)
+    stopped = "plateau" if history and best.should_stop(epoch) else "cap"
+    return TrainResult(model, best.epoch, epoch + 1, float(best.score), history, stopped)
 
 
 def _step(model: MILMethod, optimizer: torch.optim.Optimizer, cfg: MethodCfg) -> None:

@@ -16,10 +16,18 @@ from .. import provenance
 from ..analysis import TaskStats, analyse
 from ..data.synthetic import spec_record
 from ..explain import explain_slide, figure_for, localisation_table
-from ..figures import calibration_figure, fold_auc_figure, method_colors, roc_figure, save_figure
+from ..figures import (
+    calibration_figure,
+    fold_auc_figure,
+    learning_curves_figure,
+    method_colors,
+    roc_figure,
+    save_figure,
+)
 from ..fsio import atomic_write_text
 from ..store import TaskResults, load_results
 from ..tables import Table, safe_stem, write_table
+from ..train import MONITORS
 from . import prose
 from .results_tables import calibration_table, operating_points_table, table1, table2
 from .stats_tables import headline_table, localisation_md_table, method_reports_table, runs_table, tests_table
@@ -230,6 +238,19 @@ def _figures(
             f"fold_auc_{st.task}",
             f"{st.task.upper()}: patient-level AUC of every fold, per method and cohort (reference {st.reference} in bold).",
         )
+        learning = _learning_curves(st)
+        if len(learning):
+            doc.figure(
+                learning_curves_figure(
+                    learning,
+                    f"{st.task.upper()}: validation score during training",
+                    sorted(set(learning.method)),
+                ),
+                f"learning_curves_{st.task}",
+                f"{st.task.upper()}: each fold's validation score (the method's own selection score) against "
+                "optimiser updates; a dot marks the kept epoch, a dashed line a fold that ended on its epoch cap, "
+                "not on a plateau.",
+            )
         for cohort in st.cohorts:
             curves, calib = _curves(st, cohort)
             where = "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"
@@ -281,6 +302,22 @@ def _localisation(
                 f"attention percentile{extra}, beside the ground-truth relevance; localisation AUC "
                 f"{ex.localisation_auc:.2f}.",
             )
+
+
+def _learning_curves(st: TaskStats) -> pd.DataFrame:
+    """Each fold's monitored validation score per epoch against its optimiser updates (folds written before
+    bench recorded updates are left out)."""
+    rows = []
+    for r in st.runs:
+        key = MONITORS.get(r.metrics.get("monitor", "auc"), "val_auc")
+        capped = r.metrics.get("stopped") == "cap"
+        for record in r.metrics.get("history", []):
+            if "updates" in record and key in record:
+                kept = record["epoch"] == r.metrics.get("best_epoch")
+                rows.append(
+                    (r.method, r.fold, record["updates"], record[key], kept, capped, key.removeprefix("val_"))
+                )
+    return pd.DataFrame(rows, columns=["method", "fold", "updates", "score", "kept", "capped", "metric"])
 
 
 def _curves(st: TaskStats, cohort: str) -> tuple[dict, dict]:

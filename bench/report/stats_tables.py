@@ -141,11 +141,13 @@ def localisation_md_table(results: dict[str, pd.DataFrame], methods: Sequence[st
 
 
 def runs_table(st: TaskStats) -> Table:
-    """What was run for one task: per method, folds, seeds, epoch cap and epochs run, device, versions."""
+    """What was run for one task: per method, folds, seeds, epoch cap, epochs run, folds converged, device,
+    versions."""
     rows = []
     for method in sorted({r.method for r in st.runs}):
         runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.fold)
         epochs_run = [r.metrics.get("epochs_run") for r in runs]
+        stopped = [r.metrics.get("stopped") for r in runs]
         versions = {
             f"torch {r.config.get('versions', {}).get('torch', '?')}, numpy {r.config.get('versions', {}).get('numpy', '?')}"
             for r in runs
@@ -158,12 +160,26 @@ def runs_table(st: TaskStats) -> Table:
                 ", ".join(sorted({str(r.config.get("seed")) for r in runs})),
                 str(cfg.get("epochs", "?")),
                 f"{np.mean([e for e in epochs_run if e is not None]):.1f}" if epochs_run else "–",
+                f"{stopped.count('plateau')} of {len(runs)}" if any(stopped) else "–",
                 ", ".join(sorted({str(r.config.get("device")) for r in runs})),
                 "; ".join(sorted(versions)),
             ]
         )
-    header = ["Method", "Folds done", "Seed", "Epoch cap", "Epochs run (mean)", "Device", "Versions"]
-    caption = f"{st.task.upper()}: runs found on disk (from each fold's config.yaml and metrics.json)."
+    header = [
+        "Method",
+        "Folds done",
+        "Seed",
+        "Epoch cap",
+        "Epochs run (mean)",
+        "Converged",
+        "Device",
+        "Versions",
+    ]
+    caption = (
+        f"{st.task.upper()}: runs found on disk (from each fold's config.yaml and metrics.json). Converged: folds "
+        "whose training ended on a validation plateau (the method's early-stopping rule met), not on the epoch "
+        "cap; – for folds written before bench recorded it."
+    )
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.task}")
 
 

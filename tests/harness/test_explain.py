@@ -167,12 +167,14 @@ def test_report_assembles_tables_figures_and_report_md(trained, monkeypatch):
     folder = out / "toy" / "report"
     for stem in ("table_headline", "tests_toy", "table_localisation", "table1_internal", "runs_toy"):
         assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.tex").is_file()
+    assert "| Converged |" in (folder / "runs_toy.md").read_text()
     memory = (folder / "table_method_reports.md").read_text()  # MoMKD's memories, per class; ABMIL has none
     assert "| momkd | " in memory and "abmil" not in memory and memory.count(" of 4") == 2
     tex = (folder / "table_headline.tex").read_text()
     assert r"\toprule" in tex and "{[}" in tex and "†" not in tex
     images = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert any("roc_toy_internal" in i for i in images) and any("explain_toy_momkd" in i for i in images)
+    assert any("learning_curves_toy" in i for i in images)  # validation score against optimiser updates
     for image in images:
         assert (out / image).is_file() and (out / image).stat().st_size > 10_000
     assert _bench(monkeypatch, "report", "--task", str(task), "--out", str(out), "--vs", "nosuch") == 2

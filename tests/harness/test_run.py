@@ -29,7 +29,9 @@ def test_run_writes_contract_files(small_task, opts):
         pred = pd.read_csv(fold / "predictions.csv", dtype={"case_id": str, "slide_id": str})
         assert list(pred.columns) == ["slide_id", "case_id", "label", "prob", "cohort"]
         assert set(pred.cohort) == {"test", "ext"}
-        metrics = json.loads((fold / "metrics.json").read_text())["cohorts"]
+        record = json.loads((fold / "metrics.json").read_text())
+        assert record["stopped"] in ("plateau", "cap")
+        metrics = record["cohorts"]
         for cohort in ("test", "ext"):
             assert set(metrics[cohort]) == {
                 *("auc", "acc", "balanced_acc", "f1", "threshold", "n"),

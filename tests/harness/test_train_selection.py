@@ -86,6 +86,15 @@ def test_a_tied_loss_also_counts_when_minimising(monkeypatch):
     assert r.best_epoch == 2 and r.epochs_run == 5  # abmil's default: keep_tied_best (CLAM)
 
 
+def test_each_fold_says_whether_it_stopped_on_a_plateau_or_on_the_cap(monkeypatch):
+    r, _ = _scripted_fit(monkeypatch, SCORES, monitor="auc", keep_tied_best=False)
+    assert r.stopped == "plateau" and r.epochs_run < len(SCORES)  # two epochs without a better score
+    r, _ = _scripted_fit(monkeypatch, [0.5, 0.6, 0.7, 0.8], monitor="auc")
+    assert r.stopped == "cap" and r.epochs_run == 4  # still improving when the budget ran out
+    r, _ = _scripted_fit(monkeypatch, [0.5, 0.9, 0.8, 0.7], monitor="auc")
+    assert r.stopped == "plateau" and r.epochs_run == 4  # the last epoch met the patience rule
+
+
 @pytest.mark.parametrize(
     ("method", "tied"),
     [("abmil", True), ("wikg", True), ("momkd", True), ("mkd", False), ("ghanet", False), ("tdc", False)],
