@@ -90,17 +90,26 @@ def iter_fold_dirs(out: Path, task: str) -> Iterator[tuple[str, int, Path]]:
                 yield method_dir.name, k, folder
 
 
-def fold_readable(path: Path) -> bool:
-    """Whether a fold folder's files can be read as the contract defines them (a crash can leave an empty
-    or truncated file that exists)."""
+def _read_fold(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A complete fold folder's config and metrics, or None when a file is missing or cannot be read as the
+    contract defines it (a crash can leave an empty or truncated file that exists)."""
+    if not all((path / f).is_file() for f in FOLD_FILES):
+        return None
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
         metrics = json.loads((path / "metrics.json").read_text())
         with (path / "predictions.csv").open() as f:
             header = f.readline().strip().split(",")
     except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and isinstance(metrics, dict) and set(PREDICTION_COLUMNS) <= set(header)
+        return None
+    if isinstance(config, dict) and isinstance(metrics, dict) and set(PREDICTION_COLUMNS) <= set(header):
+        return config, metrics
+    return None
+
+
+def fold_readable(path: Path) -> bool:
+    """Whether a fold folder is complete and its files can be read as the contract defines them."""
+    return _read_fold(path) is not None
 
 
 def fold_status(path: Path, expected_hash: str) -> str:
@@ -108,10 +117,10 @@ def fold_status(path: Path, expected_hash: str) -> str:
     cannot be read), or ``missing``."""
     if not all((path / f).is_file() for f in FOLD_FILES):
         return "missing"
-    if not fold_readable(path):
+    read = _read_fold(path)
+    if read is None:
         return "corrupt"
-    saved = yaml.safe_load((path / "config.yaml").read_text())
-    return "done" if saved.get("hash") == expected_hash else "changed"
+    return "done" if read[0].get("hash") == expected_hash else "changed"
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -190,10 +199,6 @@ def read_saved_splits(out: Path, task: str) -> pd.DataFrame | None:
     return read_table(path, sep="\t", ids=None) if path.is_file() else None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()) or {}
-
-
 @dataclass
 class FoldRun:
     """One complete fold folder as saved: its resolved configuration and metrics; its predictions are read
@@ -258,15 +263,9 @@ def load_results(out: Path, task: str, design: tuple[Any, Any] | None = None) ->
     from other splits: pooling them would count patients twice and pair folds that do not match.
     """
     runs = [
-        FoldRun(
-            method,
-            fold,
-            folder,
-            _read_yaml(folder / "config.yaml"),
-            json.loads((folder / "metrics.json").read_text()),
-        )
+        FoldRun(method, fold, folder, *read)
         for method, fold, folder in iter_fold_dirs(out, task)
-        if all((folder / f).is_file() for f in FOLD_FILES) and fold_readable(folder)
+        if (read := _read_fold(folder)) is not None
     ]
     if not runs:
         return TaskResults(Path(out), task, [], [])
