@@ -81,7 +81,7 @@ def test_features_option_runs_only_the_named_sets(two_backbones, tmp_path):
     run(str(two_backbones), ["abmil"], opts)
     method_dir = opts.out / "toy" / "abmil"
     assert sorted(p.name for p in method_dir.iterdir()) == ["b"]
-    with pytest.raises(BenchError, match="no feature set 'c'.*a, b"):
+    with pytest.raises(BenchError, match=r"no feature set 'c'.*a, b"):
         feature_sets(read_task(two_backbones), ["c"])
 
 
