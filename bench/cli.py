@@ -25,6 +25,7 @@ from .cli_options import (
     Out,
     Precision,
     Quiet,
+    Repeats,
     Seed,
     TaskOpt,
     Track,
@@ -92,6 +93,7 @@ def run_cmd(
     track: Track = None,
     track_uri: TrackUri = None,
     features: Features = None,
+    repeats: Repeats = 1,
     executor: Annotated[
         str, typer.Option("--executor", help="local (this machine) | slurm (a job array via submitit).")
     ] = "local",
@@ -118,7 +120,7 @@ def run_cmd(
     from .jobs import parse_methods
 
     opts = run_options(
-        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features
+        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features, repeats
     )
     names = parse_methods(methods)
     if executor == "local":
@@ -267,6 +269,7 @@ def ablate_cmd(
     track: Track = None,
     track_uri: TrackUri = None,
     features: Features = None,
+    repeats: Repeats = 1,
     fmt: Format = "both",
 ) -> None:
     """Run a method's ablation variants on the same folds, then write its ablation tables."""
@@ -274,7 +277,7 @@ def ablate_cmd(
 
     base, names = ablation_methods(method)
     opts = run_options(
-        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features
+        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features, repeats
     )
     _run_and_print(task, names, opts)
     for table in ablate(base, task, out, table_formats(fmt), console.print):

@@ -143,6 +143,8 @@ def job_config(
     }
     if precision != "auto":
         hashed["precision"] = precision
+    if data.repeat:
+        hashed["repeat"] = data.repeat
     recorded = {
         **hashed,
         "split_grouping": split_grouping(data.task),
@@ -197,7 +199,7 @@ def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, An
     base, variant = parse_method_name(job.method)
     if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
         config["tuned_by"] = tuned_by(opts.out, data.task.name, data.splits, data.folds, base, job.fold)
-    path = fold_dir(opts.out, data.task.name, job.method, job.fold, data.features)
+    path = fold_dir(opts.out, data.task.name, job.method, job.fold, data.features, data.repeat)
     return JobPlan(cfg, device, config, hash_, path)
 
 
@@ -256,7 +258,7 @@ def train_fold(
         train_bags,
         val_bags,
         device,
-        seed=data.seed * 1000 + fold,
+        seed=data.split_seed * 1000 + fold,
         aggregation=data.task.patient_aggregation,
         on_epoch=on_epoch,
         precision=precision,

@@ -346,7 +346,7 @@ def _learning_curves(st: TaskStats) -> pd.DataFrame:
             if "updates" in record and key in record:
                 kept = record["epoch"] == r.metrics.get("best_epoch")
                 rows.append(
-                    (r.method, r.fold, record["updates"], record[key], kept, capped, key.removeprefix("val_"))
+                    (r.method, r.unit, record["updates"], record[key], kept, capped, key.removeprefix("val_"))
                 )
     return pd.DataFrame(rows, columns=["method", "fold", "updates", "score", "kept", "capped", "metric"])
 
@@ -377,7 +377,7 @@ def _curves(st: TaskStats, cohort: str) -> tuple[dict, dict]:
 def _example_slide(st: TaskStats, loc: pd.DataFrame) -> tuple[str, int]:
     """A positive test slide of the first fold with weights (reference method's predictions), sorted by id."""
     fold = int(loc.fold.min())
-    runs = [r for r in st.runs if r.fold == fold and r.method in set(loc.method)]
+    runs = [r for r in st.runs if (r.repeat, r.fold) == (0, fold) and r.method in set(loc.method)]
     run = next((r for r in runs if r.method == st.reference), runs[0])
     test = run.predictions[run.predictions.cohort == "test"].sort_values("slide_id")
     positive = test[test.label == 1]
