@@ -64,8 +64,6 @@ def time_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from bench.train import _train_epoch
 
     cfg = methods.resolve_config(name)
-    if args.epochs_override:
-        cfg = cfg.replace(epochs=args.epochs_override)
     now = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device("cpu")
     row: dict[str, Any] = {"method": name}
@@ -76,6 +74,11 @@ def time_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
         bags = _bags(cfg, n, args.bags, args.dim, args.omics_dim, seed=n)
         model.prepare(bags)
         model.train()
+        if args.compile:  # the lever of issue 18: one compiled graph for every bag size, eager's RNG
+            import torch._inductor.config
+
+            torch._inductor.config.fallback_random = True
+            model.forward = torch.compile(model.forward, dynamic=True)
         optimizer, _ = model.configure_optimizer()
         order = list(range(len(bags)))
         times = []
@@ -86,6 +89,8 @@ def time_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
             float(loss)  # the epoch's one host read, as the trainer does
             if r:  # the first epoch is the warm-up
                 times.append((now() - start) / len(bags))
+            elif args.compile:
+                row[f"warmup_s{n}"] = now() - start
         row[f"t{n}"] = statistics.median(times)
         if n == min(args.sizes):
             parts = _parts(model, optimizer, bags[0], now)
@@ -135,7 +140,9 @@ def main() -> None:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     p.add_argument("--code", type=Path, default=ROOT, help="checkout whose bench and methods are timed")
     p.add_argument("--label", default=None, help="the row's label (default: the checkout's folder name)")
-    p.add_argument("--epochs-override", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile(dynamic=True) the forward (warm-up s reported)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -145,7 +152,7 @@ def main() -> None:
     import methods
 
     torch.set_num_threads(args.threads)
-    label = args.label or args.code.resolve().name
+    label = (args.label or args.code.resolve().name) + (" compiled" if args.compile else "")
     print(
         f"code {methods.__file__}, torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, "
         f"D = {args.dim}, {args.bags} bags x {args.repeats} epochs, load {os.getloadavg()[0]:.2f}"
