@@ -228,7 +228,7 @@ def run_gatv2_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
         def fused_maps(conv=conv, x=x, res=res) -> None:  # the three maps of x as one product
             maps = (conv.lin_l, conv.lin_r, res)
             out = F.linear(x, torch.cat([m.weight for m in maps]), torch.cat([m.bias for m in maps]))
-            sum(part.sum() for part in out.split([m.out_features for m in maps], 1)).backward()
+            sum(part.sum() for part in out.split([m.weight.shape[0] for m in maps], 1)).backward()
 
         paths = {
             "pyg GATv2Conv": pyg,
