@@ -46,8 +46,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -377,5 +375,4 @@ def _has_tabulate() -> bool:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()
