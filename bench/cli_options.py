@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,8 @@ __all__ = [
     "Format",
     "Out",
     "Precision",
+    "Protocol",
+    "ProtocolOpt",
     "Quiet",
     "Seed",
     "TaskOpt",
@@ -60,7 +63,24 @@ Precision = Annotated[
         help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast, the CPU included).",
     ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+
+class Protocol(StrEnum):
+    """``--protocol``: whose training settings a run uses (docs/protocol.md, "Convergence")."""
+
+    task = "task"
+    paper = "paper"
+
+
+ProtocolOpt = Annotated[
+    Protocol,
+    typer.Option(
+        "--protocol",
+        help="task: the task's 'train:' settings (the built-in tasks: one convergence rule in optimiser "
+        "updates for every method) | paper: each method's published settings (epochs, patience, ...).",
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress display.")]
 Track = Annotated[
     str | None,
     typer.Option(
@@ -91,6 +111,7 @@ def run_options(
     precision: str = "auto",
     track: str | None = None,
     track_uri: str | None = None,
+    protocol: str = "task",
 ):
     from .device import PRECISIONS, cpu_has_bf16
     from .taskdata import RunOptions
@@ -113,6 +134,7 @@ def run_options(
         quiet=quiet,
         precision=precision,
         track=tracking_spec(track, track_uri),
+        protocol=str(protocol),
     )
 
 
