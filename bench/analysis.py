@@ -22,7 +22,7 @@ from .evaluate import auc, patient_level
 from .stats import PairedTest, bootstrap_auc_ci, corrected_resampled_ttest, delong_contrast
 from .store import FoldRun, TaskResults, load_results, read_saved_splits
 
-__all__ = ["TaskStats", "analyse", "analyse_task"]
+__all__ = ["TaskStats", "analyse", "analyse_task", "backbone_tests"]
 
 
 @dataclass
@@ -30,7 +30,9 @@ class TaskStats:
     """Everything the report needs about one task.
 
     Attributes:
-        task: task name.
+        task: the task's name in tables (its name, and its feature set on a task with several).
+        name, features, stem: the task's name, the feature set (None: the task's only one), and both as
+            file names use them.
         reference: the method every other one is compared with.
         cohorts: ``test`` then the external cohorts' names.
         summary: one row per (method, cohort): mean, sd, folds (fold AUCs), auc (the CI's point: pooled AUC
@@ -58,13 +60,16 @@ class TaskStats:
     runs: list[FoldRun]
     notes: list[str]
     internal_patients: int | None = None
+    name: str = ""
+    features: str | None = None
+    stem: str = ""  # the results in file names (:attr:`bench.store.TaskResults.stem`)
 
 
 def analyse(
     results: TaskResults, reference: str | None = None, n_boot: int = 2000, seed: int = 0
 ) -> TaskStats:
     """Summaries, bootstrap CIs and paired tests of every method of a task's results."""
-    task, runs = results.task, results.runs
+    task, runs = results.label, results.runs
     if not runs:
         raise BenchError(
             f"no fold results for task {task!r} under {results.out}. Run `bench run --task ...` first."
@@ -103,6 +108,9 @@ def analyse(
         runs=runs,
         notes=results.notes,
         internal_patients=None if splits is None else splits.case_id.nunique(),
+        name=results.task,
+        features=results.features,
+        stem=results.stem,
     )
 
 
@@ -185,6 +193,34 @@ def _paired_tests(
                 _test_row(method, cohort, "DeLong", delong_contrast(y, scores, contrast), len(folds))
             )
     return pd.DataFrame(tests, columns=["method", "cohort", "test", "diff", "statistic", "p", "folds"])
+
+
+def backbone_tests(views: Sequence[TaskStats]) -> pd.DataFrame:
+    """Each method's feature sets of one task against its first (``views[0]``, one :class:`TaskStats` per
+    feature set): the paired tests of method comparisons (corrected t internally, DeLong on every cohort),
+    paired because every feature set runs on the same splits. Rows: method, features, cohort, test, diff
+    (set − first), statistic, p, folds."""
+    ref = views[0]
+    frames = []
+    for method in sorted({m for st in views for m in st.summary.method}):
+        patients, fold_auc = [
+            pd.concat(
+                [df[df.method == method].assign(method=st.features) for st, df in pairs], ignore_index=True
+            )
+            for pairs in ([(st, st.patients) for st in views], [(st, st.fold_auc) for st in views])
+        ]
+        split_of = {
+            (st.features, r.fold): r.config.get("split")
+            for st in views
+            for r in st.runs
+            if r.method == method
+        }
+        tests = _paired_tests(
+            patients, fold_auc, ref.cohorts, ref.features, split_of, ref.test_train_ratio[0]
+        )
+        frames.append(tests.rename(columns={"method": "features"}).assign(method=method))
+    columns = ["method", "features", "cohort", "test", "diff", "statistic", "p", "folds"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from .redact import redact
 __all__ = [
     "Device",
     "Epochs",
+    "Features",
     "Folds",
     "Format",
     "Out",
@@ -33,6 +34,7 @@ __all__ = [
     "Workers",
     "console",
     "err_console",
+    "feature_names",
     "progress_bar",
     "run_options",
     "table_formats",
@@ -98,6 +100,14 @@ TrackUri = Annotated[
     ),
 ]
 TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path to a task YAML.")]
+Features = Annotated[
+    str | None,
+    typer.Option(
+        "--features",
+        help="Comma-separated feature sets of a task that gives several (features: {name: folder}); "
+        "default: every one.",
+    ),
+]
 
 
 def run_options(
@@ -111,6 +121,7 @@ def run_options(
     precision: str = "auto",
     track: str | None = None,
     track_uri: str | None = None,
+    features: str | None = None,
     protocol: str = "task",
 ):
     from .device import PRECISIONS, cpu_has_bf16
@@ -134,8 +145,19 @@ def run_options(
         quiet=quiet,
         precision=precision,
         track=tracking_spec(track, track_uri),
+        features=feature_names(features),
         protocol=str(protocol),
     )
+
+
+def feature_names(features: str | None) -> tuple[str, ...] | None:
+    """``--features a,b`` as names (None: not given)."""
+    if features is None:
+        return None
+    names = tuple(f.strip() for f in features.split(",") if f.strip())
+    if not names:
+        raise BenchError("--features needs one or more feature-set names, e.g. --features uni_v2,conch_v15.")
+    return names
 
 
 def progress_bar(quiet: bool):

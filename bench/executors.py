@@ -49,13 +49,13 @@ __all__ = [
 POLL_S = 1.0  # how often a process whose remaining jobs are all claimed elsewhere looks again
 
 
-def _label(job: Job) -> str:
-    return f"{job.method} fold {job.fold}"
+def _label(data: TaskData, job: Job) -> str:
+    return f"{data.tracked_name(job.method)} fold {job.fold}"
 
 
 def _shown(data: TaskData, job: Job) -> str:
     """How the progress display names a job."""
-    return f"{data.task.name} · {job.method} · fold {job.fold}"
+    return f"{data.task.name} · {data.tracked_name(job.method)} · fold {job.fold}"
 
 
 def _is_done(data: TaskData, job: Job, opts: RunOptions) -> bool:
@@ -74,7 +74,9 @@ def run_claimed(
     plan = plan_job(data, job, opts)
     if fold_status(plan.path, plan.hash) == "done":
         return "skipped"
-    claim = try_claim(claim_path(plan.path), _label(job), Path(opts.out) / data.task.name / "claims.log")
+    claim = try_claim(
+        claim_path(plan.path), _label(data, job), Path(opts.out) / data.task.name / "claims.log"
+    )
     if claim is None:
         return "busy"
     with claim:  # run_job looks at the disk again: another process may have finished the job meanwhile

@@ -87,6 +87,8 @@ class RunProgress:
         """A run of ``jobs`` folds not yet on disk begins, on ``workers`` processes."""
         self._title, self._total, self._done, self._workers = title, jobs, 0, max(1, workers)
         if self._progress is not None:
+            if self._overall is not None:  # a run of several feature sets: one after the other
+                self._progress.remove_task(self._overall)
             self._overall = self._progress.add_task(
                 title, total=max(1, jobs), count=f"0/{jobs} folds", eta="?"
             )
