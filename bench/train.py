@@ -193,13 +193,8 @@ class _Checks:
         on_check: Callable[[int, int, dict[str, Any]], Any] | None,
         cap: int,
     ) -> None:
-        self.model, self.scheduler, self.validate, self.on_check, self.cap = (
-            model,
-            scheduler,
-            validate,
-            on_check,
-            cap,
-        )
+        self.model, self.scheduler, self.validate = model, scheduler, validate
+        self.on_check, self.cap = on_check, cap
         self.best = Selection(model.cfg)
         self.history: list[dict[str, Any]] = []
         self.epoch = self.updates = self.checked = 0
@@ -306,16 +301,15 @@ def fit(
     best = checks.best
     best.restore(model)
     model.eval()
-    stopped = "plateau" if checks.plateau else "cap"
     return TrainResult(
         model,
-        best.epoch,
-        checks.epoch + 1,
-        float(best.score),
-        checks.history,
-        stopped,
-        best.updates,
-        checks.updates,
+        best_epoch=best.epoch,
+        epochs_run=checks.epoch + 1,
+        best_score=float(best.score) if math.isfinite(best.score) else math.nan,  # nan: no check could count
+        history=checks.history,
+        stopped="plateau" if checks.plateau else "cap",
+        best_updates=best.updates,
+        updates=checks.updates,
     )
 
 
