@@ -40,8 +40,8 @@ UPDATE_RULE_FIELDS = ("max_updates", "val_every", "patience_updates", "min_updat
 
 
 def updates_per_epoch(cfg: MethodCfg, n_bags: int) -> int:
-    """Optimiser updates an epoch of ``n_bags`` bags makes at least (a carried partial window adds one
-    every few epochs)."""
+    """Optimiser updates an epoch of ``n_bags`` bags makes: one per window and one for a partial last
+    window (a carried one adds an update every few epochs instead; at least one, for the estimate)."""
     window = max(1, cfg.accumulation_steps)
     if cfg.carry_partial_window:
         return max(1, n_bags // window)
@@ -65,9 +65,11 @@ def rule_problems(cfg: MethodCfg) -> list[str]:
 
 
 def resolve_epochs(cfg: MethodCfg, n_bags: int) -> MethodCfg:
-    """``cfg`` with ``epochs`` the number the fold trains at most: under the update rule, the epochs
-    ``max_updates`` takes on ``n_bags`` training bags (capped by ``epochs`` when that is set), so an
-    epoch-based schedule (a linear decay to zero) spans the budget."""
+    """``cfg`` with ``epochs`` the number the fold trains: under the update rule, the epochs ``max_updates``
+    takes on ``n_bags`` training bags (capped by ``epochs`` when that is set), so an epoch-based schedule
+    (a linear decay to zero) spans the budget. With ``epochs`` None it is an estimate the trainer does not
+    stop at (a method whose partial window makes no step, MKD's, needs a few more epochs): the budget
+    ends training."""
     problems = rule_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))

@@ -23,6 +23,7 @@ per check.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -225,8 +226,9 @@ class _Checks:
         self._epoch_score = None
 
     def finish(self) -> None:
-        """A last check when the epoch cap ended training between two checks of the update rule."""
-        if self.updates > self.checked and not self.stop:
+        """A last check when the epoch cap ended training between two checks of the update rule (or before
+        the first)."""
+        if (self.updates > self.checked or not self.history) and not self.stop:
             self.check(self._ended)
 
     def check(self, trained: tuple[float, int]) -> None:
@@ -268,6 +270,7 @@ def fit(
         raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
     seed_everything(seed)
     autocast = resolve_precision(precision, device)
+    epoch_cap = cfg.epochs  # None: the update budget alone ends training
     cfg = resolve_epochs(cfg, len(train_bags))
     model = create_method(method, in_dim=in_dim, omics_dim=omics_dim, cfg=cfg).to(device)
     train_bags = [b.to(device, non_blocking=True) for b in train_bags]
@@ -284,8 +287,8 @@ def fit(
     )
     pending = False
     optimizer.zero_grad(set_to_none=True)
-    for epoch in range(cfg.epochs):
-        checks.epoch = epoch
+    for epoch in range(epoch_cap) if epoch_cap is not None else itertools.count():
+        checks.epoch, before = epoch, checks.updates
         model.train()
         model.on_epoch_start(epoch)
         order = epoch_order(labels, cfg.balanced_sampling, generator).tolist()
@@ -295,8 +298,8 @@ def fit(
         if checks.stop:  # the update rule ended training at a check, within or at the end of the epoch
             break
         checks.end_epoch(loss_sum, bags)
-        if checks.stop:
-            break
+        if checks.stop or (epoch_cap is None and checks.updates == before):
+            break  # (the latter: a window larger than the training set never completes, no update ever)
     checks.finish()
     best = checks.best
     best.restore(model)

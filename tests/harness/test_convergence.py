@@ -162,3 +162,25 @@ def test_an_invalid_rule_in_a_task_is_a_bench_error(small_task, tmp_path):
     data = prepare_task(small_task, RunOptions(out=tmp_path / "res"))
     with pytest.raises(BenchError, match="val_every must be at least 1"):
         method_config(data, "abmil", RunOptions())
+
+
+def test_the_budget_not_the_epoch_estimate_ends_training(monkeypatch):
+    """Windows without a loss term make no step (MKD's partial window): the trainer keeps going past the
+    epochs the budget was estimated to take until the budget is spent."""
+    real = train.create_method
+
+    def half_silent(*args, **kwargs):
+        model = real(*args, **kwargs)
+        loss = model.loss
+        model.loss = lambda bag, out: {} if bag.slide_id in {"s3", "s4", "s5"} else loss(bag, out)
+        return model
+
+    monkeypatch.setattr(train, "create_method", half_silent)
+    r = _fit(monkeypatch, [0.1 * k for k in range(1, 40)], max_updates=30, accumulation_steps=2)
+    assert (r.updates, r.stopped) == (30, "cap") and r.epochs_run > r.model.cfg.epochs
+
+
+def test_a_window_larger_than_the_training_set_ends_training(monkeypatch):
+    # G-HANet's carried window of 8 over 6 bags never completes: one epoch, one check, no update
+    r = _fit(monkeypatch, [0.5], max_updates=30, accumulation_steps=8, carry_partial_window=True)
+    assert (r.updates, r.epochs_run, len(r.history), r.stopped) == (0, 1, 1, "cap")
