@@ -139,7 +139,8 @@ def test_protocol_paper_resolves_to_each_methods_published_settings(her2_data, t
             published.keep_tied_best,
             None,
         )
-        assert method_config(data, name, RunOptions()).max_updates == _builtin_rule()["max_updates"]
+        builtin = method_config(data, name, RunOptions())
+        assert builtin.max_updates == _builtin_rule()["max_updates"] and builtin.epochs is None
     job = Job(str(her2_data), "abmil", 0)
     default, paper = plan_job(data, job, RunOptions()), plan_job(data, job, RunOptions(protocol="paper"))
     assert default.hash != paper.hash and paper.config["protocol"] == "paper"
