@@ -95,9 +95,7 @@ def method_config(
         cfg = resolve_config(base, {**train, **tuned[0], **(overrides or {})})
     else:
         cfg = resolve_config(method, {**train, **(overrides or {})})
-    if (
-        train.get("epochs", 0) is None
-    ):  # `epochs: null` (no epoch cap), which resolve_config reads as "not set"
+    if "epochs" in train and train["epochs"] is None:  # no epoch cap; resolve_config drops None as "not set"
         cfg = cfg.replace(epochs=None)
     problems = rule_problems(cfg)
     if problems:
