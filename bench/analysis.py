@@ -92,7 +92,7 @@ def analyse(
     ref = _reference(fold_auc, reference, task)
     splits = _splits(results)
     ratio = _test_train_ratio(splits, runs)
-    split_of = {(r.method, r.fold): r.config.get("split") for r in runs}
+    split_of = {(r.method, r.unit): r.config.get("split") for r in runs}
     return TaskStats(
         task=task,
         reference=ref,
@@ -107,7 +107,7 @@ def analyse(
         seed=seed,
         runs=runs,
         notes=results.notes,
-        internal_patients=None if splits is None else splits.case_id.nunique(),
+        internal_patients=None if splits is None else splits[0].case_id.nunique(),
         name=results.task,
         features=results.features,
         stem=results.stem,
@@ -132,7 +132,10 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
     for (method, cohort), pat in patients.groupby(["method", "cohort"], sort=True):
         aucs = fold_auc[(fold_auc.method == method) & (fold_auc.cohort == cohort)].auc.to_numpy()
         y, scores = _scores(pat, cohort)
-        point = auc(y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
+        # internal: the pooled out-of-fold AUC (its mean over repeats); external: the mean fold AUC
+        point = (
+            float(np.mean([auc(y, row) for row in scores])) if cohort == "test" else float(np.nanmean(aucs))
+        )
         lo, hi = bootstrap_auc_ci(y, scores, n_boot, seed)
         rows.append(
             {
@@ -228,34 +231,38 @@ def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:
     for r in runs:
         for cohort, pred in r.predictions.groupby("cohort", sort=False):
             pat = patient_level(pred, aggregation)
-            frames.append(pat.assign(method=r.method, fold=r.fold, cohort=cohort))
-    cols = ["method", "fold", "cohort", "case_id", "label", "prob"]
+            frames.append(pat.assign(method=r.method, fold=r.unit, repeat=r.repeat, cohort=cohort))
+    cols = ["method", "fold", "repeat", "cohort", "case_id", "label", "prob"]
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
-def _splits(results: TaskResults) -> pd.DataFrame | None:
-    """``splits.tsv`` of the task when it is the one every fold on disk was run on, else None."""
-    table = read_saved_splits(results.out, results.task)
-    if table is None:
+def _splits(results: TaskResults) -> dict[int, pd.DataFrame] | None:
+    """Each repeat's saved splits (``splits.tsv``, ``splits_repeat_<r>.tsv``) when they are the ones every
+    fold on disk was run on, else None."""
+    tables = {r: read_saved_splits(results.out, results.task, r) for r in results.repeats}
+    if any(t is None for t in tables.values()):
         return None
-    digests = {(r.fold, r.config.get("split")) for r in results.runs}
-    if all(f"fold_{f}" in table.columns and membership_digest(table, f) == d for f, d in digests):
-        return table
-    return None
+    for run in results.runs:
+        table = tables[run.repeat]
+        if f"fold_{run.fold}" not in table.columns or membership_digest(table, run.fold) != run.config.get(
+            "split"
+        ):
+            return None
+    return tables
 
 
-def _test_train_ratio(table: pd.DataFrame | None, runs: Sequence[FoldRun]) -> tuple[float, str]:
-    """Mean n_test / n_train over the folds, from the splits when they are known."""
-    folds = sorted({r.fold for r in runs})
-    if table is not None:
+def _test_train_ratio(tables: dict[int, pd.DataFrame] | None, runs: Sequence[FoldRun]) -> tuple[float, str]:
+    """Mean n_test / n_train over the folds (of every repeat), from the splits when they are known."""
+    units = sorted({(r.repeat, r.fold) for r in runs})
+    if tables is not None:
         ratios = []
-        for f in folds:
-            parts = table.groupby(f"fold_{f}").case_id.nunique()
+        for repeat, f in units:
+            parts = tables[repeat].groupby(f"fold_{f}").case_id.nunique()
             ratios.append(parts.get("test", 0) / max(1, parts.get("train", 0) + parts.get("val", 0)))
         return float(
             np.mean(ratios)
         ), "splits.tsv (patients in each fold's test vs training + validation parts)"
-    k = max(int(r.config.get("folds", len(folds))) for r in runs)
+    k = max(int(r.config.get("folds", len(units))) for r in runs)
     return 1.0 / (k - 1), f"1/(k − 1) with k = {k} (splits.tsv absent or from another run)"
 
 
@@ -288,16 +295,18 @@ def _test_row(method: str, cohort: str, name: str, t: PairedTest, folds: int) ->
 
 
 def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(N,)`` and score rows: one pooled row for ``test``; one row per fold for an external cohort."""
+    """Labels ``(N,)`` and score rows: for ``test``, one pooled row of out-of-fold predictions per repeat of
+    the design; one row per fold (of every repeat) for an external cohort."""
     if cohort == "test":
-        pooled = pat.sort_values("case_id")
-        if pooled.case_id.duplicated().any():
+        twice = pat.duplicated(["repeat", "case_id"])
+        if twice.any():
             raise BenchError(
-                f"patient(s) {pooled.case_id[pooled.case_id.duplicated()].unique()[:3].tolist()} are in the test "
-                "part of several folds of one method; the folds on disk do not come from one split."
+                f"patient(s) {pat.case_id[twice].unique()[:3].tolist()} are in the test part of several folds "
+                "of one method and repeat; the folds on disk do not come from one split."
             )
-        return pooled.label.to_numpy(), pooled.prob.to_numpy()[None, :]
-    wide = pat.pivot(index="case_id", columns="fold", values="prob").dropna()
+        wide = pat.pivot(index="case_id", columns="repeat", values="prob").dropna()
+    else:
+        wide = pat.pivot(index="case_id", columns="fold", values="prob").dropna()
     labels = pat.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index]
     return labels.to_numpy(), wide.to_numpy().T
 
@@ -305,10 +314,12 @@ def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
 def _paired_scores(
     pair: pd.DataFrame, cohort: str, method: str, ref: str, folds: list[int]
 ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled, or per fold)."""
+    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled per repeat, or
+    per fold)."""
     if cohort == "test":
-        wide = pair.pivot(index="case_id", columns="method", values="prob").dropna()
-        cols = [method, ref]
+        wide = pair.pivot(index="case_id", columns=["method", "repeat"], values="prob").dropna()
+        repeats = sorted(set(pair.repeat))
+        cols = [(method, r) for r in repeats] + [(ref, r) for r in repeats]
     else:
         wide = pair.pivot(index="case_id", columns=["method", "fold"], values="prob").dropna()
         cols = [(method, f) for f in folds] + [(ref, f) for f in folds]

@@ -27,6 +27,7 @@ from .cli_options import (
     Protocol,
     ProtocolOpt,
     Quiet,
+    Repeats,
     Seed,
     TaskOpt,
     Track,
@@ -96,6 +97,7 @@ def run_cmd(
     track: Track = None,
     track_uri: TrackUri = None,
     features: Features = None,
+    repeats: Repeats = 1,
     executor: Annotated[
         str, typer.Option("--executor", help="local (this machine) | slurm (a job array via submitit).")
     ] = "local",
@@ -133,6 +135,7 @@ def run_cmd(
         track,
         track_uri,
         features,
+        repeats,
         protocol=protocol,
     )
     names = parse_methods(methods)
@@ -282,6 +285,7 @@ def ablate_cmd(
     track: Track = None,
     track_uri: TrackUri = None,
     features: Features = None,
+    repeats: Repeats = 1,
     fmt: Format = "both",
 ) -> None:
     """Run a method's ablation variants on the same folds, then write its ablation tables."""
@@ -289,7 +293,7 @@ def ablate_cmd(
 
     base, names = ablation_methods(method)
     opts = run_options(
-        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features
+        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features, repeats
     )
     _run_and_print(task, names, opts)
     for table in ablate(base, task, out, table_formats(fmt), console.print):

@@ -27,6 +27,7 @@ __all__ = [
     "Protocol",
     "ProtocolOpt",
     "Quiet",
+    "Repeats",
     "Seed",
     "TaskOpt",
     "Track",
@@ -100,6 +101,15 @@ TrackUri = Annotated[
     ),
 ]
 TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path to a task YAML.")]
+Repeats = Annotated[
+    int,
+    typer.Option(
+        "--repeats",
+        help="Run the whole CV design R times, repeat r with split seed seed + r; the report's tests use every "
+        "repeat (the corrected repeated k-fold t-test).",
+        min=1,
+    ),
+]
 Features = Annotated[
     str | None,
     typer.Option(
@@ -122,6 +132,7 @@ def run_options(
     track: str | None = None,
     track_uri: str | None = None,
     features: str | None = None,
+    repeats: int = 1,
     protocol: str = "task",
 ):
     from .device import PRECISIONS, cpu_has_bf16
@@ -146,6 +157,7 @@ def run_options(
         precision=precision,
         track=tracking_spec(track, track_uri),
         features=feature_names(features),
+        repeats=repeats,
         protocol=str(protocol),
     )
 

@@ -52,8 +52,9 @@ Log = Callable[[str], Any]
 
 
 def run(task_ref: str, methods: Sequence[str], opts: RunOptions, progress: Any | None = None) -> pd.DataFrame:
-    """Run every (method, fold) job of a task not yet on disk, on each of its feature sets (in this process,
-    or ``opts.workers`` processes), then rebuild and return ``summary.csv``'s rows of ``methods``.
+    """Run every (method, fold) job of a task not yet on disk, on each of its feature sets and each repeat
+    of the CV design (in this process, or ``opts.workers`` processes), then rebuild and return
+    ``summary.csv``'s rows of ``methods``.
 
     Each job runs under a claim (bench/locks.py), so several ``bench run`` processes can share ``opts.out``.
     """
@@ -64,27 +65,39 @@ def run(task_ref: str, methods: Sequence[str], opts: RunOptions, progress: Any |
     data = views[0]
     summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
     summary = summary[summary.method.isin(methods)]
-    if "features" in summary:  # the tracking store names each feature set's runs <method>@<features>
-        tracked = summary.assign(method=summary.method + "@" + summary.features).drop(columns="features")
-    else:
-        tracked = summary
-    open_tracker(opts.track, opts.out).summary(data.task.name, tracked)
+    open_tracker(opts.track, opts.out).summary(data.task.name, _as_tracked(summary))
+    return summary
+
+
+def _as_tracked(summary: pd.DataFrame) -> pd.DataFrame:
+    """Summary rows as the tracking store's method runs name them: ``<method>@<features>`` on several feature
+    sets; with repeats, the rows over all of them."""
+    if "repeat" in summary:
+        summary = summary[summary.repeat == "all"].drop(columns="repeat")
+    if "features" in summary:
+        summary = summary.assign(method=summary.method + "@" + summary.features).drop(columns="features")
     return summary
 
 
 def prepare_views(task_ref: str, methods: Sequence[str], opts: RunOptions) -> list[TaskData]:
-    """The task's data on each feature set to run (``opts.features``, default all; one with a single set),
-    every method's configuration checked on each before any training (e.g. a missing sweep result). The
-    feature sets share their splits, so the comparison between them is paired; a set that lacks slides
-    another has would break that, and is refused."""
+    """The task's data on each feature set to run (``opts.features``, default all; one with a single set) and
+    each repeat of the CV design (``opts.repeats``), every method's configuration checked on each before any
+    training (e.g. a missing sweep result). The feature sets of one repeat share its splits, so the
+    comparison between them is paired; a set that lacks slides another has would break that, and is
+    refused."""
     task = load_task(task_ref)
-    views = [prepare_task(task_ref, opts, f) for f in feature_sets(task, opts.features)]
+    views = [
+        prepare_task(task_ref, opts, f, r)
+        for r in range(opts.repeats)
+        for f in feature_sets(task, opts.features)
+    ]
     for data in views:
-        if not data.splits.equals(views[0].splits):
+        first = next(v for v in views if v.repeat == data.repeat)
+        if not data.splits.equals(first.splits):
             raise BenchError(
-                f"{task.path}: feature sets {views[0].features!r} and {data.features!r} give different "
+                f"{task.path}: feature sets {first.features!r} and {data.features!r} give different "
                 "slides, so their folds would differ. Give every feature set the same slides (see "
-                "`bench check-data`)."
+                "`bench data check`)."
             )
         for method in methods:
             method_config(data, method, opts)

@@ -287,7 +287,7 @@ def localisation_table(
     columns = ["method", "fold", "slides", "auc", "auc_untrained"]
     rows = []
     for run in results.runs:
-        if not (run.path / MODEL_FILE).is_file():
+        if run.repeat or not (run.path / MODEL_FILE).is_file():  # the first repeat's folds, as explain draws
             continue
         pred = run.predictions
         slides = np.sort(pred.slide_id[pred.cohort == "test"].to_numpy())

@@ -168,6 +168,8 @@ def job_config(
     }
     if precision != "auto":
         hashed["precision"] = precision
+    if data.repeat:
+        hashed["repeat"] = data.repeat
     if protocol != "task":
         hashed["protocol"] = protocol
     recorded = {
@@ -226,7 +228,7 @@ def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, An
     base, variant = parse_method_name(job.method)
     if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
         config["tuned_by"] = tuned_by(opts.out, data.task.name, data.splits, data.folds, base, job.fold)
-    path = fold_dir(opts.out, data.task.name, job.method, job.fold, data.features)
+    path = fold_dir(opts.out, data.task.name, job.method, job.fold, data.features, data.repeat)
     return JobPlan(cfg, device, config, hash_, path)
 
 
@@ -285,7 +287,7 @@ def train_fold(
         train_bags,
         val_bags,
         device,
-        seed=data.seed * 1000 + fold,
+        seed=data.split_seed * 1000 + fold,
         aggregation=data.task.patient_aggregation,
         on_check=on_check,
         precision=precision,

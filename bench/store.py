@@ -8,8 +8,10 @@
 <out>/<task>/<method>/fold_<k>/model.pt          the kept weights (state_dict; optional, for `bench explain`)
 <out>/<task>/summary.csv                         task, method, cohort, metric, mean, std, n
 ```
-A task with several feature sets (backbones) puts each one's folds under ``<method>/<features>/fold_<k>``;
-a task with one keeps the paths above, so ``summary.csv`` has a ``features`` column only when there are several.
+A task with several feature sets (backbones) puts each one's folds under ``<method>/<features>/fold_<k>``,
+and repeat r >= 1 of the CV design (``--repeats``) under ``[...]/repeat_<r>/fold_<k>``: one feature set and
+the first repeat keep the paths above, so ``summary.csv`` has a ``features`` / ``repeat`` column only when
+they vary.
 A fold folder is complete when its three files exist; it is reused when its configuration hash matches.
 A fold whose configuration changed is moved aside (``fold_<k>.replaced-<old hash>``), never overwritten.
 """
@@ -73,10 +75,17 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fold_dir(out: Path, task: str, method: str, fold: int, features: str | None = None) -> Path:
-    """A fold's folder; ``features``: the feature set's name on a task with several (None: the only one)."""
-    method_dir = Path(out) / task / method
-    return (method_dir if features is None else method_dir / features) / f"fold_{fold}"
+def fold_dir(
+    out: Path, task: str, method: str, fold: int, features: str | None = None, repeat: int = 0
+) -> Path:
+    """A fold's folder; ``features``: the feature set's name on a task with several (None: the only one);
+    ``repeat``: which repeat of the CV design (0: the first, at today's path)."""
+    folder = Path(out) / task / method
+    if features is not None:
+        folder = folder / features
+    if repeat:
+        folder = folder / f"repeat_{repeat}"
+    return folder / f"fold_{fold}"
 
 
 class FoldLocation(NamedTuple):
@@ -84,6 +93,7 @@ class FoldLocation(NamedTuple):
     fold: int
     path: Path
     features: str | None  # the feature set, on a task with several
+    repeat: int = 0  # the repeat of the CV design
 
 
 def _folds_in(folder: Path) -> list[tuple[int, Path]]:
@@ -91,20 +101,26 @@ def _folds_in(folder: Path) -> list[tuple[int, Path]]:
     return sorted((int(p.name[5:]), p) for p in folder.glob("fold_*") if p.name[5:].isdigit() and p.is_dir())
 
 
+def _repeats_in(folder: Path) -> list[tuple[int, Path]]:
+    """``(r, folder)``: the first repeat (``folder`` itself), then each ``repeat_<r>`` in it, by r."""
+    more = [(int(p.name[7:]), p) for p in folder.glob("repeat_*") if p.name[7:].isdigit() and p.is_dir()]
+    return [(0, folder), *sorted(more)]
+
+
 def iter_fold_dirs(out: Path, task: str) -> Iterator[FoldLocation]:
-    """Every fold folder of ``task`` (``<method>/fold_<k>``, or ``<method>/<features>/fold_<k>`` on a task
-    with several feature sets), in a stable order: the one walker of the results tree."""
+    """Every fold folder of ``task`` (``<method>[/<features>][/repeat_<r>]/fold_<k>``: a feature set on a task
+    with several, a repeat after the first), in a stable order: the one walker of the results tree."""
     task_dir = Path(out) / task
     if not task_dir.is_dir():
         return
     for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir() and p.name not in NOT_METHODS):
-        for k, folder in _folds_in(method_dir):
-            yield FoldLocation(method_dir.name, k, folder, None)
-        for sub in sorted(
-            p for p in method_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "fold_"))
-        ):
-            for k, folder in _folds_in(sub):
-                yield FoldLocation(method_dir.name, k, folder, sub.name)
+        feature_dirs = sorted(
+            p for p in method_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "fold_", "repeat_"))
+        )
+        for features, folder in [(None, method_dir), *((p.name, p) for p in feature_dirs)]:
+            for r, repeat_dir in _repeats_in(folder):
+                for k, path in _folds_in(repeat_dir):
+                    yield FoldLocation(method_dir.name, k, path, features, r)
 
 
 def _read_fold(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -201,18 +217,19 @@ def write_fold(
         raise
 
 
-def splits_path(out: Path, task: str) -> Path:
-    """``<out>/<task>/splits.tsv``: the patient-level splits a run used (written by ``bench run``)."""
-    return Path(out) / task / "splits.tsv"
+def splits_path(out: Path, task: str, repeat: int = 0) -> Path:
+    """``<out>/<task>/splits.tsv``: the patient-level splits a run used (written by ``bench run``); repeat
+    r >= 1 of the design: ``splits_repeat_<r>.tsv``."""
+    return Path(out) / task / ("splits.tsv" if not repeat else f"splits_repeat_{repeat}.tsv")
 
 
-def write_splits(out: Path, task: str, splits: pd.DataFrame) -> None:
-    atomic_write_text(splits_path(out, task), splits.to_csv(sep="\t", index=False))
+def write_splits(out: Path, task: str, splits: pd.DataFrame, repeat: int = 0) -> None:
+    atomic_write_text(splits_path(out, task, repeat), splits.to_csv(sep="\t", index=False))
 
 
-def read_saved_splits(out: Path, task: str) -> pd.DataFrame | None:
+def read_saved_splits(out: Path, task: str, repeat: int = 0) -> pd.DataFrame | None:
     """The splits ``bench run`` saved for ``task`` (IDs read literally), or None when there are none."""
-    path = splits_path(out, task)
+    path = splits_path(out, task, repeat)
     return read_table(path, sep="\t", ids=None) if path.is_file() else None
 
 
@@ -227,6 +244,13 @@ class FoldRun:
     config: dict[str, Any]
     metrics: dict[str, Any]
     features: str | None = None  # the feature set, on a task with several
+    repeat: int = 0  # the repeat of the CV design (``--repeats``)
+
+    @property
+    def unit(self) -> int:
+        """The fold's position in the whole design, ``repeat · k + fold``: each (repeat, fold) is one pairing
+        unit of the paired tests, so they run over all repeats' folds."""
+        return self.repeat * int(self.config.get("folds") or 0) + self.fold
 
     @cached_property
     def predictions(self) -> pd.DataFrame:
@@ -289,20 +313,32 @@ class TaskResults:
             for f in sets
         ]
 
+    @property
+    def repeats(self) -> list[int]:
+        """The repeats of the CV design on disk (``[0]`` without ``--repeats``)."""
+        return sorted({r.repeat for r in self.runs}) or [0]
+
     def metrics(self, names: tuple[str, ...] = METRICS) -> pd.DataFrame:
-        """Long table method, fold, cohort, metric, value (and features, on a task with several feature sets)
-        of the metrics ``names`` (``threshold`` may be asked for too) from each fold's metrics.json; the
-        validation cohort (selection data) is left out."""
+        """Long table method, fold, cohort, metric, value (and features, on a task with several feature sets;
+        repeat, with several repeats) of the metrics ``names`` (``threshold`` may be asked for too) from each
+        fold's metrics.json; the validation cohort (selection data) is left out. ``fold`` is
+        :attr:`FoldRun.unit`, the fold's position in the whole design (its fold number without repeats)."""
         rows = [
-            (r.method, r.fold, cohort, m, values[m], r.features)
+            (r.method, r.unit, cohort, m, values[m], r.features, r.repeat)
             for r in self.runs
             for cohort, values in r.metrics.get("cohorts", {}).items()
             if cohort != "val"
             for m in names
             if m in values
         ]
-        long = pd.DataFrame(rows, columns=["method", "fold", "cohort", "metric", "value", "features"])
-        return long if self.feature_sets else long.drop(columns="features")
+        columns = ["method", "fold", "cohort", "metric", "value", "features", "repeat"]
+        long = pd.DataFrame(rows, columns=columns)
+        drop = [
+            c
+            for c, varies in (("features", self.feature_sets), ("repeat", len(self.repeats) > 1))
+            if not varies
+        ]
+        return long.drop(columns=drop)
 
 
 def load_results(out: Path, task: str, design: tuple[Any, Any] | None = None) -> TaskResults:
@@ -312,7 +348,7 @@ def load_results(out: Path, task: str, design: tuple[Any, Any] | None = None) ->
     from other splits: pooling them would count patients twice and pair folds that do not match.
     """
     runs = [
-        FoldRun(loc.method, loc.fold, loc.path, *read, features=loc.features)
+        FoldRun(loc.method, loc.fold, loc.path, *read, features=loc.features, repeat=loc.repeat)
         for loc in iter_fold_dirs(out, task)
         if (read := _read_fold(loc.path)) is not None
     ]
@@ -335,9 +371,18 @@ def collect_metrics(
     return load_results(out, task, design).metrics(names)
 
 
+def _mean_sd(long: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean, SD (ddof 1) and count of ``value`` per ``keys``."""
+    return (
+        long.groupby(keys, sort=False)["value"]
+        .agg(mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), n="count")
+        .reset_index()
+    )
+
+
 def write_summary(out: Path, task: str, design: tuple[Any, Any] | None = None) -> pd.DataFrame:
-    """Rebuild ``summary.csv`` (mean, SD over folds, n folds; per feature set on a task with several) from the
-    fold files of one CV design on disk
+    """Rebuild ``summary.csv`` (mean, SD over folds, n folds; per feature set on a task with several; per
+    repeat and over all repeats' folds, ``repeat`` = ``all``, with several repeats) from the fold files of one CV design on disk
     (``design`` = (folds, seed); default: the most common one, as the report does).
 
     Writers of one task's summary take a lock and collect inside it, so a slower process never replaces a
@@ -350,13 +395,12 @@ def write_summary(out: Path, task: str, design: tuple[Any, Any] | None = None) -
         fcntl.flock(fd, fcntl.LOCK_EX)
         long = collect_metrics(out, task, design)
         keys = ["features"] * ("features" in long) + ["method", "cohort", "metric"]
-        summary = (
-            long.groupby(keys, sort=False)["value"]
-            .agg(
-                mean="mean", std=lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), n="count"
-            )
-            .reset_index()
-        )
+        summary = _mean_sd(long, keys)
+        if "repeat" in long:  # each repeat's own summary, then every repeat's folds pooled ("all")
+            per_repeat = _mean_sd(long, ["repeat", *keys])
+            pooled = summary.assign(repeat="all")
+            summary = pd.concat([per_repeat.astype({"repeat": str}), pooled], ignore_index=True)
+            summary = summary[[*keys[:-3], "repeat", *keys[-3:], "mean", "std", "n"]]
         summary.insert(0, "task", task)
         atomic_write_text(task_dir / "summary.csv", summary.to_csv(index=False))
     finally:

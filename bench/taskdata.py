@@ -17,7 +17,7 @@ from .data.genes import GeneSelection, select_genes
 from .data.omics import OmicsScaler
 from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
 from .data.task import load_task
-from .errors import DataError
+from .errors import BenchError, DataError
 from .store import write_splits
 
 __all__ = ["RunOptions", "TaskData", "feature_sets", "fold_genes", "prepare_task", "train_cases"]
@@ -43,6 +43,8 @@ class RunOptions:
     track: Tracking | None = None
     # the task's feature sets to run (``--features``; None: every one the task gives)
     features: tuple[str, ...] | None = None
+    # how many times the whole CV design runs, repeat r with split seed ``seed + r`` (``--repeats``)
+    repeats: int = 1
 
 
 @dataclass
@@ -60,13 +62,21 @@ class TaskData:
     # them in the task's order (the first is the one the others are compared with)
     features: str | None = None
     feature_sets: tuple[str, ...] = ()
+    # the repeat of the CV design (``--repeats``): its splits and training draws use seed + repeat
+    repeat: int = 0
     # fit once per process, keyed by the fold's split membership (a sweep's inner folds reuse fold numbers)
     gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of this repeat's splits and training (``seed`` itself for the first repeat)."""
+        return self.seed + self.repeat
+
     def tracked_name(self, method: str) -> str:
         """``method`` as the tracking store names its runs: ``<method>@<features>`` on a task with several
-        feature sets, so each set's folds are runs of their own."""
-        return method if self.features is None else f"{method}@{self.features}"
+        feature sets and ``<method>/repeat_<r>`` for a repeat after the first, so each has runs of its own."""
+        name = method if self.features is None else f"{method}@{self.features}"
+        return name if not self.repeat else f"{name}/repeat_{self.repeat}"
 
 
 def feature_sets(task: TaskConfig, chosen: Sequence[str] | None) -> list[str | None]:
@@ -79,9 +89,12 @@ def feature_sets(task: TaskConfig, chosen: Sequence[str] | None) -> list[str | N
     return list(dict.fromkeys(chosen)) if len(sets) > 1 else [None]
 
 
-def prepare_task(task_ref: str | Path, opts: RunOptions, features: str | None = None) -> TaskData:
+def prepare_task(
+    task_ref: str | Path, opts: RunOptions, features: str | None = None, repeat: int = 0
+) -> TaskData:
     """Load and check a task's cohorts on one feature set (None: the only one; on a task with several, the
-    first), then make (or import) and save its patient-level splits, the same for every feature set."""
+    first), then make (or import) and save the patient-level splits of repeat ``repeat`` of the CV design
+    (seed + repeat), the same for every feature set."""
     full = load_task(task_ref)
     if features is None and len(full.feature_sets) > 1:
         features = full.feature_sets[0]
@@ -91,11 +104,16 @@ def prepare_task(task_ref: str | Path, opts: RunOptions, features: str | None = 
     folds = opts.folds or task.folds
     seed = task.seed if opts.seed is None else opts.seed
     if task.splits is not None:
+        if repeat:
+            raise BenchError(
+                f"{task.path}: --repeats draws new splits for each repeat, but the task imports its splits "
+                f"from {task.splits}. Run it with --repeats 1, or drop 'splits' to let bench draw them."
+            )
         splits = read_splits(task.splits, internal.slides)
         folds = len(fold_columns(splits))
     else:
-        splits = make_splits(internal.slides, folds, seed, task.val_fraction, task.split_by)
-    write_splits(opts.out, task.name, splits)
+        splits = make_splits(internal.slides, folds, seed + repeat, task.val_fraction, task.split_by)
+    write_splits(opts.out, task.name, splits, repeat)
     return TaskData(
         task,
         internal,
@@ -106,6 +124,7 @@ def prepare_task(task_ref: str | Path, opts: RunOptions, features: str | None = 
         _read_gene_groups(task, internal),
         features if len(full.feature_sets) > 1 else None,
         tuple(full.feature_sets) if len(full.feature_sets) > 1 else (),
+        repeat=repeat,
     )
 
 

@@ -349,7 +349,7 @@ def _learning_curves(st: TaskStats) -> pd.DataFrame:
                     kept = record["updates"] == r.metrics["best_updates"]
                 else:
                     kept = record["epoch"] == r.metrics.get("best_epoch")
-                rows.append((r.method, r.fold, record["updates"], record[key], kept, capped, metric))
+                rows.append((r.method, r.unit, record["updates"], record[key], kept, capped, metric))
     return pd.DataFrame(rows, columns=["method", "fold", "updates", "score", "kept", "capped", "metric"])
 
 
@@ -379,7 +379,7 @@ def _curves(st: TaskStats, cohort: str) -> tuple[dict, dict]:
 def _example_slide(st: TaskStats, loc: pd.DataFrame) -> tuple[str, int]:
     """A positive test slide of the first fold with weights (reference method's predictions), sorted by id."""
     fold = int(loc.fold.min())
-    runs = [r for r in st.runs if r.fold == fold and r.method in set(loc.method)]
+    runs = [r for r in st.runs if (r.repeat, r.fold) == (0, fold) and r.method in set(loc.method)]
     run = next((r for r in runs if r.method == st.reference), runs[0])
     test = run.predictions[run.predictions.cohort == "test"].sort_values("slide_id")
     positive = test[test.label == 1]

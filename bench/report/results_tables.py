@@ -57,6 +57,8 @@ def _stats(long: pd.DataFrame) -> pd.DataFrame:
 def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
     """Rows method × cohort, columns AUC, then ACC/BACC/F1 at the validation-chosen threshold and at the
     argmax, mean ± SD (the terminal table of ``bench run``); ``method · features`` on several feature sets."""
+    if "repeat" in summary:  # with repeats: the rows over every repeat's folds
+        summary = summary[summary.repeat == "all"]
     if "features" in summary:
         summary = summary.assign(method=summary.method + " · " + summary.features)
     table = RichTable(

@@ -11,6 +11,7 @@ import pandas as pd
 from methods import get_method_class
 
 from ..analysis import TaskStats
+from ..store import FoldRun
 from ..tables import Table, bold_best, cohort_label, fmt, fmt_ci, fmt_diff, fmt_p, method_order
 
 __all__ = [
@@ -111,7 +112,9 @@ def _tests_how(st: TaskStats) -> str:
     ratio, source = st.test_train_ratio
     return (
         f"Corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs, variance factor "
-        f"1/k + n_test/n_train with n_test/n_train = {ratio:.3f} ({source}), k − 1 degrees of freedom. "
+        f"1/n + n_test/n_train with n_test/n_train = {ratio:.3f} ({source}), n − 1 degrees of freedom, n the "
+        "folds both have (with repeats of the CV design: the folds of every repeat, Bouckaert & Frank 2004's "
+        "corrected repeated k-fold test). "
         "DeLong's test (fast algorithm of Sun & Xu 2014): on the pooled out-of-fold predictions internally, on "
         "the difference of the mean fold AUCs externally (all folds' predictions of the same patients). "
         "Two-sided, uncorrected for multiple comparisons."
@@ -220,7 +223,8 @@ def runs_table(st: TaskStats) -> Table:
     epochs and updates run, folds converged, device, versions."""
     rows = []
     for method in sorted({r.method for r in st.runs}):
-        runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.fold)
+        runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.unit)
+        repeats = sorted({r.repeat for r in runs})
         epochs_run = [r.metrics.get("epochs_run") for r in runs]
         updates = [r.metrics["updates"] for r in runs if "updates" in r.metrics]
         stopped = [r.metrics.get("stopped") for r in runs]
@@ -235,8 +239,9 @@ def runs_table(st: TaskStats) -> Table:
         rows.append(
             [
                 method,
-                f"{len(runs)} of {runs[0].config.get('folds', '?')} ({', '.join(str(r.fold) for r in runs)})",
-                ", ".join(sorted({str(r.config.get("seed")) for r in runs})),
+                _folds_done(runs, repeats),
+                ", ".join(sorted({str(r.config.get("seed")) for r in runs}))
+                + (" (repeat r: split seed + r)" if len(repeats) > 1 else ""),
                 cap,
                 f"{np.mean([e for e in epochs_run if e is not None]):.1f}" if epochs_run else "–",
                 f"{np.mean(updates):.0f}" if updates else "–",
@@ -262,6 +267,17 @@ def runs_table(st: TaskStats) -> Table:
         "folds written before bench recorded it."
     )
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.stem}")
+
+
+def _folds_done(runs: Sequence[FoldRun], repeats: list[int]) -> str:
+    """``n of k (folds)``, per repeat when there are several (``repeat r: ...``)."""
+    k = runs[0].config.get("folds", "?")
+    parts = []
+    for rep in repeats:
+        mine = [r for r in runs if r.repeat == rep]
+        text = f"{len(mine)} of {k} ({', '.join(str(r.fold) for r in mine)})"
+        parts.append(text if len(repeats) == 1 else f"repeat {rep}: {text}")
+    return "; ".join(parts)
 
 
 def method_reports_table(analyses: Sequence[TaskStats]) -> Table | None:
