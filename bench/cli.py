@@ -24,6 +24,8 @@ from .cli_options import (
     Format,
     Out,
     Precision,
+    Protocol,
+    ProtocolOpt,
     Quiet,
     Repeats,
     Seed,
@@ -57,11 +59,12 @@ def _run_and_print(task: str, methods: list[str], opts) -> None:
     from .commands import run
     from .report.results_tables import summary_rich_table
 
-    progress = progress_bar(opts.quiet)
-    if progress is None:
+    if opts.quiet:
         summary = run(task, methods, opts)
     else:
-        with progress:
+        from .progress import RunProgress
+
+        with RunProgress(err_console) as progress:
             summary = run(task, methods, opts, progress)
     console.print(
         summary_rich_table(
@@ -89,6 +92,7 @@ def run_cmd(
     device: Device = "auto",
     workers: Workers = 1,
     precision: Precision = "auto",
+    protocol: ProtocolOpt = Protocol.task,
     quiet: Quiet = False,
     track: Track = None,
     track_uri: TrackUri = None,
@@ -120,7 +124,19 @@ def run_cmd(
     from .jobs import parse_methods
 
     opts = run_options(
-        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features, repeats
+        out,
+        folds,
+        seed,
+        epochs,
+        device,
+        workers,
+        quiet,
+        precision,
+        track,
+        track_uri,
+        features,
+        repeats,
+        protocol=protocol,
     )
     names = parse_methods(methods)
     if executor == "local":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,8 @@ __all__ = [
     "Format",
     "Out",
     "Precision",
+    "Protocol",
+    "ProtocolOpt",
     "Quiet",
     "Repeats",
     "Seed",
@@ -63,7 +66,24 @@ Precision = Annotated[
         help="auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 (autocast, the CPU included).",
     ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+
+class Protocol(StrEnum):
+    """``--protocol``: whose training settings a run uses (docs/protocol.md, "Convergence")."""
+
+    task = "task"
+    paper = "paper"
+
+
+ProtocolOpt = Annotated[
+    Protocol,
+    typer.Option(
+        "--protocol",
+        help="task: the task's 'train:' settings (the built-in tasks: one convergence rule in optimiser "
+        "updates for every method) | paper: each method's published settings (epochs, patience, ...).",
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress display.")]
 Track = Annotated[
     str | None,
     typer.Option(
@@ -113,6 +133,7 @@ def run_options(
     track_uri: str | None = None,
     features: str | None = None,
     repeats: int = 1,
+    protocol: str = "task",
 ):
     from .device import PRECISIONS, cpu_has_bf16
     from .taskdata import RunOptions
@@ -137,6 +158,7 @@ def run_options(
         track=tracking_spec(track, track_uri),
         features=feature_names(features),
         repeats=repeats,
+        protocol=str(protocol),
     )
 
 

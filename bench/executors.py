@@ -1,12 +1,13 @@
 """Executors: where the jobs of ``bench run`` execute.
 
-- This process (``--workers 1``): one job after the other, each with an epoch progress bar.
+- This process (``--workers 1``): one job after the other.
 - A local process pool (``--workers N``): with several GPUs worker i uses ``cuda:(i mod #GPUs)``; each worker
   runs ``max(1, cores // N)`` torch threads so N workers do not oversubscribe the cores. Workers are forked
   from one fresh server process that imported bench once (the ``forkserver`` start method, where the platform
   has it; else ``spawn``): torch's and bench's initialised modules (~250 MB per process) are then shared by
   the workers rather than built again in each, and the cohort's features are shared through the feature
-  store (bench/data/featurestore.py), so N workers cost little more memory than one.
+  store (bench/data/featurestore.py), so N workers cost little more memory than one. Workers send each
+  validation check of their jobs to the progress display through a queue.
 - Slurm (``--executor slurm``): the jobs not yet on disk as one job array through submitit; the call returns
   the job ids without waiting, and ``bench report`` collects the results once they are there.
 
@@ -22,9 +23,10 @@ import dataclasses
 import gc
 import multiprocessing as mp
 import os
+import queue
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Container, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,11 @@ def _label(data: TaskData, job: Job) -> str:
     return f"{data.tracked_name(job.method)} fold {job.fold}"
 
 
+def _shown(data: TaskData, job: Job) -> str:
+    """How the progress display names a job."""
+    return f"{data.task.name} · {data.tracked_name(job.method)} · fold {job.fold}"
+
+
 def _is_done(data: TaskData, job: Job, opts: RunOptions) -> bool:
     plan = plan_job(data, job, opts)
     return fold_status(plan.path, plan.hash) == "done"
@@ -61,7 +68,7 @@ def run_claimed(
     data: TaskData,
     job: Job,
     opts: RunOptions,
-    on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+    on_check: Callable[[int, int, dict[str, Any]], Any] | None = None,
 ) -> str:
     """Run ``job`` under its claim: ``skipped`` (already on disk), ``trained``, or ``busy`` (a live process
     elsewhere holds its claim)."""
@@ -75,7 +82,7 @@ def run_claimed(
         return "busy"
     with claim:  # run_job looks at the disk again: another process may have finished the job meanwhile
         remove_stale_temporaries(plan.path)
-        claim.outcome = run_job(data, job, opts, on_epoch=on_epoch)
+        claim.outcome = run_job(data, job, opts, on_check=on_check)
     return claim.outcome
 
 
@@ -83,10 +90,13 @@ def run_jobs(
     data: TaskData, jobs: Sequence[Job], opts: RunOptions, progress: Any | None = None
 ) -> dict[Job, str]:
     """Run ``jobs`` here or in ``opts.workers`` processes until each is on disk; returns each job's status
-    (``skipped`` or ``trained``; jobs another process ran count as ``skipped``)."""
+    (``skipped`` or ``trained``; jobs another process ran count as ``skipped``). ``progress``: a
+    :class:`bench.progress.RunProgress`, or None."""
     todo = [job for job in jobs if not _is_done(data, job, opts)]
     statuses = {job: "skipped" for job in jobs if job not in todo}
     workers = min(opts.workers, len(todo))
+    if progress is not None and todo:
+        progress.start(f"{data.task.name}: {len(todo)} folds to train", len(todo), max(1, workers))
     if workers > 1:
         statuses |= _run_pool(data, todo, opts, workers, progress)
     else:
@@ -94,13 +104,15 @@ def run_jobs(
     return statuses
 
 
-def _epoch_reporter(progress: Any, handle: Any, label: str) -> Callable[[int, int, dict[str, float]], None]:
-    def on_epoch(epoch: int, total: int, record: dict[str, float]) -> None:
-        progress.update(
-            handle, total=total, completed=epoch + 1, description=f"{label} · val AUC {record['val_auc']:.3f}"
-        )
+def _check_text(record: dict[str, Any]) -> str:
+    return f"val AUC {record['val_auc']:.3f}"
 
-    return on_epoch
+
+def _reporter(progress: Any, job: Job) -> Callable[[int, int, dict[str, Any]], None]:
+    def on_check(check: int, cap: int, record: dict[str, Any]) -> None:
+        progress.fold_checked(job, record["updates"], cap, _check_text(record))
+
+    return on_check
 
 
 def _busy_text(data: TaskData, job: Job, opts: RunOptions) -> str:
@@ -109,26 +121,26 @@ def _busy_text(data: TaskData, job: Job, opts: RunOptions) -> str:
 
 def _run_here(data: TaskData, jobs: Sequence[Job], opts: RunOptions, progress: Any | None) -> dict[Job, str]:
     statuses: dict[Job, str] = {}
-    handles: dict[Job, Any] = {}
+    started: set[Job] = set()
     pending = list(jobs)
     while pending:
         waiting = []
         for job in pending:
-            label = f"{data.task.name} · {_label(data, job)}"
-            on_epoch = None
+            on_check = None
             if progress is not None:
-                if job not in handles:
-                    handles[job] = progress.add_task(label, total=None)
-                on_epoch = _epoch_reporter(progress, handles[job], label)
-            status = run_claimed(data, job, opts, on_epoch)
+                if job not in started:
+                    progress.fold_started(job, _shown(data, job))
+                    started.add(job)
+                on_check = _reporter(progress, job)
+            status = run_claimed(data, job, opts, on_check)
             if status == "busy":
                 waiting.append(job)
+                if progress is not None:
+                    progress.fold_waiting(job, _busy_text(data, job, opts))
             else:
                 statuses[job] = status
-            if progress is not None:
-                text = _busy_text(data, job, opts) if status == "busy" else status
-                done = status != "busy"
-                progress.update(handles[job], total=1, completed=int(done), description=f"{label} · {text}")
+                if progress is not None:
+                    progress.fold_finished(job, status)
         if len(waiting) == len(pending):
             time.sleep(POLL_S)
         pending = waiting
@@ -150,13 +162,42 @@ def _enter_worker(
         initializer(*initargs)
 
 
-def _init_worker(slots: Any, workers: int, data: TaskData, opts: RunOptions) -> None:
+def _init_worker(
+    slots: Any, workers: int, data: TaskData, opts: RunOptions, messages: Any | None = None
+) -> None:
     device = bind_worker(opts.device, slots.get(), workers)
-    _WORKER.update(data=data, opts=dataclasses.replace(opts, device=str(device), quiet=True))
+    _WORKER.update(
+        data=data, opts=dataclasses.replace(opts, device=str(device), quiet=True), messages=messages
+    )
 
 
 def _run_in_worker(job: Job) -> str:
-    return run_claimed(_WORKER["data"], job, _WORKER["opts"])
+    """Run ``job``; its start and validation checks go to the parent's progress display, if it has one."""
+    messages = _WORKER["messages"]
+    on_check = None
+    if messages is not None:
+        messages.put(("start", job, 0, 0, ""))
+
+        def on_check(check: int, cap: int, record: dict[str, Any]) -> None:
+            messages.put(("check", job, record["updates"], cap, _check_text(record)))
+
+    return run_claimed(_WORKER["data"], job, _WORKER["opts"], on_check)
+
+
+def _relay(messages: Any, progress: Any, data: TaskData, ended: Container[Job]) -> None:
+    """Pass the workers' messages waiting in the queue on to the progress display (none about the jobs
+    that ``ended`` already: a message may arrive after its job's result)."""
+    while True:
+        try:
+            kind, job, updates, cap, text = messages.get_nowait()
+        except queue.Empty:
+            return
+        if job in ended:
+            continue
+        if kind == "start":
+            progress.fold_started(job, _shown(data, job))
+        else:
+            progress.fold_checked(job, updates, cap, text)
 
 
 def _pool_context(preload: Sequence[str] = ()) -> Any:
@@ -195,26 +236,27 @@ def _run_pool(
     slots = ctx.Queue()
     for slot in range(workers):
         slots.put(slot)
-    bar = None
-    if progress is not None:
-        bar = progress.add_task(f"{data.task.name} · {len(jobs)} jobs on {workers} workers", total=len(jobs))
+    messages = None if progress is None else ctx.Queue()
     statuses: dict[Job, str] = {}
-    with process_pool(workers, _init_worker, (slots, workers, data, opts), context=ctx) as pool:
+    with process_pool(workers, _init_worker, (slots, workers, data, opts, messages), context=ctx) as pool:
         pending = list(jobs)
         while pending:
             futures = {pool.submit(_run_in_worker, job): job for job in pending}
             waiting = []
             try:
-                for future in as_completed(futures):
-                    job, status = futures[future], future.result()
-                    if status == "busy":
-                        waiting.append(job)
-                        continue
-                    statuses[job] = status
-                    if bar is not None:
-                        progress.update(
-                            bar, advance=1, description=f"{data.task.name} · {_label(data, job)} {status}"
-                        )
+                running = set(futures)
+                while running:
+                    finished, running = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
+                    if messages is not None:
+                        _relay(messages, progress, data, statuses)
+                    for future in finished:
+                        job, status = futures[future], future.result()
+                        if status == "busy":
+                            waiting.append(job)
+                        else:
+                            statuses[job] = status
+                            if progress is not None:
+                                progress.fold_finished(job, status, _shown(data, job))
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise

@@ -25,6 +25,7 @@ from methods.registry import UnknownMethodError, parse_method_name
 
 from .best import load_best, tuned_by
 from .config import TaskConfig
+from .convergence import UPDATE_RULE_FIELDS, rule_problems
 from .data.cohort import Cohort, graph_settings
 from .data.genes import GeneSelection
 from .data.omics import OmicsScaler
@@ -73,7 +74,8 @@ def method_config(
     overrides: dict[str, Any] | None = None,
     fold: int | None = None,
 ) -> MethodCfg:
-    """The method's config with the task's training overrides, the --epochs cap and data-given settings.
+    """The method's config with the task's training overrides (none under ``--protocol paper``: each method's
+    published settings), the --epochs cap and data-given settings.
 
     ``M[best]`` on outer fold ``fold`` is method ``M`` with the overrides of the best trial of that fold's own
     nested search (``<out>/<task>/sweeps/M/best.yaml``, refused if tuned on another split); with ``fold``
@@ -86,14 +88,24 @@ def method_config(
             f"{data.task.path}: 'train' sets {unknown}, which are not common training settings "
             f"({', '.join(sorted(base_fields))})."
         )
+    train = {} if opts.protocol == "paper" else data.task.train
     base, variant = check_method(method)
     if variant == "best":
         tuned = [_best(data, opts, base, k) for k in (range(data.folds) if fold is None else [fold])]
-        cfg = resolve_config(base, {**data.task.train, **tuned[0], **(overrides or {})})
+        cfg = resolve_config(base, {**train, **tuned[0], **(overrides or {})})
     else:
-        cfg = resolve_config(method, {**data.task.train, **(overrides or {})})
+        cfg = resolve_config(method, {**train, **(overrides or {})})
+    if "epochs" in train and train["epochs"] is None:  # no epoch cap; resolve_config drops None as "not set"
+        cfg = cfg.replace(epochs=None)
+    problems = rule_problems(cfg)
+    if problems:
+        raise BenchError(
+            f"{data.task.path}: 'train' sets an invalid convergence rule ({'; '.join(problems)}). "
+            "See docs/protocol.md, 'Convergence'."
+        )
     if opts.epochs is not None:
-        cfg = cfg.replace(epochs=min(cfg.epochs, opts.epochs), min_epochs=min(cfg.min_epochs, opts.epochs))
+        epochs = opts.epochs if cfg.epochs is None else min(cfg.epochs, opts.epochs)
+        cfg = cfg.replace(epochs=epochs, min_epochs=min(cfg.min_epochs, opts.epochs))
     if data.gene_groups is not None and cfg.needs().gene_groups:
         cfg = cfg.replace(gene_groups=data.gene_groups)
     return cfg
@@ -123,17 +135,30 @@ def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
     return identity
 
 
+def _hashed_method_config(cfg: MethodCfg) -> dict[str, Any]:
+    """``cfg`` as hashed: the update rule's settings only when they differ from the defaults (so a config
+    under the epoch rule keeps the hash it had before they existed)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MethodCfg) if f.name in UPDATE_RULE_FIELDS}
+    return {k: v for k, v in cfg.to_dict().items() if k not in defaults or v != defaults[k]}
+
+
 def job_config(
-    data: TaskData, job: Job, cfg: MethodCfg, device: torch.device, precision: str = "auto"
+    data: TaskData,
+    job: Job,
+    cfg: MethodCfg,
+    device: torch.device,
+    precision: str = "auto",
+    protocol: str = "task",
 ) -> tuple[dict[str, Any], str]:
     """The resolved configuration of a job and the hash of its result-changing part (a precision other than
-    ``auto`` is part of it; ``auto`` keeps the hashes of runs made before the option existed)."""
+    ``auto`` and the ``paper`` protocol are part of it; ``auto`` and ``task`` keep the hashes of runs made
+    before the options existed)."""
     selects = _selects_genes(data, cfg)
     omics_dim = None if data.internal.omics is None else data.internal.omics.shape[1]
     hashed = {
         "task": _task_identity(data.task, selects),
         "method": job.method,
-        "method_config": cfg.to_dict(),
+        "method_config": _hashed_method_config(cfg),
         "fold": job.fold,
         "folds": data.folds,
         "seed": data.seed,
@@ -145,8 +170,12 @@ def job_config(
         hashed["precision"] = precision
     if data.repeat:
         hashed["repeat"] = data.repeat
+    if protocol != "task":
+        hashed["protocol"] = protocol
     recorded = {
         **hashed,
+        "method_config": cfg.to_dict(),
+        "protocol": protocol,
         "split_grouping": split_grouping(data.task),
         **({"features": data.features, "feature_sets": list(data.feature_sets)} if data.features else {}),
         "task_file": str(data.task.path),
@@ -195,7 +224,7 @@ def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, An
     """Resolve a job without running it (cheap: no data is read)."""
     device = resolve_device(opts.device)
     cfg = method_config(data, job.method, opts, overrides, fold=job.fold)
-    config, hash_ = job_config(data, job, cfg, device, opts.precision)
+    config, hash_ = job_config(data, job, cfg, device, opts.precision, opts.protocol)
     base, variant = parse_method_name(job.method)
     if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
         config["tuned_by"] = tuned_by(opts.out, data.task.name, data.splits, data.folds, base, job.fold)
@@ -223,7 +252,7 @@ def train_fold(
     method: str,
     cfg: MethodCfg,
     device: torch.device,
-    on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+    on_check: Callable[[int, int, dict[str, Any]], Any] | None = None,
     precision: str = "auto",
 ) -> FoldFit:
     """Train ``method`` on fold ``fold``'s training patients and select it on the fold's validation patients
@@ -260,12 +289,12 @@ def train_fold(
         device,
         seed=data.split_seed * 1000 + fold,
         aggregation=data.task.patient_aggregation,
-        on_epoch=on_epoch,
+        on_check=on_check,
         precision=precision,
     )
     autocast = resolve_precision(precision, device)
     val = slide_predictions(val_bags, predict(result.model, val_bags, device, autocast), "val")
-    return FoldFit(result, val, cfg, genes)
+    return FoldFit(result, val, result.model.cfg, genes)
 
 
 def run_job(
@@ -273,7 +302,7 @@ def run_job(
     job: Job,
     opts: RunOptions,
     overrides: dict[str, Any] | None = None,
-    on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+    on_check: Callable[[int, int, dict[str, Any]], Any] | None = None,
 ) -> str:
     """Run one job unless its results are already on disk; returns ``skipped`` or ``trained``.
 
@@ -285,7 +314,7 @@ def run_job(
     tracked = open_tracker(opts.track, opts.out).fold(data.task.name, data.tracked_name(job.method), job.fold)
     ok = False
     try:
-        _train_and_write(data, job, opts, plan, _with_tracking(tracked, on_epoch), tracked)
+        _train_and_write(data, job, opts, plan, _with_tracking(tracked, on_check), tracked)
         ok = True
     finally:
         tracked.close(ok)
@@ -293,14 +322,15 @@ def run_job(
 
 
 def _with_tracking(
-    tracked: TrackedFold, on_epoch: Callable[[int, int, dict[str, float]], Any] | None
-) -> Callable[[int, int, dict[str, float]], None]:
-    """The trainer's epoch hook: the record to the tracking store, then to ``on_epoch`` (a progress bar)."""
+    tracked: TrackedFold, on_check: Callable[[int, int, dict[str, Any]], Any] | None
+) -> Callable[[int, int, dict[str, Any]], None]:
+    """The trainer's hook at each validation check: the record to the tracking store (at step ``check``, the
+    epoch under the epoch rule), then to ``on_check`` (a progress display)."""
 
-    def hook(epoch: int, total: int, record: dict[str, float]) -> None:
-        tracked.epoch(epoch, record)
-        if on_epoch is not None:
-            on_epoch(epoch, total, record)
+    def hook(check: int, cap: int, record: dict[str, Any]) -> None:
+        tracked.epoch(check, record)
+        if on_check is not None:
+            on_check(check, cap, record)
 
     return hook
 
@@ -310,13 +340,13 @@ def _train_and_write(
     job: Job,
     opts: RunOptions,
     plan: JobPlan,
-    on_epoch: Callable[[int, int, dict[str, float]], Any],
+    on_check: Callable[[int, int, dict[str, Any]], Any],
     tracked: TrackedFold,
 ) -> None:
     """Train, select, threshold and predict the job, write its fold folder, and log it to ``tracked``."""
     started = time.time()
     cfg, device = plan.cfg, plan.device
-    fitted = train_fold(data, job.fold, job.method, cfg, device, on_epoch, opts.precision)
+    fitted = train_fold(data, job.fold, job.method, cfg, device, on_check, opts.precision)
     autocast = resolve_precision(opts.precision, device)
     agg = data.task.patient_aggregation
     val_pat = patient_level(fitted.val, agg)
@@ -337,7 +367,9 @@ def _train_and_write(
             for p in [patient_level(pred, agg)]
         },
         "best_epoch": fitted.result.best_epoch,
+        "best_updates": fitted.result.best_updates,
         "epochs_run": fitted.result.epochs_run,
+        "updates": fitted.result.updates,
         "stopped": fitted.result.stopped,
         "monitor": cfg.monitor,
         "history": fitted.result.history,

@@ -35,6 +35,9 @@ class RunOptions:
     workers: int = 1
     quiet: bool = False
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16
+    # task: the task's ``train:`` block applies (the built-in tasks: the update rule, docs/protocol.md);
+    # paper: it does not, each method trains with its published settings
+    protocol: str = "task"
     # where folds are logged (bench/tracking.py; never part of a fold's configuration hash): as given on
     # the command line (None: not given, the task's block applies), then resolved by the command
     track: Tracking | None = None

@@ -6,19 +6,24 @@ config says so): forward, the method's named loss terms summed, backward; an opt
 the epoch's end, or, with ``carry_partial_window``, its gradients are carried into the next epoch's first
 window (G-HANet's code, which never zeroes them between epochs); with ``accumulation_mean`` each bag's loss
 is divided by ``accumulation_steps`` before its backward (G-HANet's ``loss / gc``: the window's gradient is
-the mean of its bags', not their sum). After each epoch: ``on_epoch_end`` (its facts join the epoch's
-history record), then the validation patients are scored (``cfg.monitor``: AUC, loss, or the mean AUC of
-the models a method exposes through ``validation_logits``, e.g. MKD's student and teachers): the best epoch's weights are kept (with ``keep_tied_best`` a later epoch that ties the best
-score replaces it, as the ``EarlyStopping`` classes of CLAM and MoMKD and WiKG's ``train.py`` do; the
-submodules ``last_epoch_modules`` names keep their last epoch's weights instead), the plateau scheduler
-steps on that score, and training stops early after ``patience`` epochs without improvement (never before
-``min_epochs``).
+the mean of its bags', not their sum). After each epoch: ``on_epoch_end`` (its facts join the next
+history record) and the scheduler's step (the plateau scheduler on the epoch's last selection score).
 
-The hot loop has no host synchronisation: losses are accumulated on the device and read once per epoch.
+The validation patients are scored at each check (``cfg.monitor``: AUC, loss, or the mean AUC of the models
+a method exposes through ``validation_logits``, e.g. MKD's student and teachers): at each epoch's end under
+a method's published epoch rule, every ``val_every`` optimiser updates under the update rule of the
+built-in tasks (bench/convergence.py says when training stops and which check is kept). The best check's
+weights are kept (with ``keep_tied_best`` a later check that ties the best score replaces it, as the
+``EarlyStopping`` classes of CLAM and MoMKD and WiKG's ``train.py`` do; the submodules
+``last_epoch_modules`` names keep their last epoch's weights instead).
+
+The hot loop has no host synchronisation: losses are accumulated on the device and read once per epoch and
+per check.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -32,6 +37,7 @@ from methods import MILMethod, create_method
 from methods.base import Bag, MethodCfg
 from methods.packing import chunk_bags
 
+from .convergence import Selection, resolve_epochs, update_cap
 from .device import resolve_precision
 from .evaluate import patient_auc, predict, predict_patches, slide_predictions
 
@@ -50,11 +56,12 @@ MONITORS = {"auc": "val_auc", "loss": "val_loss", "mean-auc": "val_mean_auc"}
 
 @dataclass
 class TrainResult:
-    """The trained model (best validation epoch's weights) and how training went.
+    """The trained model (best validation check's weights) and how training went.
 
-    ``stopped`` is ``plateau`` when the last epoch met the early-stopping rule (``patience`` epochs without a
-    better validation score, ``min_epochs`` done) and ``cap`` when the epoch budget ended training while the
-    validation score was still improving: that fold may not have converged.
+    ``stopped`` is ``plateau`` when the last check met the early-stopping rule (bench/convergence.py: its
+    patience without a better selection score, its minimum done) and ``cap`` when the budget (epochs or
+    updates) ended training while the score was still improving: that fold may not have converged.
+    ``history`` has one record per check; ``best_updates`` and ``updates`` count optimiser updates.
     """
 
     model: MILMethod
@@ -63,6 +70,8 @@ class TrainResult:
     best_score: float
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: str = "cap"
+    best_updates: int = 0
+    updates: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -128,44 +137,6 @@ def _validate(
     return record
 
 
-@dataclass
-class _Selection:
-    """The best validation epoch so far (score, epoch, weights) and the early-stopping rule around it."""
-
-    cfg: MethodCfg
-    score: float = math.nan
-    epoch: int = -1
-    state: dict[str, torch.Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        self.maximise = self.cfg.monitor != "loss"
-        self.score = -math.inf if self.maximise else math.inf
-
-    def offer(self, model: MILMethod, score: float, epoch: int) -> None:
-        """Keep ``model``'s weights when ``score`` beats (or, with ``keep_tied_best``, ties) the best one."""
-        if self.cfg.keep_tied_best:
-            improved = score >= self.score if self.maximise else score <= self.score
-        else:
-            improved = score > self.score if self.maximise else score < self.score
-        if improved or self.state is None:
-            self.score, self.epoch = score, epoch
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def should_stop(self, epoch: int) -> bool:
-        return epoch + 1 >= self.cfg.min_epochs and epoch - self.epoch >= self.cfg.patience
-
-    def restore(self, model: MILMethod) -> None:
-        """Load the best epoch's weights, except the submodules that keep their last epoch's."""
-        if self.state is None:
-            return
-        last = {
-            k: v.detach().clone()
-            for k, v in model.state_dict().items()
-            if k.split(".", 1)[0] in model.last_epoch_modules()
-        }
-        model.load_state_dict({**self.state, **last})
-
-
 def _train_epoch(
     model: MILMethod,
     optimizer: torch.optim.Optimizer,
@@ -174,14 +145,16 @@ def _train_epoch(
     device: torch.device,
     autocast: bool,
     pending: bool,
+    after_update: Callable[[torch.Tensor, int], bool],
 ) -> tuple[torch.Tensor, bool, int]:
     """One epoch over ``bags`` in ``order``: forward, summed loss terms, backward, a step every
-    ``accumulation_steps`` bags; returns the loss sum (on the device), whether gradients are pending, and
-    the number of optimiser updates made."""
+    ``accumulation_steps`` bags, each followed by ``after_update(loss sum so far, bags done)``, which ends
+    the epoch early by returning True; returns the loss sum (on the device), whether gradients are pending,
+    and the number of bags trained on."""
     cfg = model.cfg
     accumulation = max(1, cfg.accumulation_steps)
     backward_scale = 1.0 / accumulation if cfg.accumulation_mean else None
-    loss_sum, updates = torch.zeros((), device=device), 0
+    loss_sum = torch.zeros((), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)  # entered once per bag
     if not cfg.carry_partial_window:
         pending = False
@@ -198,11 +171,82 @@ def _train_epoch(
             pending = True
         if pending and (i + 1) % accumulation == 0:
             _step(model, optimizer, cfg)
-            pending, updates = False, updates + 1
+            pending = False
+            if after_update(loss_sum, i + 1):
+                return loss_sum, False, i + 1
     if pending and not cfg.carry_partial_window:
         _step(model, optimizer, cfg)
-        pending, updates = False, updates + 1
-    return loss_sum, pending, updates
+        pending = False
+        after_update(loss_sum, len(order))
+    return loss_sum, pending, len(order)
+
+
+class _Checks:
+    """The validation checks of one :func:`fit` and their bookkeeping: optimiser updates counted, a check
+    where the rule puts one (bench/convergence.py), its history record (the mean training loss of the bags
+    since the previous check, the facts of the epochs ended since, the validation scores), the plateau
+    scheduler stepped once per epoch on the epoch's last selection score, and whether training stops."""
+
+    def __init__(
+        self,
+        model: MILMethod,
+        scheduler: Any,
+        validate: Callable[[], dict[str, float]],
+        on_check: Callable[[int, int, dict[str, Any]], Any] | None,
+        cap: int,
+    ) -> None:
+        self.model, self.scheduler, self.validate = model, scheduler, validate
+        self.on_check, self.cap = on_check, cap
+        self.best = Selection(model.cfg)
+        self.history: list[dict[str, Any]] = []
+        self.epoch = self.updates = self.checked = 0
+        self.stop = self.plateau = False
+        self._ended = (0.0, 0)  # loss sum and bags of the epochs ended
+        self._at_check = (0.0, 0)  # the same, up to the last check
+        self._facts: dict[str, Any] = {}
+        self._epoch_score: float | None = None
+
+    def after_update(self, loss_sum: torch.Tensor, bags: int) -> bool:
+        """Count an update; check when one is due (reads ``loss_sum``: one host sync per check)."""
+        self.updates += 1
+        if self.best.due(self.updates, self.checked):
+            self.check((self._ended[0] + float(loss_sum), self._ended[1] + bags))
+        return self.stop
+
+    def end_epoch(self, loss_sum: torch.Tensor, bags: int) -> None:
+        """The epoch's facts kept for the next record, its check under the epoch rule, the scheduler's step."""
+        self._ended = (self._ended[0] + float(loss_sum), self._ended[1] + bags)
+        self._facts.update(self.model.on_epoch_end(self.epoch))
+        if not self.best.in_updates:
+            self.check(self._ended)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if self._epoch_score is not None:
+                self.scheduler.step(self._epoch_score)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        self._epoch_score = None
+
+    def finish(self) -> None:
+        """A last check when the epoch cap ended training between two checks of the update rule (or before
+        the first)."""
+        if (self.updates > self.checked or not self.history) and not self.stop:
+            self.check(self._ended)
+
+    def check(self, trained: tuple[float, int]) -> None:
+        loss, bags = trained[0] - self._at_check[0], trained[1] - self._at_check[1]
+        record = {"epoch": self.epoch, "updates": self.updates, "train_loss": loss / max(1, bags)}
+        record.update(self._facts)
+        record.update(self.validate())
+        cfg = self.model.cfg
+        score = self.best.offer(self.model, record[MONITORS[cfg.monitor]], self.epoch, self.updates)
+        if cfg.val_smoothing > 1:
+            record["val_score"] = score
+        self.history.append(record)
+        self._facts, self._at_check, self.checked, self._epoch_score = {}, trained, self.updates, score
+        if self.on_check is not None:
+            self.on_check(len(self.history) - 1, self.cap, record)
+        self.plateau = self.best.should_stop(self.epoch, self.updates)
+        self.stop = self.plateau or self.best.at_budget(self.updates)
 
 
 def fit(
@@ -215,52 +259,62 @@ def fit(
     device: torch.device,
     seed: int,
     aggregation: str = "mean",
-    on_epoch: Callable[[int, int, dict[str, float]], Any] | None = None,
+    on_check: Callable[[int, int, dict[str, Any]], Any] | None = None,
     precision: str = "auto",
 ) -> TrainResult:
-    """Build ``method`` with ``cfg`` (seeded), prepare it on the training bags, train, and return it holding
-    the weights of its best validation epoch; forward and loss under bf16 autocast when ``precision`` says
-    so (:func:`bench.device.resolve_precision`)."""
+    """Build ``method`` with ``cfg`` (seeded; its ``epochs`` resolved by the convergence rule), prepare it on
+    the training bags, train, and return it holding the weights of its best validation check; forward and
+    loss under bf16 autocast when ``precision`` says so (:func:`bench.device.resolve_precision`).
+    ``on_check(check, cap, record)`` sees each check's history record (``cap``: the most updates the fold
+    can make)."""
+    if cfg.monitor not in MONITORS:
+        raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
     seed_everything(seed)
     autocast = resolve_precision(precision, device)
+    epoch_cap = cfg.epochs  # None: the update budget alone ends training
+    cfg = resolve_epochs(cfg, len(train_bags))
     model = create_method(method, in_dim=in_dim, omics_dim=omics_dim, cfg=cfg).to(device)
     train_bags = [b.to(device, non_blocking=True) for b in train_bags]
     model.prepare(train_bags)
     optimizer, scheduler = model.configure_optimizer()
     generator = torch.Generator().manual_seed(seed)
     labels = torch.tensor([int(b.label) for b in train_bags])
-    if cfg.monitor not in MONITORS:
-        raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
-    best = _Selection(cfg)
-    history: list[dict[str, Any]] = []
-    epoch, pending, updates = 0, False, 0
+    checks = _Checks(
+        model,
+        scheduler,
+        lambda: _validate(model, val_bags, device, autocast, aggregation),
+        on_check,
+        update_cap(cfg, len(train_bags)),
+    )
+    pending = False
     optimizer.zero_grad(set_to_none=True)
-    for epoch in range(cfg.epochs):
+    for epoch in range(epoch_cap) if epoch_cap is not None else itertools.count():
+        checks.epoch, before = epoch, checks.updates
         model.train()
         model.on_epoch_start(epoch)
         order = epoch_order(labels, cfg.balanced_sampling, generator).tolist()
-        loss_sum, pending, steps = _train_epoch(
-            model, optimizer, train_bags, order, device, autocast, pending
+        loss_sum, pending, bags = _train_epoch(
+            model, optimizer, train_bags, order, device, autocast, pending, checks.after_update
         )
-        updates += steps
-        record = {"epoch": epoch, "updates": updates, "train_loss": float(loss_sum) / max(1, len(labels))}
-        record.update(model.on_epoch_end(epoch))
-        record.update(_validate(model, val_bags, device, autocast, aggregation))
-        history.append(record)
-        score = record[MONITORS[cfg.monitor]]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(score)
-        elif scheduler is not None:
-            scheduler.step()
-        best.offer(model, score, epoch)
-        if on_epoch is not None:
-            on_epoch(epoch, cfg.epochs, record)
-        if best.should_stop(epoch):
+        if checks.stop:  # the update rule ended training at a check, within or at the end of the epoch
             break
+        checks.end_epoch(loss_sum, bags)
+        if checks.stop or (epoch_cap is None and checks.updates == before):
+            break  # (the latter: a window larger than the training set never completes, no update ever)
+    checks.finish()
+    best = checks.best
     best.restore(model)
     model.eval()
-    stopped = "plateau" if history and best.should_stop(epoch) else "cap"
-    return TrainResult(model, best.epoch, epoch + 1, float(best.score), history, stopped)
+    return TrainResult(
+        model,
+        best_epoch=best.epoch,
+        epochs_run=checks.epoch + 1,
+        best_score=float(best.score) if math.isfinite(best.score) else math.nan,  # nan: no check could count
+        history=checks.history,
+        stopped="plateau" if checks.plateau else "cap",
+        best_updates=best.updates,
+        updates=checks.updates,
+    )
 
 
 def _sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:

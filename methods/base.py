@@ -147,13 +147,27 @@ class MethodCfg:
     plateau_factor: float = 0.2
     plateau_patience: int = 5
     cosine_t_max: int = 50
-    epochs: int = 100
+    #: cap on training epochs; None: none, ``max_updates`` alone ends training (then the trainer sets it to
+    #: the epochs that budget takes on the fold's training bags)
+    epochs: int | None = 100
     patience: int = 20  # early stopping, epochs without a better validation score
     #: a later epoch whose validation score ties the best one replaces it (checkpoint and patience counter),
     #: as ``EarlyStopping`` in CLAM and MoMKD (``score < best`` is the only "worse") and WiKG's ``train.py``
     #: (``max_val_auc == val_auc`` saves); False: only a strictly better score counts (MKD, G-HANet, TDC)
     keep_tied_best: bool = False
     min_epochs: int = 0  # no early stop before this many epochs
+    #: The convergence rule in optimiser updates (the built-in tasks' ``train:`` block, docs/protocol.md
+    #: "Convergence"); None keeps the epoch rule above. Set, it ends training after ``max_updates`` updates,
+    #: validates every ``val_every`` updates (mid-epoch too) and stops early once ``min_updates`` are done
+    #: and ``patience_updates`` updates have passed without a better selection score; ``patience`` and
+    #: ``min_epochs`` are then not read.
+    max_updates: int | None = None
+    val_every: int = 0
+    patience_updates: int = 0
+    min_updates: int = 0
+    #: the selection score of a validation check (checkpoint, early stopping, plateau scheduler): the mean
+    #: of the monitor over the last this many checks (1: the check's own value, the published rule)
+    val_smoothing: int = 1
     #: validation score for early stopping and checkpoint selection: auc | loss | mean-auc (the mean of the
     #: AUCs of the models ``validation_logits`` returns, e.g. MKD's student and teachers)
     monitor: str = "auc"

@@ -279,8 +279,8 @@ def _figures(
                 ),
                 f"learning_curves_{st.stem}",
                 f"{st.task.upper()}: each fold's validation score (the method's own selection score) against "
-                "optimiser updates; a dot marks the kept epoch, a dashed line a fold that ended on its epoch cap, "
-                "not on a plateau.",
+                "optimiser updates; a dot marks the kept check, a dashed line a fold that ended on its cap (epochs "
+                "or updates), not on a plateau.",
             )
         for cohort in st.cohorts:
             curves, calib = _curves(st, cohort)
@@ -336,18 +336,20 @@ def _localisation(
 
 
 def _learning_curves(st: TaskStats) -> pd.DataFrame:
-    """Each fold's monitored validation score per epoch against its optimiser updates (folds written before
-    bench recorded updates are left out)."""
+    """Each fold's selection score at each validation check (the monitor, smoothed where the rule smooths it)
+    against its optimiser updates (folds written before bench recorded updates are left out)."""
     rows = []
     for r in st.runs:
-        key = MONITORS.get(r.metrics.get("monitor", "auc"), "val_auc")
-        capped = r.metrics.get("stopped") == "cap"
+        monitor = MONITORS.get(r.metrics.get("monitor", "auc"), "val_auc")
+        metric, capped = monitor.removeprefix("val_"), r.metrics.get("stopped") == "cap"
         for record in r.metrics.get("history", []):
+            key = "val_score" if "val_score" in record else monitor
             if "updates" in record and key in record:
-                kept = record["epoch"] == r.metrics.get("best_epoch")
-                rows.append(
-                    (r.method, r.unit, record["updates"], record[key], kept, capped, key.removeprefix("val_"))
-                )
+                if "best_updates" in r.metrics:
+                    kept = record["updates"] == r.metrics["best_updates"]
+                else:
+                    kept = record["epoch"] == r.metrics.get("best_epoch")
+                rows.append((r.method, r.unit, record["updates"], record[key], kept, capped, metric))
     return pd.DataFrame(rows, columns=["method", "fold", "updates", "score", "kept", "capped", "metric"])
 
 

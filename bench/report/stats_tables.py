@@ -219,27 +219,32 @@ def localisation_md_table(results: dict[str, pd.DataFrame], methods: Sequence[st
 
 
 def runs_table(st: TaskStats) -> Table:
-    """What was run for one task: per method, folds, seeds, epoch cap, epochs run, folds converged, device,
-    versions."""
+    """What was run for one task: per method, folds, seeds, cap (epochs, or updates under the update rule),
+    epochs and updates run, folds converged, device, versions."""
     rows = []
     for method in sorted({r.method for r in st.runs}):
         runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.unit)
         repeats = sorted({r.repeat for r in runs})
         epochs_run = [r.metrics.get("epochs_run") for r in runs]
+        updates = [r.metrics["updates"] for r in runs if "updates" in r.metrics]
         stopped = [r.metrics.get("stopped") for r in runs]
         versions = {
             f"torch {r.config.get('versions', {}).get('torch', '?')}, numpy {r.config.get('versions', {}).get('numpy', '?')}"
             for r in runs
         }
         cfg = runs[0].config.get("method_config", {})
+        cap = (
+            f"{cfg['max_updates']} updates" if cfg.get("max_updates") else f"{cfg.get('epochs', '?')} epochs"
+        )
         rows.append(
             [
                 method,
                 _folds_done(runs, repeats),
                 ", ".join(sorted({str(r.config.get("seed")) for r in runs}))
                 + (" (repeat r: split seed + r)" if len(repeats) > 1 else ""),
-                str(cfg.get("epochs", "?")),
+                cap,
                 f"{np.mean([e for e in epochs_run if e is not None]):.1f}" if epochs_run else "–",
+                f"{np.mean(updates):.0f}" if updates else "–",
                 f"{stopped.count('plateau')} of {len(runs)}" if any(stopped) else "–",
                 ", ".join(sorted({str(r.config.get("device")) for r in runs})),
                 "; ".join(sorted(versions)),
@@ -249,16 +254,17 @@ def runs_table(st: TaskStats) -> Table:
         "Method",
         "Folds done",
         "Seed",
-        "Epoch cap",
+        "Cap",
         "Epochs run (mean)",
+        "Updates (mean)",
         "Converged",
         "Device",
         "Versions",
     ]
     caption = (
         f"{st.task.upper()}: runs found on disk (from each fold's config.yaml and metrics.json). Converged: folds "
-        "whose training ended on a validation plateau (the method's early-stopping rule met), not on the epoch "
-        "cap; – for folds written before bench recorded it."
+        "whose training ended on a validation plateau (the early-stopping rule met), not on the cap; – for "
+        "folds written before bench recorded it."
     )
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.stem}")
 

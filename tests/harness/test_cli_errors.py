@@ -42,6 +42,7 @@ def bench(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
         (("run", "--tsk", "odx"), "No such option: --tsk"),
         (("run", "--task", "odx", "--folds", "1"), "Invalid value for '--folds'"),
         (("run",), "Missing option '--task'"),
+        (("run", "--task", "odx", "--protocol", "published"), "Invalid value for '--protocol'"),
         (("nosuchcommand",), "No such command"),
     ],
 )

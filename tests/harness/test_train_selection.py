@@ -58,7 +58,7 @@ def _scripted_fit(
         _bags(2),
         torch.device("cpu"),
         seed=0,
-        on_epoch=lambda *a: snapshots.append(built[0].classifier.weight.detach().clone()),
+        on_check=lambda *a: snapshots.append(built[0].classifier.weight.detach().clone()),
     )
     return result, snapshots
 
@@ -180,7 +180,7 @@ def test_last_epoch_modules_are_not_restored(monkeypatch):
         _bags(2),
         torch.device("cpu"),
         seed=0,
-        on_epoch=lambda *a: states.append({k: v.clone() for k, v in built[0].state_dict().items()}),
+        on_check=lambda *a: states.append({k: v.clone() for k, v in built[0].state_dict().items()}),
     )
     assert r.best_epoch == 0
     for k, v in r.model.state_dict().items():

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
         "bench.tracking",
         "bench.data",
     ),  # results on disk, to a tracking store; data
-    ("bench.evaluate", "bench.train"),  # predicting and training one model
+    ("bench.evaluate", "bench.convergence", "bench.train"),  # predicting and training one model
     ("bench.taskdata", "bench.jobs"),  # a task's data loaded once; plan and run one fold
     (
         "bench.executors",
@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("bench.report",),
     ("bench.commands",),
-    ("bench.cli_options", "bench.cli"),
+    ("bench.progress", "bench.cli_options", "bench.cli"),
 ]
 
 
