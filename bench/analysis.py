@@ -4,6 +4,8 @@ says how each CI and test is formed).
 
 Every quantity is patient-level: slides are first aggregated to patients with the task's aggregation
 (``patient_aggregation``: mean or max of the slide probabilities), then patients are resampled or ranked.
+A multiclass task (several probability columns, bench/tasktypes.py) gets the same tables of its macro
+one-vs-rest AUC, with a class-stratified bootstrap CI and a paired bootstrap test in place of DeLong's.
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ import pandas as pd
 
 from .data.splits import membership_digest
 from .errors import BenchError
-from .evaluate import auc, patient_level
-from .stats import PairedTest, bootstrap_auc_ci, corrected_resampled_ttest, delong_contrast
+from .evaluate import auc, patient_level, patient_probs
+from .stats import (
+    PairedTest,
+    bootstrap_auc_ci,
+    bootstrap_macro_auc_ci,
+    corrected_resampled_ttest,
+    delong_contrast,
+    paired_bootstrap_test,
+)
 from .store import FoldRun, TaskResults, load_results, read_saved_splits
+from .tasktypes import probabilities
 
 __all__ = ["TaskStats", "analyse", "analyse_task"]
 
@@ -38,7 +48,10 @@ class TaskStats:
         tests: one row per (method ≠ reference, cohort, test): test, diff (method − reference), statistic,
             p, folds.
         fold_auc: long table method, fold, cohort, auc.
-        patients: patient-level predictions: method, fold, cohort, case_id, label, prob.
+        patients: patient-level predictions: method, fold, cohort, case_id, label, prob (multiclass:
+            prob_0 …).
+        paired_test: the name of the paired test on patients: ``DeLong`` (binary) or ``bootstrap``
+            (multiclass, :func:`bench.stats.paired_bootstrap_test`).
         aggregation: the slide-to-patient aggregation used.
         test_train_ratio: n_test / n_train of the corrected t-test, and where it came from.
         runs: the fold folders used; notes: the ones left out, and why.
@@ -58,6 +71,11 @@ class TaskStats:
     runs: list[FoldRun]
     notes: list[str]
     internal_patients: int | None = None
+    paired_test: str = "DeLong"
+
+    @property
+    def multiclass(self) -> bool:
+        return self.paired_test != "DeLong"
 
 
 def analyse(
@@ -78,7 +96,7 @@ def analyse(
     patients = _patients(runs, aggregation)
     fold_auc = pd.DataFrame(
         [
-            (m, f, c, auc(g.label.to_numpy(), g.prob.to_numpy()))
+            (m, f, c, auc(g.label.to_numpy(), patient_probs(g)))
             for (m, f, c), g in patients.groupby(["method", "fold", "cohort"], sort=True)
         ],
         columns=["method", "fold", "cohort", "auc"],
@@ -93,7 +111,7 @@ def analyse(
         reference=ref,
         cohorts=cohorts,
         summary=_summary(patients, fold_auc, n_boot, seed),
-        tests=_paired_tests(patients, fold_auc, cohorts, ref, split_of, ratio[0]),
+        tests=_paired_tests(patients, fold_auc, cohorts, ref, split_of, ratio[0], n_boot, seed),
         fold_auc=fold_auc,
         patients=patients,
         aggregation=aggregation,
@@ -103,6 +121,7 @@ def analyse(
         runs=runs,
         notes=results.notes,
         internal_patients=None if splits is None else splits.case_id.nunique(),
+        paired_test="DeLong" if "prob" in patients.columns else "bootstrap",
     )
 
 
@@ -125,7 +144,8 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
         aucs = fold_auc[(fold_auc.method == method) & (fold_auc.cohort == cohort)].auc.to_numpy()
         y, scores = _scores(pat, cohort)
         point = auc(y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
-        lo, hi = bootstrap_auc_ci(y, scores, n_boot, seed)
+        ci = bootstrap_auc_ci if scores.ndim == 2 else bootstrap_macro_auc_ci
+        lo, hi = ci(y, scores, n_boot, seed)
         rows.append(
             {
                 "method": method,
@@ -137,7 +157,7 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
                 "ci_lo": lo,
                 "ci_hi": hi,
                 "patients": len(y),
-                "positives": int(np.sum(y)),
+                "positives": int(np.sum(y)) if scores.ndim == 2 else int(np.sum(y == 0)),
             }
         )
     return pd.DataFrame(rows)
@@ -150,9 +170,11 @@ def _paired_tests(
     ref: str,
     split_of: dict[tuple[str, int], Any],
     ratio: float,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Each method against ``ref`` on the folds both ran on the same split: the corrected t-test (internal)
-    and DeLong's test (every cohort)."""
+    and DeLong's test (every cohort; multiclass: the paired bootstrap test of the macro AUC)."""
     tests = []
     for method in sorted(set(patients.method) - {ref}):
         folds = sorted(
@@ -180,6 +202,10 @@ def _paired_tests(
             if y is None:
                 continue
             kk = scores.shape[0] // 2
+            if scores.ndim == 3:
+                t = paired_bootstrap_test(y, scores[:kk], scores[kk:], n_boot, seed)
+                tests.append(_test_row(method, cohort, "bootstrap", t, len(folds)))
+                continue
             contrast = np.r_[np.full(kk, 1.0 / kk), np.full(kk, -1.0 / kk)]
             tests.append(
                 _test_row(method, cohort, "DeLong", delong_contrast(y, scores, contrast), len(folds))
@@ -193,7 +219,14 @@ def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:
         for cohort, pred in r.predictions.groupby("cohort", sort=False):
             pat = patient_level(pred, aggregation)
             frames.append(pat.assign(method=r.method, fold=r.fold, cohort=cohort))
-    cols = ["method", "fold", "cohort", "case_id", "label", "prob"]
+    probs = probabilities(frames[0].columns) if frames else ["prob"]
+    kinds = {tuple(probabilities(f.columns)) for f in frames}
+    if len(kinds) > 1:
+        raise BenchError(
+            f"fold results disagree on the number of classes ({sorted(len(k) for k in kinds)} probability "
+            "columns): the folds on disk come from different task definitions. Fix: move the old ones aside."
+        )
+    cols = ["method", "fold", "cohort", "case_id", "label", *probs]
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
@@ -252,7 +285,9 @@ def _test_row(method: str, cohort: str, name: str, t: PairedTest, folds: int) ->
 
 
 def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(N,)`` and score rows: one pooled row for ``test``; one row per fold for an external cohort."""
+    """Labels ``(N,)`` and score rows: one pooled row for ``test``; one row per fold for an external cohort.
+    Binary: rows ``(k, N)``; multiclass: ``(k, N, C)``."""
+    probs = probabilities(pat.columns)
     if cohort == "test":
         pooled = pat.sort_values("case_id")
         if pooled.case_id.duplicated().any():
@@ -260,23 +295,38 @@ def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
                 f"patient(s) {pooled.case_id[pooled.case_id.duplicated()].unique()[:3].tolist()} are in the test "
                 "part of several folds of one method; the folds on disk do not come from one split."
             )
-        return pooled.label.to_numpy(), pooled.prob.to_numpy()[None, :]
-    wide = pat.pivot(index="case_id", columns="fold", values="prob").dropna()
+        return pooled.label.to_numpy(), _rows(pooled.set_index("case_id"), probs, [None])
+    wide = pat.pivot(index="case_id", columns="fold", values=probs).dropna()  # columns (prob, fold)
     labels = pat.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index]
-    return labels.to_numpy(), wide.to_numpy().T
+    return labels.to_numpy(), _rows(wide, probs, sorted(set(pat.fold)))
+
+
+def _rows(wide: pd.DataFrame, probs: list[str], keys: list[Any]) -> np.ndarray:
+    """Score rows of a wide table, one per key (``None``: the table's own columns): ``(k, N)`` for one
+    probability column, ``(k, N, C)`` for several."""
+    rows = [np.stack([wide[p if key is None else (p, key)].to_numpy() for p in probs], -1) for key in keys]
+    out = np.stack(rows)
+    return out[..., 0] if len(probs) == 1 else out
 
 
 def _paired_scores(
     pair: pd.DataFrame, cohort: str, method: str, ref: str, folds: list[int]
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled, or per fold)."""
+    probs = probabilities(pair.columns)
+    values = probs[0] if len(probs) == 1 else probs
     if cohort == "test":
-        wide = pair.pivot(index="case_id", columns="method", values="prob").dropna()
-        cols = [method, ref]
+        wide = pair.pivot(index="case_id", columns="method", values=values).dropna()
+        cols: list[Any] = [method, ref]
     else:
-        wide = pair.pivot(index="case_id", columns=["method", "fold"], values="prob").dropna()
+        wide = pair.pivot(index="case_id", columns=["method", "fold"], values=values).dropna()
         cols = [(method, f) for f in folds] + [(ref, f) for f in folds]
     labels = pair.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index].to_numpy()
+    if len(probs) > 1:
+        if pd.Series(labels).value_counts().size < 2:
+            return None, np.zeros((0, 0, 0))
+        keys = [c if isinstance(c, tuple) else (c,) for c in cols]
+        return labels, np.stack([wide[[(p, *k) for p in probs]].to_numpy() for k in keys])
     if min(labels.sum(), (1 - labels).sum()) < 2:
         return None, np.zeros((0, 0))
     return labels, wide[cols].to_numpy().T

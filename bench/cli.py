@@ -324,7 +324,8 @@ def explain_cmd(
     from .commands import explain
 
     ex = explain(method, task, slide, fold, out, device, console.print)
-    line = f"{method} · {slide} · fold {ex.fold} ({ex.part}) · P(positive) {ex.prob:.3f}"
+    truth = ex.classes[ex.label] if ex.classes else "positive"
+    line = f"{method} · {slide} · fold {ex.fold} ({ex.part}) · P({truth}) {ex.prob:.3f}"
     if ex.relevance is not None:
         line += f" · localisation AUC {ex.localisation_auc:.3f} (attention vs ground-truth relevance > 0)"
     console.print(line)
@@ -351,13 +352,19 @@ def tasks_cmd() -> None:
 
     from .config import list_builtin_tasks
 
-    table = Table("task", "label", "positive", "source", "file")
+    table = Table("task", "type", "label", "classes (binary: positive)", "source", "file")
     for path in list_builtin_tasks():
         raw = yaml.safe_load(path.read_text()) or {}
+        label = (
+            f"{raw.get('time_col')}, {raw.get('event_col')}"
+            if raw.get("type") == "survival"
+            else str(raw.get("label_col"))
+        )
         table.add_row(
             path.stem,
-            str(raw.get("label_col")),
-            ", ".join(map(str, raw.get("positive", []))),
+            str(raw.get("type", "binary")),
+            label,
+            ", ".join(map(str, raw.get("classes") or raw.get("positive") or [])),
             str(raw.get("source", "files")),
             str(path),
         )

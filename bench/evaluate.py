@@ -9,6 +9,10 @@ Threshold-dependent metrics are reported at two operating points, as the MoMKD a
 - at the argmax of the two-class softmax, i.e. probability > 0.5 (keys ``acc@0.5``, ``balanced_acc@0.5``,
   ``f1@0.5``): no fitted threshold, so it does not move with a small validation split.
 
+A multiclass task (bench/tasktypes.py) has one probability per class (``prob_0`` … in predictions.csv) and
+the metrics of :func:`multiclass_metrics`: ``auc`` the macro one-vs-rest ROC AUC, ``acc``, ``balanced_acc``
+(mean per-class recall), ``f1`` (macro) at the argmax, and the ``confusion`` matrix; no threshold.
+
 Calibration needs no operating point: the Brier score (``brier``, sklearn's ``brier_score_loss``, the mean of
 ``(p − y)²``) and the expected calibration error (``ece``, over ``ece_bins`` equal-mass bins:
 :func:`bench.stats.expected_calibration_error`), both of the patient probabilities.
@@ -17,6 +21,7 @@ Calibration needs no operating point: the Brier score (``brier``, sklearn's ``br
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +30,9 @@ from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     brier_score_loss,
+    confusion_matrix,
     f1_score,
+    log_loss,
     precision_recall_curve,
     roc_auc_score,
 )
@@ -34,6 +41,7 @@ from methods.base import Bag, MILMethod
 from methods.packing import chunk_bags
 
 from .stats import calibration_bins, expected_calibration_error
+from .tasktypes import prob_columns, probabilities
 
 __all__ = [
     "ARGMAX",
@@ -44,11 +52,16 @@ __all__ = [
     "binary_metrics",
     "calibration_metrics",
     "cohort_metrics",
+    "multiclass_metrics",
     "patient_auc",
     "patient_level",
+    "patient_metrics",
+    "patient_probs",
     "predict",
     "predict_patches",
     "slide_predictions",
+    "validation_loss",
+    "validation_threshold",
 ]
 
 THRESHOLD_METRICS = ("acc", "balanced_acc", "f1")  # the metrics that depend on an operating point
@@ -74,7 +87,8 @@ def predict(
     autocast: bool = False,
     max_patches: int | None = None,
 ) -> np.ndarray:
-    """Positive-class probability of each bag (omics removed; eval mode), several bags per forward
+    """Positive-class probability of each bag ``(B,)`` (omics removed; eval mode), or with more than two
+    classes every class's probability ``(B, C)``; several bags per forward
     (``MILMethod.predict_logits``: each bag's value as predicted alone), at most ``max_patches`` patches
     per forward (default :func:`predict_patches`)."""
     was_training = model.training
@@ -84,35 +98,60 @@ def predict(
         chunk = [bags[i].without_omics().to(device, non_blocking=True) for i in group]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.predict_logits(chunk)
-        probs.append(logits.float().softmax(-1)[:, 1])
+        p = logits.float().softmax(-1)
+        probs.append(p[:, 1] if p.shape[-1] == 2 else p)
     model.train(was_training)
-    return torch.cat(probs).cpu().numpy() if probs else np.zeros(0)
+    if not probs:
+        c = model.cfg.num_classes
+        return np.zeros(0) if c == 2 else np.zeros((0, c))
+    return torch.cat(probs).cpu().numpy()
 
 
 def slide_predictions(bags: Sequence[Bag], probs: np.ndarray, cohort: str) -> pd.DataFrame:
-    """The contract's predictions.csv rows: slide_id, case_id, label, prob, cohort."""
+    """The contract's predictions.csv rows: slide_id, case_id, label, prob, cohort (multiclass: prob_0 …
+    prob_{C-1} for ``probs`` of shape ``(B, C)``)."""
+    probs = probs.astype(np.float64)
+    columns = prob_columns(2 if probs.ndim == 1 else probs.shape[1])
+    values = probs.reshape(len(probs), -1)
     return pd.DataFrame(
         {
             "slide_id": [b.slide_id for b in bags],
             "case_id": [b.case_id for b in bags],
             "label": [int(b.label) for b in bags],
-            "prob": probs.astype(np.float64),
+            **{c: values[:, i] for i, c in enumerate(columns)},
             "cohort": cohort,
         }
     )
 
 
 def patient_level(pred: pd.DataFrame, aggregation: str = "mean") -> pd.DataFrame:
-    """One row per patient: case_id, label, prob (mean or max over the patient's slides)."""
-    return (
+    """One row per patient: case_id, label, prob (or prob_0 …; mean or max over the patient's slides; a
+    multiclass patient's maxima are renormalised to sum to one)."""
+    cols = probabilities(pred.columns)
+    pat = (
         pred.groupby("case_id", sort=True)
-        .agg(label=("label", "first"), prob=("prob", aggregation))
+        .agg(label=("label", "first"), **{c: (c, aggregation) for c in cols})
         .reset_index()
     )
+    if len(cols) > 1 and aggregation == "max":
+        pat[cols] = pat[cols].div(pat[cols].sum(axis=1), axis=0)
+    return pat
+
+
+def patient_probs(pat: pd.DataFrame) -> np.ndarray:
+    """The probabilities of a (patient-level) predictions table: ``(N,)`` binary, ``(N, C)`` multiclass."""
+    cols = probabilities(pat.columns)
+    return pat[cols[0]].to_numpy() if len(cols) == 1 else pat[cols].to_numpy()
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC (sklearn); NaN when only one class is present."""
+    """ROC AUC (sklearn); NaN when only one class is present. With ``p`` of shape ``(N, C)``: the macro
+    one-vs-rest AUC, the mean over the classes present (and absent from some patients) of each class's
+    AUC against the rest; with every class present, sklearn's ``roc_auc_score(multi_class="ovr")``."""
+    if p.ndim == 2:
+        per_class = [auc((y == c).astype(int), p[:, c]) for c in range(p.shape[1])]
+        found = [a for a in per_class if not np.isnan(a)]
+        return float(np.mean(found)) if len(np.unique(y)) >= 2 and found else float("nan")
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
@@ -120,7 +159,16 @@ def patient_auc(pred: pd.DataFrame, aggregation: str = "mean") -> float:
     """AUC of slide predictions (columns case_id, label, prob) aggregated to patients: the one patient-level
     AUC that training's validation, the sweep's objective and the report compute."""
     pat = patient_level(pred, aggregation)
-    return auc(pat.label.to_numpy(), pat.prob.to_numpy())
+    return auc(pat.label.to_numpy(), patient_probs(pat))
+
+
+def validation_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean cross-entropy of slide labels ``y`` under probabilities ``p`` (``(N,)`` positive class, or
+    ``(N, C)``), probabilities clipped to [1e-7, 1 - 1e-7] as the binary form always was."""
+    if p.ndim == 2:
+        return float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=np.arange(p.shape[1])))
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
 
 
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -165,6 +213,23 @@ def calibration_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     }
 
 
+def multiclass_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Macro one-vs-rest AUC, accuracy, balanced accuracy and macro F1 at the argmax of the class
+    probabilities ``p`` ``(N, C)``, the number of patients and the confusion matrix (rows: true class,
+    columns: predicted class, sklearn's ``confusion_matrix``)."""
+    c = p.shape[1]
+    y_hat = p.argmax(axis=1)
+    present = len(np.unique(y)) >= 2
+    return {
+        "auc": auc(y, p),
+        "acc": float(accuracy_score(y, y_hat)) if len(y) else float("nan"),
+        "balanced_acc": float(balanced_accuracy_score(y, y_hat)) if present else float("nan"),
+        "f1": float(f1_score(y, y_hat, labels=np.arange(c), average="macro", zero_division=0)),
+        "n": len(y),
+        "confusion": confusion_matrix(y, y_hat, labels=np.arange(c)).tolist(),
+    }
+
+
 def cohort_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     """:func:`binary_metrics` at the validation-chosen ``threshold``, plus the same threshold-dependent
     metrics at the argmax (``acc@0.5``, ``balanced_acc@0.5``, ``f1@0.5``), then :func:`calibration_metrics`
@@ -182,3 +247,20 @@ def cohort_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
         "n": n,
         **calibration_metrics(y, p),
     }
+
+
+def validation_threshold(val: pd.DataFrame) -> float | None:
+    """The operating point fitted on the validation patients (patient-level table): the best-F1 threshold
+    of a binary task, None for a multiclass one (its metrics are at the argmax)."""
+    if len(probabilities(val.columns)) > 1:
+        return None
+    return best_f1_threshold(val.label.to_numpy(), val.prob.to_numpy())
+
+
+def patient_metrics(pat: pd.DataFrame, threshold: float | None) -> dict[str, Any]:
+    """A cohort's metrics from its patient-level table: :func:`cohort_metrics` at ``threshold`` (binary),
+    :func:`multiclass_metrics` (several probability columns)."""
+    y, p = pat.label.to_numpy(), patient_probs(pat)
+    if p.ndim == 2:
+        return multiclass_metrics(y, p)
+    return cohort_metrics(y, p, threshold)

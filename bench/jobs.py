@@ -32,16 +32,17 @@ from .data.splits import fold_parts, membership_digest, split_grouping
 from .device import resolve_device, resolve_precision
 from .errors import BenchError
 from .evaluate import (
-    best_f1_threshold,
-    cohort_metrics,
     patient_auc,
     patient_level,
+    patient_metrics,
     predict,
     slide_predictions,
+    validation_threshold,
 )
 from .provenance import versions
 from .store import config_hash, fold_dir, fold_status, write_fold
 from .taskdata import RunOptions, TaskData, fold_genes, train_cases
+from .tasktypes import task_type, type_identity
 from .tracking import TrackedFold, open_tracker
 from .train import TrainResult, fit
 
@@ -96,6 +97,9 @@ def method_config(
         cfg = cfg.replace(epochs=min(cfg.epochs, opts.epochs), min_epochs=min(cfg.min_epochs, opts.epochs))
     if data.gene_groups is not None and cfg.needs().gene_groups:
         cfg = cfg.replace(gene_groups=data.gene_groups)
+    outputs = task_type(data.task).num_outputs
+    if cfg.num_classes != outputs:
+        cfg = cfg.replace(num_classes=outputs)
     return cfg
 
 
@@ -120,7 +124,7 @@ def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
     if task.split_by == "patient":
         identity.pop("split_by", None)
         identity.pop("site_col", None)
-    return identity
+    return type_identity(task, identity)
 
 
 def job_config(
@@ -315,8 +319,7 @@ def _train_and_write(
     fitted = train_fold(data, job.fold, job.method, cfg, device, on_epoch, opts.precision)
     autocast = resolve_precision(opts.precision, device)
     agg = data.task.patient_aggregation
-    val_pat = patient_level(fitted.val, agg)
-    threshold = best_f1_threshold(val_pat.label.to_numpy(), val_pat.prob.to_numpy())
+    threshold = validation_threshold(patient_level(fitted.val, agg))
     model = fitted.result.model
     test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None)
     cohorts = {
@@ -328,9 +331,7 @@ def _train_and_write(
         cohorts[name] = slide_predictions(bags, predict(model, bags, device, autocast), name)
     metrics = {
         "cohorts": {
-            name: cohort_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)
-            for name, pred in cohorts.items()
-            for p in [patient_level(pred, agg)]
+            name: patient_metrics(patient_level(pred, agg), threshold) for name, pred in cohorts.items()
         },
         "best_epoch": fitted.result.best_epoch,
         "epochs_run": fitted.result.epochs_run,

@@ -33,6 +33,7 @@ import yaml
 
 from .csvio import read_table
 from .fsio import atomic_write_text, fsync, plain, umask
+from .tasktypes import probabilities
 
 __all__ = [
     "FOLD_FILES",
@@ -59,7 +60,8 @@ MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `ben
 # the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax,
 # then calibration (Brier score, ECE; absent from folds written before they existed)
 METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5", "brier", "ece")
-PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "cohort")
+# and the probability columns: prob (binary) or prob_0 … (multiclass), bench/tasktypes.py
+PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "cohort")
 NOT_METHODS = {"report", "sweeps", "logs", "slurm"}  # folders under <out>/<task> that hold no method
 
 
@@ -102,7 +104,12 @@ def _read_fold(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
             header = f.readline().strip().split(",")
     except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError):
         return None
-    if isinstance(config, dict) and isinstance(metrics, dict) and set(PREDICTION_COLUMNS) <= set(header):
+    if (
+        isinstance(config, dict)
+        and isinstance(metrics, dict)
+        and set(PREDICTION_COLUMNS) <= set(header)
+        and probabilities(header)
+    ):
         return config, metrics
     return None
 

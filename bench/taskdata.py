@@ -16,7 +16,7 @@ from .data.genes import GeneSelection, select_genes
 from .data.omics import OmicsScaler
 from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
 from .data.task import load_task
-from .errors import DataError
+from .errors import BenchError, DataError
 from .store import write_splits
 
 __all__ = ["RunOptions", "TaskData", "fold_genes", "prepare_task", "train_cases"]
@@ -59,6 +59,11 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
     task = load_task(task_ref)
     internal, externals, problems = load_cohorts(task)
     raise_problems(problems)
+    if task.type == "survival":
+        raise BenchError(
+            f"{task.path}: survival tasks are read and checked (bench data check) but bench cannot train them "
+            "yet. Fix: use a binary or multiclass task (e.g. a label derived from the outcome)."
+        )
     folds = opts.folds or task.folds
     seed = task.seed if opts.seed is None else opts.seed
     if task.splits is not None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from ..config import TaskConfig, cache_root, read_task
 from ..errors import BenchError
-from .synthetic import SyntheticSpec, materialise
+from .synthetic import OUTCOMES_FILE, SyntheticSpec, ensure_outcomes, materialise
+
+LABEL_TABLES = ("labels.csv", OUTCOMES_FILE)  # the label tables a synthetic cohort offers
 
 __all__ = ["load_task"]
 
@@ -24,7 +26,16 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
         spec = SyntheticSpec.from_dict(cfg.synthetic or {})
     except ValueError as exc:
         raise BenchError(f"{cfg.path}: invalid 'synthetic' settings ({exc}).") from exc
+    table = "labels.csv" if cfg.labels is None else str(cfg.labels)
+    if table not in LABEL_TABLES:
+        raise BenchError(
+            f"{cfg.path}: a synthetic task's 'labels' names one of the generated label tables "
+            f"({', '.join(LABEL_TABLES)}), not {table!r}. Fix: remove 'labels' (labels.csv: her2, pr, odx_risk) "
+            f"or give {OUTCOMES_FILE} (subtype, os_days, os_event)."
+        )
     root = materialise(spec, cache_root() / "synthetic")
+    if table == OUTCOMES_FILE:
+        ensure_outcomes(spec, root)
     known = {p.name for p in root.iterdir() if p.is_dir() and p.name != "internal"}
     external = []
     for e in cfg.external:
@@ -34,13 +45,11 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
                 f"(it makes: {', '.join(sorted(known)) or 'none'})."
             )
         external.append(
-            e.model_copy(
-                update={"labels": root / e.name / "labels.csv", "features": root / e.name / "features"}
-            )
+            e.model_copy(update={"labels": root / e.name / table, "features": root / e.name / "features"})
         )
     return cfg.model_copy(
         update={
-            "labels": root / "internal" / "labels.csv",
+            "labels": root / "internal" / table,
             "features": root / "internal" / "features",
             "omics": root / "internal" / "omics.csv",
             "external": external,

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import confusion_matrix
 
 from .. import provenance
 from ..analysis import TaskStats, analyse
@@ -18,6 +19,7 @@ from ..data.synthetic import spec_record
 from ..explain import explain_slide, figure_for, localisation_table
 from ..figures import (
     calibration_figure,
+    confusion_figure,
     fold_auc_figure,
     learning_curves_figure,
     method_colors,
@@ -68,6 +70,14 @@ def _data_lines(st: TaskStats) -> list[str]:
         )
     else:
         lines.append(f"- Data from files: labels `{task.get('labels')}`, features `{task.get('features')}`.")
+    if st.multiclass:
+        lines.append(
+            f"- Label `{task.get('label_col')}`, multiclass: {', '.join(_classes(st))}; slides aggregated to "
+            f"patients by the **{st.aggregation}** of their class probabilities; every metric is patient-level "
+            "(AUC: macro one-vs-rest; ACC, BACC and macro F1 at the argmax, no threshold)."
+        )
+        lines.append(_grouping_line(config))
+        return lines + _class_count_lines(st)
     lines.append(
         f"- Label `{task.get('label_col')}`, positive class {task.get('positive')}; slides aggregated to patients "
         f"by the **{st.aggregation}** of their probabilities; every metric is patient-level."
@@ -88,6 +98,38 @@ def _data_lines(st: TaskStats) -> list[str]:
         else:
             lines.append(f"- external cohort `{c}`: {n} patients, {pos} positive ({pos / max(n, 1):.0%}).")
     return lines
+
+
+def _classes(st: TaskStats) -> list[str]:
+    """The class names of a multiclass task, from its folds' configuration."""
+    return [str(c) for c in st.runs[0].config.get("task", {}).get("classes") or []]
+
+
+def _class_count_lines(st: TaskStats) -> list[str]:
+    """Patients per class of each cohort of a multiclass task (one method's predictions: all see them)."""
+    names = _classes(st)
+    lines = []
+    for c in st.cohorts:
+        pat = st.patients[(st.patients.cohort == c) & (st.patients.method == st.reference)]
+        counts = pat.drop_duplicates("case_id").label.value_counts()
+        shown = ", ".join(
+            f"{names[k] if k < len(names) else k} {int(counts.get(k, 0))}" for k in range(len(names))
+        )
+        where = "internal cohort, cross-validated (test parts)" if c == "test" else f"external cohort `{c}`"
+        lines.append(f"- {where}: {int(counts.sum())} patients ({shown}).")
+    return lines
+
+
+def _confusions(st: TaskStats, cohort: str) -> dict[str, np.ndarray]:
+    """Per method, the confusion matrix of a cohort's patients: pooled out-of-fold internally, summed over
+    the folds' models externally (every model predicts every external patient)."""
+    cols = [c for c in st.patients.columns if c.startswith("prob_")]
+    pat = st.patients[st.patients.cohort == cohort]
+    c = len(cols)
+    return {
+        method: confusion_matrix(g.label, g[cols].to_numpy().argmax(1), labels=np.arange(c))
+        for method, g in pat.groupby("method", sort=True)
+    }
 
 
 def _grouping_line(config: dict) -> str:
@@ -251,6 +293,21 @@ def _figures(
                 "optimiser updates; a dot marks the kept epoch, a dashed line a fold that ended on its epoch cap, "
                 "not on a plateau.",
             )
+        if st.multiclass:
+            for cohort in st.cohorts:
+                where = (
+                    "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"
+                )
+                stem = f"{st.task}_{'internal' if cohort == 'test' else safe_stem(cohort)}"
+                doc.figure(
+                    confusion_figure(_confusions(st, cohort), _classes(st), f"{st.task.upper()}: {where}"),
+                    f"confusion_{stem}",
+                    f"{st.task.upper()}: confusion matrices on the {where} (rows: true class, shaded by the share "
+                    "of its patients; columns: the argmax class; numbers: patients"
+                    + ("" if cohort == "test" else ", summed over the folds' models")
+                    + ").",
+                )
+            continue
         for cohort in st.cohorts:
             curves, calib = _curves(st, cohort)
             where = "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"

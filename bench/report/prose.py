@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["CALIBRATION", "OPERATING_POINTS", "how_computed"]
+__all__ = ["CALIBRATION", "MULTICLASS_METRICS", "OPERATING_POINTS", "how_computed"]
 
 OPERATING_POINTS = (
     "ACC, BACC, F1: at the threshold of best F1 on each fold's validation patients, applied unchanged to the "
     "test part and every external cohort; @0.5: at the argmax (probability > 0.5), no fitted threshold."
+)
+
+MULTICLASS_METRICS = (
+    "Multiclass: AUC is the macro one-vs-rest AUC (mean over classes of each class's AUC against the rest); "
+    "ACC, BACC (mean per-class recall) and macro F1 at the argmax class, no fitted threshold."
 )
 
 CALIBRATION = (

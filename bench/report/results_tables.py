@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from ..analysis import analyse
+from ..evaluate import ARGMAX
 from ..stats import corrected_resampled_ttest
 from ..store import TaskResults
 from ..tables import Table, bold_best, cohort_label, fmt, method_order
@@ -56,13 +57,19 @@ def _stats(long: pd.DataFrame) -> pd.DataFrame:
 
 def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
     """Rows method × cohort, columns AUC, then ACC/BACC/F1 at the validation-chosen threshold and at the
-    argmax, mean ± SD (the terminal table of ``bench run``)."""
+    argmax, mean ± SD (the terminal table of ``bench run``); a multiclass task's (no ``@0.5`` metrics): macro
+    AUC, ACC, BACC, macro F1 at the argmax."""
+    binary = "acc@0.5" in set(summary.metric)
+    shown = {m: n for m, n in METRIC_NAMES.items() if binary or ARGMAX not in m}
     table = RichTable(
-        title=title, title_justify="left", caption=prose.OPERATING_POINTS, caption_justify="left"
+        title=title,
+        title_justify="left",
+        caption=prose.OPERATING_POINTS if binary else prose.MULTICLASS_METRICS,
+        caption_justify="left",
     )
     table.add_column("method", no_wrap=True)
     table.add_column("cohort", no_wrap=True)
-    for name in METRIC_NAMES.values():
+    for name in shown.values():
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("folds", justify="right")
     s = summary.set_index(["method", "cohort", "metric"])
@@ -73,7 +80,7 @@ def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
                 fmt(s.loc[(method, cohort, m), "mean"], s.loc[(method, cohort, m), "std"])
                 if (method, cohort, m) in s.index
                 else "–"
-                for m in METRIC_NAMES
+                for m in shown
             ]
             n = int(s.loc[(method, cohort, "auc"), "n"]) if (method, cohort, "auc") in s.index else 0
             table.add_row(  # escaped: a variant's brackets are not rich markup

@@ -29,12 +29,27 @@ __all__ = [
 MARK_T, MARK_DELONG, ALPHA = "†", "‡", 0.05
 
 
-def marks_caption(against: str) -> str:
-    """What † and ‡ of :func:`_marks` mean, for a caption; ``against`` names the reference."""
+#: the caption's account of ‡ for multiclass tasks (bench.stats.paired_bootstrap_test)
+_BOOTSTRAP_MARK = (
+    f"{MARK_DELONG}: p < 0.05 in the paired bootstrap test of the macro AUC (multiclass: z = difference / SD "
+    "of the class-stratified resampled differences; pooled out-of-fold predictions internally, mean of fold "
+    "AUCs externally)"
+)
+
+
+def marks_caption(against: str, paired_tests: Sequence[str] = ("DeLong",)) -> str:
+    """What † and ‡ of :func:`_marks` mean, for a caption; ``against`` names the reference; ``paired_tests``
+    the paired tests of the tasks shown (``DeLong``, ``bootstrap``)."""
+    if "DeLong" not in paired_tests:
+        return (
+            f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
+            f"{_BOOTSTRAP_MARK}; both two-sided against {against}, uncorrected for multiple comparisons."
+        )
+    extra = f" ({_BOOTSTRAP_MARK} on multiclass tasks)" if "bootstrap" in paired_tests else ""
     return (
         f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
         f"{MARK_DELONG}: p < 0.05 in DeLong's test (pooled out-of-fold predictions internally; mean of fold "
-        "AUCs externally, the trained models held fixed: patient sampling only); both two-sided against "
+        f"AUCs externally, the trained models held fixed: patient sampling only){extra}; both two-sided against "
         f"{against}, uncorrected for multiple comparisons."
     )
 
@@ -45,7 +60,7 @@ def marks(st: TaskStats, method: str, cohort: str) -> str:
         return " (ref)"
     tests = st.tests[(st.tests.method == method) & (st.tests.cohort == cohort)].set_index("test").p
     marks = MARK_T if tests.get("corrected t", 1.0) < ALPHA else ""
-    return marks + (MARK_DELONG if tests.get("DeLong", 1.0) < ALPHA else "")
+    return marks + (MARK_DELONG if tests.get(st.paired_test, 1.0) < ALPHA else "")
 
 
 def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None = None) -> Table:
@@ -67,13 +82,16 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
             bold[i].append(flag)
     refs = "; ".join(f"{st.task.upper()}: {st.reference}" for st in analyses)
     n_boot = analyses[0].n_boot if analyses else 0
+    multiclass = [st.task.upper() for st in analyses if st.multiclass]
+    kind = f" (multiclass tasks, {', '.join(multiclass)}: the macro one-vs-rest AUC)" if multiclass else ""
+    paired = sorted({st.paired_test for st in analyses})
     caption = (
-        "Patient-level AUC (%; threshold-free, so no operating point is involved): mean ± SD over the "
+        f"Patient-level AUC{kind} (%; threshold-free, so no operating point is involved): mean ± SD over the "
         "cross-validation folds; in brackets a 95 % percentile "
         f"bootstrap CI ({n_boot} class-stratified resamples of patients, seeded). Internal: CI of the AUC of the "
         "pooled out-of-fold test predictions. External: each fold's model predicts the whole cohort; the CI is "
         "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
-        f"{marks_caption(f'the reference method (ref) of each task ({refs})')} Best mean per column in bold."
+        f"{marks_caption(f'the reference method (ref) of each task ({refs})', paired)} Best mean per column in bold."
     )
     return Table(header, rows, bold, caption, "tab:headline")
 
@@ -82,9 +100,10 @@ def tests_table(st: TaskStats) -> Table:
     """Each method against the task's reference: AUC differences (points of %) and the tests' p-values."""
     t = st.tests.set_index(["method", "cohort", "test"])
     methods = sorted(set(st.tests.method))
-    header = ["Method", "Internal ΔAUC (fold mean)", "corrected t p", "Internal ΔAUC (pooled)", "DeLong p"]
+    paired = st.paired_test
+    header = ["Method", "Internal ΔAUC (fold mean)", "corrected t p", "Internal ΔAUC (pooled)", f"{paired} p"]
     for c in st.cohorts[1:]:
-        header += [f"{cohort_label(c)} ΔAUC", f"{cohort_label(c)} DeLong p"]
+        header += [f"{cohort_label(c)} ΔAUC", f"{cohort_label(c)} {paired} p"]
     rows = []
 
     def get(m: str, c: str, test: str, col: str) -> float:
@@ -95,11 +114,11 @@ def tests_table(st: TaskStats) -> Table:
             m,
             fmt_diff(get(m, "test", "corrected t", "diff")),
             fmt_p(get(m, "test", "corrected t", "p")),
-            fmt_diff(get(m, "test", "DeLong", "diff")),
-            fmt_p(get(m, "test", "DeLong", "p")),
+            fmt_diff(get(m, "test", paired, "diff")),
+            fmt_p(get(m, "test", paired, "p")),
         ]
         for c in st.cohorts[1:]:
-            row += [fmt_diff(get(m, c, "DeLong", "diff")), fmt_p(get(m, c, "DeLong", "p"))]
+            row += [fmt_diff(get(m, c, paired, "diff")), fmt_p(get(m, c, paired, "p"))]
         rows.append(row)
     bold = [[False] * len(header) for _ in rows]
     ratio, source = st.test_train_ratio
@@ -107,7 +126,13 @@ def tests_table(st: TaskStats) -> Table:
         f"{st.task.upper()}: each method minus the reference {st.reference} (ΔAUC in points of %), on the folds "
         f"both have. Corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs, variance factor "
         f"1/k + n_test/n_train with n_test/n_train = {ratio:.3f} ({source}), k − 1 degrees of freedom. "
-        "DeLong's test (fast algorithm of Sun & Xu 2014): on the pooled out-of-fold predictions internally, on "
+        + (
+            "Multiclass: ΔAUC of the macro one-vs-rest AUC; the paired bootstrap test (class-stratified resamples "
+            "applied to both methods, z = difference / SD of the resampled differences, as pROC's bootstrap test) "
+            if st.multiclass
+            else "DeLong's test (fast algorithm of Sun & Xu 2014): "
+        )
+        + "on the pooled out-of-fold predictions internally, on "
         "the difference of the mean fold AUCs externally (all folds' predictions of the same patients). "
         "Two-sided, uncorrected for multiple comparisons."
     )

@@ -134,7 +134,12 @@ class TDC(MILMethod):
         ):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; use one of {', '.join(allowed)}")
-        abmil_cfg = ABMILCfg(hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout)
+        abmil_cfg = ABMILCfg(
+            hidden_dim=cfg.hidden_dim,
+            attn_dim=cfg.attn_dim,
+            dropout=cfg.dropout,
+            num_classes=cfg.num_classes,
+        )
         self.student = ABMIL(abmil_cfg, in_dim)
         self.teacher = MultimodalTeacher(cfg, in_dim, omics_dim or 1)
         self.embed_s = nn.Linear(cfg.hidden_dim, cfg.proj_dim)

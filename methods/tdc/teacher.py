@@ -74,7 +74,13 @@ class MultimodalTeacher(nn.Module):
     def __init__(self, cfg: TDCCfg, in_dim: int, omics_dim: int) -> None:
         super().__init__()
         self.path = ABMIL(
-            ABMILCfg(hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout), in_dim
+            ABMILCfg(
+                hidden_dim=cfg.hidden_dim,
+                attn_dim=cfg.attn_dim,
+                dropout=cfg.dropout,
+                num_classes=cfg.num_classes,
+            ),
+            in_dim,
         )
         self.path_proj = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.path_dim), nn.ReLU())
         layers: list[nn.Module] = []
