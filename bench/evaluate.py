@@ -163,10 +163,10 @@ def patient_auc(pred: pd.DataFrame, aggregation: str = "mean") -> float:
 
 
 def validation_loss(y: np.ndarray, p: np.ndarray) -> float:
-    """Mean cross-entropy of slide labels ``y`` under probabilities ``p`` (``(N,)`` positive class, or
-    ``(N, C)``), probabilities clipped to [1e-7, 1 - 1e-7] as the binary form always was."""
+    """Mean cross-entropy of slide labels ``y`` under probabilities ``p``: ``(N,)`` positive class, clipped
+    to [1e-7, 1 - 1e-7] (as the binary form always was), or ``(N, C)`` (sklearn's ``log_loss``)."""
     if p.ndim == 2:
-        return float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=np.arange(p.shape[1])))
+        return float(log_loss(y, p, labels=np.arange(p.shape[1])))
     q = np.clip(p, 1e-7, 1 - 1e-7)
     return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
 
