@@ -6,9 +6,10 @@ from pathlib import Path
 
 from ..config import TaskConfig, cache_root, read_task
 from ..errors import BenchError
-from .synthetic import OUTCOMES_FILE, SyntheticSpec, ensure_outcomes, materialise
+from .synthetic import OUTCOMES_FILE, OUTCOMES_TABLE, SyntheticSpec, ensure_outcomes, materialise
 
-LABEL_TABLES = ("labels.csv", OUTCOMES_FILE)  # the label tables a synthetic cohort offers
+#: the label tables a synthetic cohort offers, by the name a task gives, and their files
+LABEL_TABLES = {"labels.csv": "labels.csv", OUTCOMES_TABLE: OUTCOMES_FILE}
 
 __all__ = ["load_task"]
 
@@ -31,11 +32,12 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
         raise BenchError(
             f"{cfg.path}: a synthetic task's 'labels' names one of the generated label tables "
             f"({', '.join(LABEL_TABLES)}), not {table!r}. Fix: remove 'labels' (labels.csv: her2, pr, odx_risk) "
-            f"or give {OUTCOMES_FILE} (subtype, os_days, os_event)."
+            f"or give {OUTCOMES_TABLE} (subtype, os_days, os_event)."
         )
     root = materialise(spec, cache_root() / "synthetic")
-    if table == OUTCOMES_FILE:
+    if table == OUTCOMES_TABLE:
         ensure_outcomes(spec, root)
+    table = LABEL_TABLES[table]
     known = {p.name for p in root.iterdir() if p.is_dir() and p.name != "internal"}
     external = []
     for e in cfg.external:

@@ -15,7 +15,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from bench.commands import run
 from bench.config import read_task
 from bench.data.cohort import load_cohort
-from bench.data.synthetic import SUBTYPES, SyntheticSpec, ensure_outcomes, materialise
+from bench.data.synthetic import OUTCOMES_FILE, SUBTYPES, SyntheticSpec, ensure_outcomes, materialise
 from bench.errors import BenchError
 from bench.evaluate import auc, multiclass_metrics, patient_level, validation_loss
 from bench.report.document import write_report
@@ -100,7 +100,9 @@ def test_macro_auc_is_sklearns_one_vs_rest_and_skips_absent_classes():
 
 def test_multiclass_metrics_hand_case():
     y = np.array([0, 0, 1, 1, 2, 2])
-    p = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.5, 0, 0.5]])
+    p = np.array(
+        [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.5, 0, 0.5]]
+    )
     m = multiclass_metrics(y, p)  # argmax: 0, 1, 1, 1, 2, 0 (a tie goes to the lower class)
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["acc"] == pytest.approx(4 / 6)
@@ -200,12 +202,12 @@ def test_synthetic_outcomes_leave_the_binary_labels_unchanged(tmp_path):
     before = hashlib.sha256((root / "internal" / "labels.csv").read_bytes()).hexdigest()
     ensure_outcomes(spec, root)
     assert hashlib.sha256((root / "internal" / "labels.csv").read_bytes()).hexdigest() == before
-    first = (root / "internal" / "outcomes.csv").read_text()
-    (root / "internal" / "outcomes.csv").unlink()
+    first = (root / "internal" / OUTCOMES_FILE).read_text()
+    (root / "internal" / OUTCOMES_FILE).unlink()
     ensure_outcomes(spec, root)  # regenerated the same: its own seeded stream
-    assert (root / "internal" / "outcomes.csv").read_text() == first
+    assert (root / "internal" / OUTCOMES_FILE).read_text() == first
     for cohort in ("internal", "ext"):
-        out = pd.read_csv(root / cohort / "outcomes.csv", dtype={"case_id": str})
+        out = pd.read_csv(root / cohort / OUTCOMES_FILE, dtype={"case_id": str})
         labels = pd.read_csv(root / cohort / "labels.csv", dtype={"case_id": str})
         assert out.slide_id.tolist() == labels.slide_id.tolist()
         assert set(out.subtype) <= set(SUBTYPES)
