@@ -202,7 +202,12 @@ def check_data(task_ref: str) -> tuple[TaskConfig, list[str], list[str]]:
         f"external {name}: {c.slides.case_id.nunique()} patients, {len(c.slides)} slides, D={c.dim}"
         for name, c in externals.items()
     ]
-    if not internal.problems:
+    if cfg.type == "survival":
+        events = internal.slides.drop_duplicates("case_id").event
+        lines.append(
+            f"survival: {int((events == 1).sum())} events, {int((events == 0).sum())} censored patients"
+        )
+    elif not internal.problems:
         try:
             if cfg.splits is not None:
                 read_splits(cfg.splits, internal.slides)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from bench.commands import run
+from bench.commands import check_data, run
 from bench.config import read_task
 from bench.data.cohort import load_cohort
 from bench.data.synthetic import OUTCOMES_FILE, SUBTYPES, SyntheticSpec, ensure_outcomes, materialise
@@ -187,8 +187,10 @@ def test_survival_labels_are_checked(small_task, cohort_tools):
     assert len(problems) == 2
     assert "time column 'os_days'" in problems[0] and "2 slide(s)" in problems[0]
     assert "event column 'os_event'" in problems[1] and "'yes'" in problems[1]
-    df.loc[[2, 3], "os_days"], df.loc[4, "os_event"] = "5", "0"
+    df.loc[[2, 3], "os_days"], df.loc[4, "os_event"] = "5", "0"  # patient P-0003 censored
     df.to_csv(path, index=False)
+    _, lines, problems = check_data(str(task))
+    assert not problems and "survival: 39 events, 1 censored patients" in lines[-1]
     with pytest.raises(BenchError, match="cannot train them yet"):
         prepare_task(task, RunOptions(out=root / "res"))
 
