@@ -5,11 +5,14 @@ says how each CI and test is formed).
 Every quantity is patient-level: slides are first aggregated to patients with the task's aggregation
 (``patient_aggregation``: mean or max of the slide probabilities), then patients are resampled or ranked.
 A multiclass task (several probability columns, bench/tasktypes.py) gets the same tables of its macro
-one-vs-rest AUC, with a class-stratified bootstrap CI and a paired bootstrap test in place of DeLong's.
+one-vs-rest AUC, with a class-stratified bootstrap CI and a paired bootstrap test in place of DeLong's; a
+survival task those of Harrell's c-index of the risk (its patients' ``label`` is then their event, what the
+bootstrap stratifies on).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +23,19 @@ import pandas as pd
 
 from .data.splits import membership_digest
 from .errors import BenchError
-from .evaluate import auc, patient_level, patient_probs
+from .evaluate import auc, c_index, patient_level, patient_probs
 from .stats import (
     PairedTest,
     bootstrap_auc_ci,
+    bootstrap_cindex_ci,
     bootstrap_macro_auc_ci,
     corrected_resampled_ttest,
     delong_contrast,
     paired_bootstrap_test,
+    resampled_cindex,
 )
 from .store import FoldRun, TaskResults, load_results, read_saved_splits
-from .tasktypes import probabilities
+from .tasktypes import probabilities, score_columns
 
 __all__ = ["TaskStats", "analyse", "analyse_task"]
 
@@ -73,9 +78,15 @@ class TaskStats:
     internal_patients: int | None = None
     paired_test: str = "DeLong"
 
+    kind: str = "binary"  # binary | multiclass | survival
+
     @property
     def multiclass(self) -> bool:
-        return self.paired_test != "DeLong"
+        return self.kind == "multiclass"
+
+    @property
+    def survival(self) -> bool:
+        return self.kind == "survival"
 
 
 def analyse(
@@ -95,10 +106,7 @@ def analyse(
     aggregation = aggregations.pop()
     patients = _patients(runs, aggregation)
     fold_auc = pd.DataFrame(
-        [
-            (m, f, c, auc(g.label.to_numpy(), patient_probs(g)))
-            for (m, f, c), g in patients.groupby(["method", "fold", "cohort"], sort=True)
-        ],
+        [(m, f, c, _score(g)) for (m, f, c), g in patients.groupby(["method", "fold", "cohort"], sort=True)],
         columns=["method", "fold", "cohort", "auc"],
     )
     cohorts = ["test", *sorted(set(patients.cohort) - {"test"})]
@@ -122,6 +130,11 @@ def analyse(
         notes=results.notes,
         internal_patients=None if splits is None else splits.case_id.nunique(),
         paired_test="DeLong" if "prob" in patients.columns else "bootstrap",
+        kind="binary"
+        if "prob" in patients.columns
+        else "survival"
+        if "risk" in patients.columns
+        else "multiclass",
     )
 
 
@@ -142,10 +155,15 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
     rows = []
     for (method, cohort), pat in patients.groupby(["method", "cohort"], sort=True):
         aucs = fold_auc[(fold_auc.method == method) & (fold_auc.cohort == cohort)].auc.to_numpy()
-        y, scores = _scores(pat, cohort)
-        point = auc(y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
-        ci = bootstrap_auc_ci if scores.ndim == 2 else bootstrap_macro_auc_ci
-        lo, hi = ci(y, scores, n_boot, seed)
+        y, scores, index = _scores(pat, cohort)
+        if "risk" in pat.columns:
+            time = pat.drop_duplicates("case_id").set_index("case_id").time.loc[index].to_numpy()
+            point = c_index(time, y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
+            lo, hi = bootstrap_cindex_ci(time, y, scores, n_boot, seed)
+        else:
+            point = auc(y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
+            ci = bootstrap_auc_ci if scores.ndim == 2 else bootstrap_macro_auc_ci
+            lo, hi = ci(y, scores, n_boot, seed)
         rows.append(
             {
                 "method": method,
@@ -198,10 +216,17 @@ def _paired_tests(
                 diffs = (fa[method] - fa[ref]).dropna().to_numpy()
                 t = corrected_resampled_ttest(diffs, ratio)
                 tests.append(_test_row(method, cohort, "corrected t", t, len(diffs)))
-            y, scores = _paired_scores(pair, cohort, method, ref, folds)
+            y, scores, index = _paired_scores(pair, cohort, method, ref, folds)
             if y is None:
                 continue
             kk = scores.shape[0] // 2
+            if "risk" in pair.columns:
+                time = pair.drop_duplicates("case_id").set_index("case_id").time.loc[index].to_numpy()
+
+                cindex = functools.partial(_cindex_of, time)
+                test = paired_bootstrap_test(y, scores[:kk], scores[kk:], n_boot, seed, cindex)
+                tests.append(_test_row(method, cohort, "bootstrap", test, len(folds)))
+                continue
             if scores.ndim == 3:
                 t = paired_bootstrap_test(y, scores[:kk], scores[kk:], n_boot, seed)
                 tests.append(_test_row(method, cohort, "bootstrap", t, len(folds)))
@@ -219,15 +244,17 @@ def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:
         for cohort, pred in r.predictions.groupby("cohort", sort=False):
             pat = patient_level(pred, aggregation)
             frames.append(pat.assign(method=r.method, fold=r.fold, cohort=cohort))
-    probs = probabilities(frames[0].columns) if frames else ["prob"]
-    kinds = {tuple(probabilities(f.columns)) for f in frames}
+    probs = score_columns(frames[0].columns) if frames else ["prob"]
+    kinds = {tuple(score_columns(f.columns)) for f in frames}
     if len(kinds) > 1:
         raise BenchError(
             f"fold results disagree on the number of classes ({sorted(len(k) for k in kinds)} probability "
             "columns): the folds on disk come from different task definitions. Fix: move the old ones aside."
         )
-    cols = ["method", "fold", "cohort", "case_id", "label", *probs]
-    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    outcome = ["time", "event"] if "risk" in probs else []
+    cols = ["method", "fold", "cohort", "case_id", "label", *outcome, *probs]
+    table = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    return table.assign(label=table.event) if outcome else table
 
 
 def _splits(results: TaskResults) -> pd.DataFrame | None:
@@ -286,8 +313,8 @@ def _test_row(method: str, cohort: str, name: str, t: PairedTest, folds: int) ->
 
 def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
     """Labels ``(N,)`` and score rows: one pooled row for ``test``; one row per fold for an external cohort.
-    Binary: rows ``(k, N)``; multiclass: ``(k, N, C)``."""
-    probs = probabilities(pat.columns)
+    Binary and survival (the risk): rows ``(k, N)``; multiclass: ``(k, N, C)``; and the patients' case ids."""
+    probs = _score_cols(pat)
     if cohort == "test":
         pooled = pat.sort_values("case_id")
         if pooled.case_id.duplicated().any():
@@ -295,10 +322,28 @@ def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
                 f"patient(s) {pooled.case_id[pooled.case_id.duplicated()].unique()[:3].tolist()} are in the test "
                 "part of several folds of one method; the folds on disk do not come from one split."
             )
-        return pooled.label.to_numpy(), _rows(pooled.set_index("case_id"), probs, [None])
+        rows = _rows(pooled.set_index("case_id"), probs, [None])
+        return pooled.label.to_numpy(), rows, pooled.case_id.to_numpy()
     wide = pat.pivot(index="case_id", columns="fold", values=probs).dropna()  # columns (prob, fold)
     labels = pat.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index]
-    return labels.to_numpy(), _rows(wide, probs, sorted(set(pat.fold)))
+    return labels.to_numpy(), _rows(wide, probs, sorted(set(pat.fold))), wide.index.to_numpy()
+
+
+def _cindex_of(time: np.ndarray, event: np.ndarray, risks: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`bench.stats.resampled_cindex` as the paired bootstrap's statistic (``event`` in place of labels)."""
+    return resampled_cindex(time, event, risks, counts)
+
+
+def _score_cols(pat: pd.DataFrame) -> list[str]:
+    """The columns the statistics read: the probabilities, or a survival task's risk."""
+    return ["risk"] if "risk" in pat.columns else probabilities(pat.columns)
+
+
+def _score(pat: pd.DataFrame) -> float:
+    """One fold's patient-level score: AUC (macro one-vs-rest for multiclass) or Harrell's c-index."""
+    if "risk" in pat.columns:
+        return c_index(pat.time.to_numpy(), pat.event.to_numpy(), pat.risk.to_numpy())
+    return auc(pat.label.to_numpy(), patient_probs(pat))
 
 
 def _rows(wide: pd.DataFrame, probs: list[str], keys: list[Any]) -> np.ndarray:
@@ -311,9 +356,10 @@ def _rows(wide: pd.DataFrame, probs: list[str], keys: list[Any]) -> np.ndarray:
 
 def _paired_scores(
     pair: pd.DataFrame, cohort: str, method: str, ref: str, folds: list[int]
-) -> tuple[np.ndarray | None, np.ndarray]:
-    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled, or per fold)."""
-    probs = probabilities(pair.columns)
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled, or per fold),
+    and those patients' case ids."""
+    probs = _score_cols(pair)
     values = probs[0] if len(probs) == 1 else probs
     if cohort == "test":
         wide = pair.pivot(index="case_id", columns="method", values=values).dropna()
@@ -322,11 +368,12 @@ def _paired_scores(
         wide = pair.pivot(index="case_id", columns=["method", "fold"], values=values).dropna()
         cols = [(method, f) for f in folds] + [(ref, f) for f in folds]
     labels = pair.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index].to_numpy()
+    index = wide.index.to_numpy()
     if len(probs) > 1:
         if pd.Series(labels).value_counts().size < 2:
-            return None, np.zeros((0, 0, 0))
+            return None, np.zeros((0, 0, 0)), index
         keys = [c if isinstance(c, tuple) else (c,) for c in cols]
-        return labels, np.stack([wide[[(p, *k) for p in probs]].to_numpy() for k in keys])
+        return labels, np.stack([wide[[(p, *k) for p in probs]].to_numpy() for k in keys]), index
     if min(labels.sum(), (1 - labels).sum()) < 2:
-        return None, np.zeros((0, 0))
-    return labels, wide[cols].to_numpy().T
+        return None, np.zeros((0, 0)), index
+    return labels, wide[cols].to_numpy().T, index

@@ -64,7 +64,7 @@ def _run_and_print(task: str, methods: list[str], opts) -> None:
         summary_rich_table(
             summary,
             f"{summary.task.iloc[0] if len(summary) else task}: "
-            "patient-level AUC / ACC / balanced ACC / F1, % mean ± SD over folds",
+            "patient-level metrics, % mean ± SD over folds",
         )
     )
     console.print(f"Results in {opts.out / (summary.task.iloc[0] if len(summary) else task)}")

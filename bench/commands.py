@@ -207,7 +207,7 @@ def check_data(task_ref: str) -> tuple[TaskConfig, list[str], list[str]]:
         lines.append(
             f"survival: {int((events == 1).sum())} events, {int((events == 0).sum())} censored patients"
         )
-    elif not internal.problems:
+    if not internal.problems:
         try:
             if cfg.splits is not None:
                 read_splits(cfg.splits, internal.slides)

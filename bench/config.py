@@ -89,6 +89,9 @@ class TaskConfig(_Strict):
     time_col: str | None = Field(None, description="column of the follow-up time (survival)")
     event_col: str | None = Field(None, description="column of the event indicator, 1 event, 0 censored")
     time_unit: str = Field("days", description="unit of time_col, for tables and figures (survival)")
+    time_bins: int = Field(
+        4, ge=2, description="survival: discrete time bins, quantiles of the training patients' event times"
+    )
     negative: list[str] | None = Field(
         None, description="label values counted as negative; other values are errors (default: the rest)"
     )

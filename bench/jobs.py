@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -41,7 +42,7 @@ from .evaluate import (
 )
 from .provenance import versions
 from .store import config_hash, fold_dir, fold_status, write_fold
-from .taskdata import RunOptions, TaskData, fold_genes, train_cases
+from .taskdata import RunOptions, TaskData, fold_genes, fold_time_edges, train_cases
 from .tasktypes import task_type, type_identity
 from .tracking import TrackedFold, open_tracker
 from .train import TrainResult, fit
@@ -97,9 +98,9 @@ def method_config(
         cfg = cfg.replace(epochs=min(cfg.epochs, opts.epochs), min_epochs=min(cfg.min_epochs, opts.epochs))
     if data.gene_groups is not None and cfg.needs().gene_groups:
         cfg = cfg.replace(gene_groups=data.gene_groups)
-    outputs = task_type(data.task).num_outputs
-    if cfg.num_classes != outputs:
-        cfg = cfg.replace(num_classes=outputs)
+    kind = task_type(data.task)
+    if cfg.num_classes != kind.num_outputs or cfg.head != kind.head:
+        cfg = cfg.replace(num_classes=kind.num_outputs, head=kind.head)
     return cfg
 
 
@@ -127,6 +128,16 @@ def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
     return type_identity(task, identity)
 
 
+def _method_identity(cfg: MethodCfg) -> dict[str, Any]:
+    """The method's settings as hashed: a classification head leaves out the survival head's settings, so
+    binary and multiclass folds keep the hashes they had before survival existed."""
+    settings = cfg.to_dict()
+    if settings.get("head") == "classification":
+        settings.pop("head")
+        settings.pop("surv_alpha")
+    return settings
+
+
 def job_config(
     data: TaskData, job: Job, cfg: MethodCfg, device: torch.device, precision: str = "auto"
 ) -> tuple[dict[str, Any], str]:
@@ -137,7 +148,7 @@ def job_config(
     hashed = {
         "task": _task_identity(data.task, selects),
         "method": job.method,
-        "method_config": cfg.to_dict(),
+        "method_config": _method_identity(cfg),
         "fold": job.fold,
         "folds": data.folds,
         "seed": data.seed,
@@ -159,8 +170,14 @@ def job_config(
     return recorded, config_hash(hashed)
 
 
-def _bags(cohort: Cohort, slide_ids: Sequence[str], cfg: MethodCfg, omics: pd.DataFrame | None):
-    return cohort.bags(slide_ids, omics=omics, graph=graph_settings(cfg))
+def _bags(
+    cohort: Cohort,
+    slide_ids: Sequence[str],
+    cfg: MethodCfg,
+    omics: pd.DataFrame | None,
+    edges: np.ndarray | None = None,
+) -> list[Bag]:
+    return cohort.bags(slide_ids, omics=omics, graph=graph_settings(cfg), time_edges=edges)
 
 
 def stage_bags(groups: Sequence[Sequence[Bag]], device: torch.device) -> list[list[Bag]]:
@@ -212,6 +229,7 @@ class FoldFit:
     val: pd.DataFrame  # slide_id, case_id, label, prob, cohort="val"
     cfg: MethodCfg
     genes: GeneSelection | None = None
+    time_edges: np.ndarray | None = None  # survival: the fold's time bins (fit on its training patients)
 
     def val_auc(self, aggregation: str) -> float:
         return patient_auc(self.val, aggregation)
@@ -247,8 +265,13 @@ def train_fold(
                 cfg = cfg.replace(gene_groups=tuple(data.gene_groups[i] for i in where))
         omics = OmicsScaler(data.task.omics_log1p).fit(table, train_cases(data, fold)).transform(table)
     val_omics = omics if cfg.monitor == "mean-auc" else None  # model selection on teachers that read omics
+    edges = fold_time_edges(data, fold)
     train_bags, val_bags = stage_bags(
-        [_bags(internal, parts["train"], cfg, omics), _bags(internal, parts["val"], cfg, val_omics)], device
+        [
+            _bags(internal, parts["train"], cfg, omics, edges),
+            _bags(internal, parts["val"], cfg, val_omics, edges),
+        ],
+        device,
     )
     result = fit(
         method,
@@ -265,7 +288,7 @@ def train_fold(
     )
     autocast = resolve_precision(precision, device)
     val = slide_predictions(val_bags, predict(result.model, val_bags, device, autocast), "val")
-    return FoldFit(result, val, cfg, genes)
+    return FoldFit(result, val, cfg, genes, edges)
 
 
 def run_job(
@@ -321,17 +344,19 @@ def _train_and_write(
     agg = data.task.patient_aggregation
     threshold = validation_threshold(patient_level(fitted.val, agg))
     model = fitted.result.model
-    test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None)
+    edges = fitted.time_edges
+    test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None, edges)
     cohorts = {
         "val": fitted.val,
         "test": slide_predictions(test_bags, predict(model, test_bags, device, autocast), "test"),
     }
     for name, cohort in data.externals.items():
-        bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None)
+        bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None, edges)
         cohorts[name] = slide_predictions(bags, predict(model, bags, device, autocast), name)
     metrics = {
         "cohorts": {
-            name: patient_metrics(patient_level(pred, agg), threshold) for name, pred in cohorts.items()
+            name: patient_metrics(patient_level(pred, agg), threshold, edges)
+            for name, pred in cohorts.items()
         },
         "best_epoch": fitted.result.best_epoch,
         "epochs_run": fitted.result.epochs_run,
@@ -345,6 +370,8 @@ def _train_and_write(
     config = {**plan.config, "method_config": fitted.cfg.to_dict()}
     if fitted.genes is not None:
         config["omics_selection"] = fitted.genes.record()
+    if edges is not None:
+        config["time_bins"] = [float(e) for e in edges]
     write_fold(plan.path, predictions, metrics, config, plan.hash, model.state_dict())
     tracked.finish(config, plan.hash, metrics, plan.path)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .config import TaskConfig, Tracking, cache_root
@@ -16,10 +17,11 @@ from .data.genes import GeneSelection, select_genes
 from .data.omics import OmicsScaler
 from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
 from .data.task import load_task
-from .errors import BenchError, DataError
+from .errors import DataError
 from .store import write_splits
+from .tasktypes import time_bin_edges
 
-__all__ = ["RunOptions", "TaskData", "fold_genes", "prepare_task", "train_cases"]
+__all__ = ["RunOptions", "TaskData", "fold_genes", "fold_time_edges", "prepare_task", "train_cases"]
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,6 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
     task = load_task(task_ref)
     internal, externals, problems = load_cohorts(task)
     raise_problems(problems)
-    if task.type == "survival":
-        raise BenchError(
-            f"{task.path}: survival tasks are read and checked (bench data check) but bench cannot train them "
-            "yet. Fix: use a binary or multiclass task (e.g. a label derived from the outcome)."
-        )
     folds = opts.folds or task.folds
     seed = task.seed if opts.seed is None else opts.seed
     if task.splits is not None:
@@ -116,3 +113,13 @@ def fold_genes(data: TaskData, fold: int) -> GeneSelection | None:
             log, labels, train_cases(data, fold), spec.method, spec.k, data.seed, cache_root() / "genes"
         )
     return data.gene_selections[key]
+
+
+def fold_time_edges(data: TaskData, fold: int) -> np.ndarray | None:
+    """A survival task's time bins of fold ``fold``, cut at the quantiles of its training patients' event times
+    (bench/tasktypes.py; one row per patient), or None for a classification task."""
+    if data.task.type != "survival":
+        return None
+    slides = data.internal.slides
+    patients = slides[slides.case_id.isin(train_cases(data, fold))].drop_duplicates("case_id")
+    return time_bin_edges(patients.time.to_numpy(), patients.event.to_numpy(), data.task.time_bins)

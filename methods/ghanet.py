@@ -360,7 +360,7 @@ class GHANet(MILMethod):
         return torch.stack(rows)
 
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
-        terms = {"ce": F.cross_entropy(out.logits.unsqueeze(0), bag.label.view(1))}
+        terms = {self.task_term: self.task_loss(out.logits, bag)}
         recon = out.extras.get("reconstruction")
         if bag.omics is None or recon is None:
             return terms

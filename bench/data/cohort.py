@@ -6,6 +6,7 @@ fails before any training with one message naming the files and the fixes.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from ..config import TaskConfig, cache_root
 from ..csvio import read_table
 from ..errors import DataError
 from ..names import normalisation_clashes, unsafe_reason
-from ..tasktypes import task_type
+from ..tasktypes import survival_strata, task_type, time_bin_index
 from .featurestore import StoredSlide, load_or_store, nonfinite_patches, store_root
 from .formats import SlideFeatures, feature_path, read_slide
 from .graph import load_or_build_graph
@@ -48,8 +49,9 @@ class Cohort:
 
     Attributes:
         name: ``internal`` or the external cohort's name.
-        slides: one row per slide: case_id, slide_id, label (0/1), path (feature file); and site with
-            ``split_by: site`` (internal cohort).
+        slides: one row per slide: case_id, slide_id, label (class index; survival: the splits' stratum,
+            event × time bin), path (feature file); survival: time, event; and site with ``split_by: site``
+            (internal cohort).
         dim: feature width D, read from the files.
         omics: raw omics (case_id index, one column per gene), or None.
     """
@@ -70,14 +72,29 @@ class Cohort:
         slide_ids: Sequence[str] | None = None,
         omics: pd.DataFrame | None = None,
         graph: tuple[int, bool, Path] | None = None,
+        time_edges: np.ndarray | None = None,
     ) -> list[Bag]:
         """Bags of the given slides (all by default); ``omics`` = transformed table to attach (train only);
-        ``graph`` = (k, symmetric, cache_dir) to attach spatial kNN graphs."""
+        ``graph`` = (k, symmetric, cache_dir) to attach spatial kNN graphs; ``time_edges`` (survival): the
+        fold's time bins, each bag's label its bin, with its event and time."""
         rows = (
             self.slides
             if slide_ids is None
             else self.slides.set_index("slide_id").loc[list(slide_ids)].reset_index()
         )
+        if time_edges is not None:
+            bins = time_bin_index(rows.time.to_numpy(), time_edges)
+            return [
+                dataclasses.replace(
+                    bag,
+                    label=torch.tensor(int(k)),
+                    event=torch.tensor(int(e)),
+                    time=torch.tensor(float(t), dtype=torch.float64),
+                )
+                for bag, k, e, t in zip(
+                    self.bags(slide_ids, omics, graph), bins, rows.event, rows.time, strict=True
+                )
+            ]
         return [
             slide_bag(
                 r.path,
@@ -239,7 +256,17 @@ def _survival_labels(task: TaskConfig, df: pd.DataFrame, path: Path, problems: l
             f"slide(s) have another value ({', '.join(bad_event[:5])}, e.g. {event[~event.isin(['0', '1'])].iloc[0]!r}). "
             "Fix: code the event as 0/1."
         )
-    return df.assign(time=time.fillna(-1.0), event=event.map({"0": 0, "1": 1}).fillna(-1).astype(int))
+    df = df.assign(time=time.fillna(-1.0), event=event.map({"0": 0, "1": 1}).fillna(-1).astype(int))
+    valid = (df.time >= 0) & (df.event >= 0)
+    strata = np.zeros(len(df), dtype=int)
+    if valid.all() and (df.event == 1).sum() >= task.time_bins:
+        strata = survival_strata(df.time.to_numpy(), df.event.to_numpy())
+    elif valid.all():
+        problems.append(
+            f"{path}: {int((df.event == 1).sum())} slide(s) with an event cannot cut {task.time_bins} time bins. "
+            f"Fix: lower 'time_bins' in {task.path}, or add patients with events."
+        )
+    return df.assign(label=strata)
 
 
 def _check_ids(df: pd.DataFrame, path: Path, problems: list[str]) -> None:

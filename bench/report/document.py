@@ -21,12 +21,14 @@ from ..figures import (
     calibration_figure,
     confusion_figure,
     fold_auc_figure,
+    km_figure,
     learning_curves_figure,
     method_colors,
     roc_figure,
     save_figure,
 )
 from ..fsio import atomic_write_text
+from ..stats import logrank_p
 from ..store import TaskResults, load_results
 from ..tables import Table, safe_stem, write_table
 from ..train import MONITORS
@@ -51,7 +53,7 @@ def _data_lines(st: TaskStats) -> list[str]:
     task = config.get("task", {})
     spec = _synthetic_spec(config)
     s = st.summary
-    lines = []
+    lines: list[str] = []
     if spec is not None:
         settings = spec.get("spec", {})
         keys = (
@@ -70,6 +72,24 @@ def _data_lines(st: TaskStats) -> list[str]:
         )
     else:
         lines.append(f"- Data from files: labels `{task.get('labels')}`, features `{task.get('features')}`.")
+    if st.survival:
+        lines.append(
+            f"- Survival: time `{task.get('time_col')}` ({task.get('time_unit', 'days')}), event "
+            f"`{task.get('event_col')}`; {task.get('time_bins', 4)} discrete time bins per fold (quantiles of its "
+            f"training patients' event times); slides aggregated to patients by the **{st.aggregation}** of their "
+            "risk; every metric is patient-level (Harrell's c-index for selection and the headline)."
+        )
+        lines.append(_grouping_line(config))
+        for c in st.cohorts:
+            pat = st.patients[(st.patients.cohort == c) & (st.patients.method == st.reference)]
+            pat = pat.drop_duplicates("case_id")
+            where = (
+                "internal cohort, cross-validated (test parts)" if c == "test" else f"external cohort `{c}`"
+            )
+            lines.append(
+                f"- {where}: {len(pat)} patients, {int(pat.event.sum())} events ({pat.event.mean():.0%})."
+            )
+        return lines
     if st.multiclass:
         lines.append(
             f"- Label `{task.get('label_col')}`, multiclass: {', '.join(_classes(st))}; slides aggregated to "
@@ -118,6 +138,28 @@ def _class_count_lines(st: TaskStats) -> list[str]:
         where = "internal cohort, cross-validated (test parts)" if c == "test" else f"external cohort `{c}`"
         lines.append(f"- {where}: {int(counts.sum())} patients ({shown}).")
     return lines
+
+
+def _risk_groups(st: TaskStats, cohort: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """Per method: time, event, high risk (risk above the fold's validation cut; externally the mean over
+    folds of risk minus cut above 0) and the log-rank p of the two groups."""
+    cuts = {
+        (r.method, r.fold): float(r.metrics.get("cohorts", {}).get("val", {}).get("risk_cut", np.nan))
+        for r in st.runs
+    }
+    pat = st.patients[st.patients.cohort == cohort]
+    groups = {}
+    for method, g in pat.groupby("method", sort=True):
+        margin = g.risk.to_numpy() - np.array([cuts.get((method, f), np.nan) for f in g.fold])
+        per_patient = (
+            g.assign(margin=margin)
+            .groupby("case_id")
+            .agg(time=("time", "first"), event=("event", "first"), margin=("margin", "mean"))
+        )
+        time, event = per_patient.time.to_numpy(), per_patient.event.to_numpy()
+        high = per_patient.margin.to_numpy() > 0
+        groups[method] = (time, event, high, logrank_p(time, event, high))
+    return groups
 
 
 def _confusions(st: TaskStats, cohort: str) -> dict[str, np.ndarray]:
@@ -293,6 +335,27 @@ def _figures(
                 "optimiser updates; a dot marks the kept epoch, a dashed line a fold that ended on its epoch cap, "
                 "not on a plateau.",
             )
+        if st.survival:
+            unit = st.runs[0].config.get("task", {}).get("time_unit", "days")
+            for cohort in st.cohorts:
+                where = (
+                    "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"
+                )
+                stem = f"{st.task}_{'internal' if cohort == 'test' else safe_stem(cohort)}"
+                doc.figure(
+                    km_figure(_risk_groups(st, cohort), f"{st.task.upper()}: {where}", unit),
+                    f"km_{stem}",
+                    f"{st.task.upper()}: Kaplan-Meier curves of the patients each fold's model puts above (high "
+                    "risk) or below its cut, the median risk of that fold's validation patients, on the "
+                    f"{where}"
+                    + (
+                        ""
+                        if cohort == "test"
+                        else " (high risk: the mean over the folds' models of risk minus cut is positive)"
+                    )
+                    + "; log-rank p in each panel (lifelines).",
+                )
+            continue
         if st.multiclass:
             for cohort in st.cohorts:
                 where = (

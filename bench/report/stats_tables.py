@@ -83,7 +83,10 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
     refs = "; ".join(f"{st.task.upper()}: {st.reference}" for st in analyses)
     n_boot = analyses[0].n_boot if analyses else 0
     multiclass = [st.task.upper() for st in analyses if st.multiclass]
+    survival = [st.task.upper() for st in analyses if st.survival]
     kind = f" (multiclass tasks, {', '.join(multiclass)}: the macro one-vs-rest AUC)" if multiclass else ""
+    if survival:
+        kind += f" (survival tasks, {', '.join(survival)}: Harrell's c-index, CI resampling with and without events)"
     paired = sorted({st.paired_test for st in analyses})
     caption = (
         f"Patient-level AUC{kind} (%; threshold-free, so no operating point is involved): mean ± SD over the "
@@ -130,6 +133,9 @@ def tests_table(st: TaskStats) -> Table:
             "Multiclass: ΔAUC of the macro one-vs-rest AUC; the paired bootstrap test (class-stratified resamples "
             "applied to both methods, z = difference / SD of the resampled differences, as pROC's bootstrap test) "
             if st.multiclass
+            else "Survival: Δ of Harrell's c-index (the ΔAUC columns); the paired bootstrap test (resamples "
+            "stratified by event applied to both methods, z = difference / SD of the resampled differences) "
+            if st.survival
             else "DeLong's test (fast algorithm of Sun & Xu 2014): "
         )
         + "on the pooled out-of-fold predictions internally, on "

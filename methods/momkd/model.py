@@ -314,7 +314,7 @@ class MoMKD(MemoryDynamics, MILMethod):
         z, w = out.extras["z"], out.extras["w"]
         if w.ndim == 2:  # one pooled vector per class: the slide's own class's
             w = w.index_select(0, label.view(1)).squeeze(0)
-        terms = {"ce": cfg.ce_weight * F.cross_entropy(out.logits.float().unsqueeze(0), label.view(1))}
+        terms = {self.task_term: cfg.ce_weight * self.task_loss(out.logits.float(), bag)}
         mask = self.active if cfg.adaptive_memory else None
         own_mask = None if mask is None else mask.index_select(0, label.view(1)).squeeze(0)  # (K,)
         r = None

@@ -1,6 +1,7 @@
 """Task types: the YAML's type/classes/time_col/event_col checked, multiclass labels encoded and stratified,
 multiclass metrics and statistics on hand-checked cases, a multiclass task end to end (run, report), the
-synthetic outcomes (subtype, survival) derived without touching the binary labels, survival labels checked."""
+synthetic outcomes (subtype, survival) derived without touching the binary labels, survival labels checked,
+time bins as the authors cut them, the c-index against torchsurv and lifelines, a survival task end to end."""
 
 from __future__ import annotations
 
@@ -10,22 +11,27 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from sklearn.metrics import log_loss, roc_auc_score
 
 from bench.commands import check_data, run
 from bench.config import read_task
 from bench.data.cohort import load_cohort
+from bench.data.splits import fold_parts
 from bench.data.synthetic import OUTCOMES_FILE, SUBTYPES, SyntheticSpec, ensure_outcomes, materialise
 from bench.errors import BenchError
-from bench.evaluate import auc, multiclass_metrics, patient_level, validation_loss
+from bench.evaluate import auc, c_index, multiclass_metrics, patient_level, validation_loss
 from bench.report.document import write_report
 from bench.stats import (
+    bootstrap_cindex_ci,
     bootstrap_macro_auc_ci,
     class_counts,
     paired_bootstrap_test,
+    resampled_cindex,
     resampled_macro_aucs,
 )
 from bench.taskdata import RunOptions, prepare_task
+from bench.tasktypes import time_bin_edges, time_bin_index
 
 GRADES = ["g1", "g2", "g3"]
 
@@ -190,9 +196,7 @@ def test_survival_labels_are_checked(small_task, cohort_tools):
     df.loc[[2, 3], "os_days"], df.loc[4, "os_event"] = "5", "0"  # patient P-0003 censored
     df.to_csv(path, index=False)
     _, lines, problems = check_data(str(task))
-    assert not problems and "survival: 39 events, 1 censored patients" in lines[-1]
-    with pytest.raises(BenchError, match="cannot train them yet"):
-        prepare_task(task, RunOptions(out=root / "res"))
+    assert "survival: 39 events, 1 censored patients" in lines[-1]
 
 
 def test_synthetic_outcomes_leave_the_binary_labels_unchanged(tmp_path):
@@ -215,3 +219,91 @@ def test_synthetic_outcomes_leave_the_binary_labels_unchanged(tmp_path):
         assert set(out.subtype) <= set(SUBTYPES)
         assert set(out.os_event) <= {0, 1} and (out.os_days > 0).all()
         assert out.groupby("case_id").subtype.nunique().max() == 1
+
+
+def test_time_bins_are_the_authors_quantile_cut():
+    time = np.array([5.0, 1.0, 3.0, 8.0, 2.0, 9.0, 4.0, 7.0, 6.0, 10.0])
+    event = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0])
+    edges = time_bin_edges(time, event, 4)
+    observed = pd.Series(time[event == 1])
+    _, q = pd.qcut(observed, q=4, retbins=True)
+    np.testing.assert_allclose(edges[1:-1], q[1:-1])
+    assert edges[0] < 1.0 and edges[-1] > 10.0  # widened to every patient's time
+    expected = pd.cut(time, bins=edges, labels=False, right=False, include_lowest=True)
+    np.testing.assert_array_equal(time_bin_index(time, edges), expected)
+
+
+def test_c_index_is_torchsurvs_harrell_and_the_bootstrap_resampler_agrees():
+    from lifelines.utils import concordance_index
+
+    rng = np.random.default_rng(0)
+    time, event, risk = rng.exponential(10, 60), (rng.random(60) < 0.4).astype(int), rng.normal(size=60)
+    harrell = c_index(time, event, risk)
+    assert harrell == pytest.approx(concordance_index(time, -risk, event), abs=1e-6)
+    assert resampled_cindex(time, event, risk, np.ones((1, 60)))[0] == pytest.approx(harrell, abs=1e-6)
+    lo, hi = bootstrap_cindex_ci(time, event, risk[None], 300, 0)
+    assert lo < harrell < hi
+
+
+@pytest.fixture
+def os_task(small_task, cohort_tools):
+    """The small task's cohorts with a survival outcome whose hazard follows the planted signal."""
+    _, write_task = cohort_tools
+    root = small_task.parent
+    rng = np.random.default_rng(0)
+    for name in ("internal", "ext"):
+        path = root / name / "labels.csv"
+        df = pd.read_csv(path, dtype=str)
+        cases = df.case_id.unique()
+        high = df.drop_duplicates("case_id").set_index("case_id").odx_risk.eq("high")
+        t = pd.Series(rng.exponential(np.where(high.loc[cases], 300.0, 900.0)), index=cases)
+        e = pd.Series((rng.random(len(cases)) < 0.6).astype(int), index=cases)
+        df["os_days"] = df.case_id.map(t).round(1).astype(str)
+        df["os_event"] = df.case_id.map(e).astype(str)
+        df.to_csv(path, index=False)
+    return write_task(
+        root / "os.yaml",
+        name="os",
+        type="survival",
+        time_col="os_days",
+        event_col="os_event",
+        labels="internal/labels.csv",
+        features="internal/features",
+        omics="internal/omics.csv",
+        folds=2,
+        train={"epochs": 2, "patience": 2, "min_epochs": 0},
+        external=[{"name": "ext", "labels": "ext/labels.csv", "features": "ext/features"}],
+    )
+
+
+def test_survival_task_end_to_end(os_task, tmp_path):
+    opts = RunOptions(out=tmp_path / "res", quiet=True)
+    data = prepare_task(os_task, opts)
+    for k in range(2):  # stratified by event: both events and censorings in every part
+        parts = data.splits.merge(data.internal.slides[["slide_id", "event"]], on="slide_id")
+        assert (parts.groupby(f"fold_{k}").event.nunique() == 2).all()
+    summary = run(str(os_task), ["abmil"], opts)
+    assert {"c_index", "c_index_uno", "auc_q1", "ibs"} <= set(summary.metric)
+    fold = opts.out / "os" / "abmil" / "fold_0"
+    pred = pd.read_csv(fold / "predictions.csv")
+    assert list(pred.columns) == [
+        *("slide_id", "case_id", "label", "time", "event", "risk"),
+        *(f"surv_{k}" for k in range(4)),
+        "cohort",
+    ]
+    config = yaml.safe_load((fold / "config.yaml").read_text())
+    edges = np.array(config["time_bins"])
+    np.testing.assert_array_equal(pred.label, time_bin_index(pred.time.to_numpy(), edges))
+    train = data.internal.slides[data.internal.slides.slide_id.isin(fold_parts(data.splits, 0)["train"])]
+    train = train.drop_duplicates("case_id")
+    np.testing.assert_allclose(edges, time_bin_edges(train.time.to_numpy(), train.event.to_numpy(), 4))
+    assert config["method_config"]["head"] == "survival" and config["method_config"]["num_classes"] == 4
+    metrics = json.loads((fold / "metrics.json").read_text())["cohorts"]
+    pat = patient_level(pred[pred.cohort == "test"])
+    assert metrics["test"]["c_index"] == pytest.approx(
+        c_index(pat.time.to_numpy(), pat.event.to_numpy(), pat.risk.to_numpy()), abs=1e-6
+    )
+    assert metrics["test"]["risk_cut"] == metrics["val"]["risk_cut"]
+    write_report(opts.out, ["os"], ["markdown"], n_boot=1000, loc_slides=0, log=lambda _: None)
+    assert "Harrell's c-index" in (opts.out / "report.md").read_text()
+    assert (opts.out / "os" / "report" / "km_os_internal.png").is_file()
