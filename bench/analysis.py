@@ -37,7 +37,7 @@ from .stats import (
 from .store import FoldRun, TaskResults, load_results, read_saved_splits
 from .tasktypes import probabilities, score_columns
 
-__all__ = ["TaskStats", "analyse", "analyse_task"]
+__all__ = ["TaskStats", "analyse", "analyse_task", "backbone_tests"]
 
 
 @dataclass
@@ -45,7 +45,9 @@ class TaskStats:
     """Everything the report needs about one task.
 
     Attributes:
-        task: task name.
+        task: the task's name in tables (its name, and its feature set on a task with several).
+        name, features, stem: the task's name, the feature set (None: the task's only one), and both as
+            file names use them.
         reference: the method every other one is compared with.
         cohorts: ``test`` then the external cohorts' names.
         summary: one row per (method, cohort): mean, sd, folds (fold AUCs), auc (the CI's point: pooled AUC
@@ -76,8 +78,10 @@ class TaskStats:
     runs: list[FoldRun]
     notes: list[str]
     internal_patients: int | None = None
+    name: str = ""
+    features: str | None = None
+    stem: str = ""  # the results in file names (:attr:`bench.store.TaskResults.stem`)
     paired_test: str = "DeLong"
-
     kind: str = "binary"  # binary | multiclass | survival
 
     @property
@@ -93,7 +97,7 @@ def analyse(
     results: TaskResults, reference: str | None = None, n_boot: int = 2000, seed: int = 0
 ) -> TaskStats:
     """Summaries, bootstrap CIs and paired tests of every method of a task's results."""
-    task, runs = results.task, results.runs
+    task, runs = results.label, results.runs
     if not runs:
         raise BenchError(
             f"no fold results for task {task!r} under {results.out}. Run `bench run --task ...` first."
@@ -113,7 +117,7 @@ def analyse(
     ref = _reference(fold_auc, reference, task)
     splits = _splits(results)
     ratio = _test_train_ratio(splits, runs)
-    split_of = {(r.method, r.fold): r.config.get("split") for r in runs}
+    split_of = {(r.method, r.unit): r.config.get("split") for r in runs}
     return TaskStats(
         task=task,
         reference=ref,
@@ -128,7 +132,10 @@ def analyse(
         seed=seed,
         runs=runs,
         notes=results.notes,
-        internal_patients=None if splits is None else splits.case_id.nunique(),
+        internal_patients=None if splits is None else splits[0].case_id.nunique(),
+        name=results.task,
+        features=results.features,
+        stem=results.stem,
         paired_test="DeLong" if "prob" in patients.columns else "bootstrap",
         kind="binary"
         if "prob" in patients.columns
@@ -156,12 +163,18 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
     for (method, cohort), pat in patients.groupby(["method", "cohort"], sort=True):
         aucs = fold_auc[(fold_auc.method == method) & (fold_auc.cohort == cohort)].auc.to_numpy()
         y, scores, index = _scores(pat, cohort)
+        # internal: the pooled out-of-fold score (its mean over repeats); external: the mean fold score
         if "risk" in pat.columns:
             time = pat.drop_duplicates("case_id").set_index("case_id").time.loc[index].to_numpy()
-            point = c_index(time, y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
+            pooled = [c_index(time, y, row) for row in scores]
+            point = float(np.mean(pooled)) if cohort == "test" else float(np.nanmean(aucs))
             lo, hi = bootstrap_cindex_ci(time, y, scores, n_boot, seed)
         else:
-            point = auc(y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
+            point = (
+                float(np.mean([auc(y, row) for row in scores]))
+                if cohort == "test"
+                else float(np.nanmean(aucs))
+            )
             ci = bootstrap_auc_ci if scores.ndim == 2 else bootstrap_macro_auc_ci
             lo, hi = ci(y, scores, n_boot, seed)
         rows.append(
@@ -238,12 +251,40 @@ def _paired_tests(
     return pd.DataFrame(tests, columns=["method", "cohort", "test", "diff", "statistic", "p", "folds"])
 
 
+def backbone_tests(views: Sequence[TaskStats]) -> pd.DataFrame:
+    """Each method's feature sets of one task against its first (``views[0]``, one :class:`TaskStats` per
+    feature set): the paired tests of method comparisons (corrected t internally, DeLong on every cohort),
+    paired because every feature set runs on the same splits. Rows: method, features, cohort, test, diff
+    (set − first), statistic, p, folds."""
+    ref = views[0]
+    frames = []
+    for method in sorted({m for st in views for m in st.summary.method}):
+        patients, fold_auc = [
+            pd.concat(
+                [df[df.method == method].assign(method=st.features) for st, df in pairs], ignore_index=True
+            )
+            for pairs in ([(st, st.patients) for st in views], [(st, st.fold_auc) for st in views])
+        ]
+        split_of = {
+            (st.features, r.fold): r.config.get("split")
+            for st in views
+            for r in st.runs
+            if r.method == method
+        }
+        tests = _paired_tests(
+            patients, fold_auc, ref.cohorts, ref.features, split_of, ref.test_train_ratio[0]
+        )
+        frames.append(tests.rename(columns={"method": "features"}).assign(method=method))
+    columns = ["method", "features", "cohort", "test", "diff", "statistic", "p", "folds"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
 def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:
     frames = []
     for r in runs:
         for cohort, pred in r.predictions.groupby("cohort", sort=False):
             pat = patient_level(pred, aggregation)
-            frames.append(pat.assign(method=r.method, fold=r.fold, cohort=cohort))
+            frames.append(pat.assign(method=r.method, fold=r.unit, repeat=r.repeat, cohort=cohort))
     probs = score_columns(frames[0].columns) if frames else ["prob"]
     kinds = {tuple(score_columns(f.columns)) for f in frames}
     if len(kinds) > 1:
@@ -252,34 +293,38 @@ def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:
             "columns): the folds on disk come from different task definitions. Fix: move the old ones aside."
         )
     outcome = ["time", "event"] if "risk" in probs else []
-    cols = ["method", "fold", "cohort", "case_id", "label", *outcome, *probs]
+    cols = ["method", "fold", "repeat", "cohort", "case_id", "label", *outcome, *probs]
     table = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
     return table.assign(label=table.event) if outcome else table
 
 
-def _splits(results: TaskResults) -> pd.DataFrame | None:
-    """``splits.tsv`` of the task when it is the one every fold on disk was run on, else None."""
-    table = read_saved_splits(results.out, results.task)
-    if table is None:
+def _splits(results: TaskResults) -> dict[int, pd.DataFrame] | None:
+    """Each repeat's saved splits (``splits.tsv``, ``splits_repeat_<r>.tsv``) when they are the ones every
+    fold on disk was run on, else None."""
+    tables = {r: read_saved_splits(results.out, results.task, r) for r in results.repeats}
+    if any(t is None for t in tables.values()):
         return None
-    digests = {(r.fold, r.config.get("split")) for r in results.runs}
-    if all(f"fold_{f}" in table.columns and membership_digest(table, f) == d for f, d in digests):
-        return table
-    return None
+    for run in results.runs:
+        table = tables[run.repeat]
+        if f"fold_{run.fold}" not in table.columns or membership_digest(table, run.fold) != run.config.get(
+            "split"
+        ):
+            return None
+    return tables
 
 
-def _test_train_ratio(table: pd.DataFrame | None, runs: Sequence[FoldRun]) -> tuple[float, str]:
-    """Mean n_test / n_train over the folds, from the splits when they are known."""
-    folds = sorted({r.fold for r in runs})
-    if table is not None:
+def _test_train_ratio(tables: dict[int, pd.DataFrame] | None, runs: Sequence[FoldRun]) -> tuple[float, str]:
+    """Mean n_test / n_train over the folds (of every repeat), from the splits when they are known."""
+    units = sorted({(r.repeat, r.fold) for r in runs})
+    if tables is not None:
         ratios = []
-        for f in folds:
-            parts = table.groupby(f"fold_{f}").case_id.nunique()
+        for repeat, f in units:
+            parts = tables[repeat].groupby(f"fold_{f}").case_id.nunique()
             ratios.append(parts.get("test", 0) / max(1, parts.get("train", 0) + parts.get("val", 0)))
         return float(
             np.mean(ratios)
         ), "splits.tsv (patients in each fold's test vs training + validation parts)"
-    k = max(int(r.config.get("folds", len(folds))) for r in runs)
+    k = max(int(r.config.get("folds", len(units))) for r in runs)
     return 1.0 / (k - 1), f"1/(k − 1) with k = {k} (splits.tsv absent or from another run)"
 
 
@@ -311,22 +356,29 @@ def _test_row(method: str, cohort: str, name: str, t: PairedTest, folds: int) ->
     }
 
 
-def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(N,)`` and score rows: one pooled row for ``test``; one row per fold for an external cohort.
-    Binary and survival (the risk): rows ``(k, N)``; multiclass: ``(k, N, C)``; and the patients' case ids."""
+def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels ``(N,)``, score rows and the patients' case ids: for ``test``, one pooled row of out-of-fold
+    predictions per repeat of the design; one row per fold (of every repeat) for an external cohort. Binary
+    and survival (the risk): rows ``(k, N)``; multiclass: ``(k, N, C)``."""
     probs = _score_cols(pat)
+    values = probs[0] if len(probs) == 1 else probs
     if cohort == "test":
-        pooled = pat.sort_values("case_id")
-        if pooled.case_id.duplicated().any():
+        twice = pat.duplicated(["repeat", "case_id"])
+        if twice.any():
             raise BenchError(
-                f"patient(s) {pooled.case_id[pooled.case_id.duplicated()].unique()[:3].tolist()} are in the test "
-                "part of several folds of one method; the folds on disk do not come from one split."
+                f"patient(s) {pat.case_id[twice].unique()[:3].tolist()} are in the test part of several folds "
+                "of one method and repeat; the folds on disk do not come from one split."
             )
-        rows = _rows(pooled.set_index("case_id"), probs, [None])
-        return pooled.label.to_numpy(), rows, pooled.case_id.to_numpy()
-    wide = pat.pivot(index="case_id", columns="fold", values=probs).dropna()  # columns (prob, fold)
+        key = "repeat"
+    else:
+        key = "fold"
+    wide = pat.pivot(index="case_id", columns=key, values=values).dropna()
     labels = pat.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index]
-    return labels.to_numpy(), _rows(wide, probs, sorted(set(pat.fold))), wide.index.to_numpy()
+    if len(probs) == 1:
+        rows = wide.to_numpy().T
+    else:
+        rows = np.stack([wide[[(p, k) for p in probs]].to_numpy() for k in sorted(set(pat[key]))])
+    return labels.to_numpy(), rows, wide.index.to_numpy()
 
 
 def _cindex_of(time: np.ndarray, event: np.ndarray, risks: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -346,24 +398,17 @@ def _score(pat: pd.DataFrame) -> float:
     return auc(pat.label.to_numpy(), patient_probs(pat))
 
 
-def _rows(wide: pd.DataFrame, probs: list[str], keys: list[Any]) -> np.ndarray:
-    """Score rows of a wide table, one per key (``None``: the table's own columns): ``(k, N)`` for one
-    probability column, ``(k, N, C)`` for several."""
-    rows = [np.stack([wide[p if key is None else (p, key)].to_numpy() for p in probs], -1) for key in keys]
-    out = np.stack(rows)
-    return out[..., 0] if len(probs) == 1 else out
-
-
 def _paired_scores(
     pair: pd.DataFrame, cohort: str, method: str, ref: str, folds: list[int]
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled, or per fold),
-    and those patients' case ids."""
+    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled per repeat, or
+    per fold), and those patients' case ids."""
     probs = _score_cols(pair)
     values = probs[0] if len(probs) == 1 else probs
     if cohort == "test":
-        wide = pair.pivot(index="case_id", columns="method", values=values).dropna()
-        cols: list[Any] = [method, ref]
+        wide = pair.pivot(index="case_id", columns=["method", "repeat"], values=values).dropna()
+        repeats = sorted(set(pair.repeat))
+        cols: list[Any] = [(method, r) for r in repeats] + [(ref, r) for r in repeats]
     else:
         wide = pair.pivot(index="case_id", columns=["method", "fold"], values=values).dropna()
         cols = [(method, f) for f in folds] + [(ref, f) for f in folds]

@@ -38,6 +38,11 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
     if table == OUTCOMES_TABLE:
         ensure_outcomes(spec, root)
     table = LABEL_TABLES[table]
+    sets = spec.feature_sets()
+
+    def features(cohort: Path) -> Path | dict[str, Path]:
+        return {name: cohort / folder for name, folder in sets.items()} if sets else cohort / "features"
+
     known = {p.name for p in root.iterdir() if p.is_dir() and p.name != "internal"}
     external = []
     for e in cfg.external:
@@ -47,12 +52,12 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
                 f"(it makes: {', '.join(sorted(known)) or 'none'})."
             )
         external.append(
-            e.model_copy(update={"labels": root / e.name / table, "features": root / e.name / "features"})
+            e.model_copy(update={"labels": root / e.name / table, "features": features(root / e.name)})
         )
     return cfg.model_copy(
         update={
             "labels": root / "internal" / table,
-            "features": root / "internal" / "features",
+            "features": features(root / "internal"),
             "omics": root / "internal" / "omics.csv",
             "external": external,
         }
