@@ -4,10 +4,15 @@ says how each CI and test is formed).
 
 Every quantity is patient-level: slides are first aggregated to patients with the task's aggregation
 (``patient_aggregation``: mean or max of the slide probabilities), then patients are resampled or ranked.
+A multiclass task (several probability columns, bench/tasktypes.py) gets the same tables of its macro
+one-vs-rest AUC, with a class-stratified bootstrap CI and a paired bootstrap test in place of DeLong's; a
+survival task those of Harrell's c-index of the risk (its patients' ``label`` is then their event, what the
+bootstrap stratifies on).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +23,19 @@ import pandas as pd
 
 from .data.splits import membership_digest
 from .errors import BenchError
-from .evaluate import auc, patient_level
-from .stats import PairedTest, bootstrap_auc_ci, corrected_resampled_ttest, delong_contrast
+from .evaluate import auc, c_index, patient_level, patient_probs
+from .stats import (
+    PairedTest,
+    bootstrap_auc_ci,
+    bootstrap_cindex_ci,
+    bootstrap_macro_auc_ci,
+    corrected_resampled_ttest,
+    delong_contrast,
+    paired_bootstrap_test,
+    resampled_cindex,
+)
 from .store import FoldRun, TaskResults, load_results, read_saved_splits
+from .tasktypes import probabilities, score_columns
 
 __all__ = ["TaskStats", "analyse", "analyse_task", "backbone_tests"]
 
@@ -40,7 +55,10 @@ class TaskStats:
         tests: one row per (method ≠ reference, cohort, test): test, diff (method − reference), statistic,
             p, folds.
         fold_auc: long table method, fold, cohort, auc.
-        patients: patient-level predictions: method, fold, cohort, case_id, label, prob.
+        patients: patient-level predictions: method, fold, cohort, case_id, label, prob (multiclass:
+            prob_0 …).
+        paired_test: the name of the paired test on patients: ``DeLong`` (binary) or ``bootstrap``
+            (multiclass, :func:`bench.stats.paired_bootstrap_test`).
         aggregation: the slide-to-patient aggregation used.
         test_train_ratio: n_test / n_train of the corrected t-test, and where it came from.
         runs: the fold folders used; notes: the ones left out, and why.
@@ -63,6 +81,16 @@ class TaskStats:
     name: str = ""
     features: str | None = None
     stem: str = ""  # the results in file names (:attr:`bench.store.TaskResults.stem`)
+    paired_test: str = "DeLong"
+    kind: str = "binary"  # binary | multiclass | survival
+
+    @property
+    def multiclass(self) -> bool:
+        return self.kind == "multiclass"
+
+    @property
+    def survival(self) -> bool:
+        return self.kind == "survival"
 
 
 def analyse(
@@ -82,10 +110,7 @@ def analyse(
     aggregation = aggregations.pop()
     patients = _patients(runs, aggregation)
     fold_auc = pd.DataFrame(
-        [
-            (m, f, c, auc(g.label.to_numpy(), g.prob.to_numpy()))
-            for (m, f, c), g in patients.groupby(["method", "fold", "cohort"], sort=True)
-        ],
+        [(m, f, c, _score(g)) for (m, f, c), g in patients.groupby(["method", "fold", "cohort"], sort=True)],
         columns=["method", "fold", "cohort", "auc"],
     )
     cohorts = ["test", *sorted(set(patients.cohort) - {"test"})]
@@ -98,7 +123,7 @@ def analyse(
         reference=ref,
         cohorts=cohorts,
         summary=_summary(patients, fold_auc, n_boot, seed),
-        tests=_paired_tests(patients, fold_auc, cohorts, ref, split_of, ratio[0]),
+        tests=_paired_tests(patients, fold_auc, cohorts, ref, split_of, ratio[0], n_boot, seed),
         fold_auc=fold_auc,
         patients=patients,
         aggregation=aggregation,
@@ -111,6 +136,12 @@ def analyse(
         name=results.task,
         features=results.features,
         stem=results.stem,
+        paired_test="DeLong" if "prob" in patients.columns else "bootstrap",
+        kind="binary"
+        if "prob" in patients.columns
+        else "survival"
+        if "risk" in patients.columns
+        else "multiclass",
     )
 
 
@@ -131,12 +162,21 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
     rows = []
     for (method, cohort), pat in patients.groupby(["method", "cohort"], sort=True):
         aucs = fold_auc[(fold_auc.method == method) & (fold_auc.cohort == cohort)].auc.to_numpy()
-        y, scores = _scores(pat, cohort)
-        # internal: the pooled out-of-fold AUC (its mean over repeats); external: the mean fold AUC
-        point = (
-            float(np.mean([auc(y, row) for row in scores])) if cohort == "test" else float(np.nanmean(aucs))
-        )
-        lo, hi = bootstrap_auc_ci(y, scores, n_boot, seed)
+        y, scores, index = _scores(pat, cohort)
+        # internal: the pooled out-of-fold score (its mean over repeats); external: the mean fold score
+        if "risk" in pat.columns:
+            time = pat.drop_duplicates("case_id").set_index("case_id").time.loc[index].to_numpy()
+            pooled = [c_index(time, y, row) for row in scores]
+            point = float(np.mean(pooled)) if cohort == "test" else float(np.nanmean(aucs))
+            lo, hi = bootstrap_cindex_ci(time, y, scores, n_boot, seed)
+        else:
+            point = (
+                float(np.mean([auc(y, row) for row in scores]))
+                if cohort == "test"
+                else float(np.nanmean(aucs))
+            )
+            ci = bootstrap_auc_ci if scores.ndim == 2 else bootstrap_macro_auc_ci
+            lo, hi = ci(y, scores, n_boot, seed)
         rows.append(
             {
                 "method": method,
@@ -148,7 +188,7 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
                 "ci_lo": lo,
                 "ci_hi": hi,
                 "patients": len(y),
-                "positives": int(np.sum(y)),
+                "positives": int(np.sum(y)) if scores.ndim == 2 else int(np.sum(y == 0)),
             }
         )
     return pd.DataFrame(rows)
@@ -161,9 +201,11 @@ def _paired_tests(
     ref: str,
     split_of: dict[tuple[str, int], Any],
     ratio: float,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Each method against ``ref`` on the folds both ran on the same split: the corrected t-test (internal)
-    and DeLong's test (every cohort)."""
+    and DeLong's test (every cohort; multiclass: the paired bootstrap test of the macro AUC)."""
     tests = []
     for method in sorted(set(patients.method) - {ref}):
         folds = sorted(
@@ -187,10 +229,21 @@ def _paired_tests(
                 diffs = (fa[method] - fa[ref]).dropna().to_numpy()
                 t = corrected_resampled_ttest(diffs, ratio)
                 tests.append(_test_row(method, cohort, "corrected t", t, len(diffs)))
-            y, scores = _paired_scores(pair, cohort, method, ref, folds)
+            y, scores, index = _paired_scores(pair, cohort, method, ref, folds)
             if y is None:
                 continue
             kk = scores.shape[0] // 2
+            if "risk" in pair.columns:
+                time = pair.drop_duplicates("case_id").set_index("case_id").time.loc[index].to_numpy()
+
+                cindex = functools.partial(_cindex_of, time)
+                test = paired_bootstrap_test(y, scores[:kk], scores[kk:], n_boot, seed, cindex)
+                tests.append(_test_row(method, cohort, "bootstrap", test, len(folds)))
+                continue
+            if scores.ndim == 3:
+                t = paired_bootstrap_test(y, scores[:kk], scores[kk:], n_boot, seed)
+                tests.append(_test_row(method, cohort, "bootstrap", t, len(folds)))
+                continue
             contrast = np.r_[np.full(kk, 1.0 / kk), np.full(kk, -1.0 / kk)]
             tests.append(
                 _test_row(method, cohort, "DeLong", delong_contrast(y, scores, contrast), len(folds))
@@ -232,8 +285,17 @@ def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:
         for cohort, pred in r.predictions.groupby("cohort", sort=False):
             pat = patient_level(pred, aggregation)
             frames.append(pat.assign(method=r.method, fold=r.unit, repeat=r.repeat, cohort=cohort))
-    cols = ["method", "fold", "repeat", "cohort", "case_id", "label", "prob"]
-    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    probs = score_columns(frames[0].columns) if frames else ["prob"]
+    kinds = {tuple(score_columns(f.columns)) for f in frames}
+    if len(kinds) > 1:
+        raise BenchError(
+            f"fold results disagree on the number of classes ({sorted(len(k) for k in kinds)} probability "
+            "columns): the folds on disk come from different task definitions. Fix: move the old ones aside."
+        )
+    outcome = ["time", "event"] if "risk" in probs else []
+    cols = ["method", "fold", "repeat", "cohort", "case_id", "label", *outcome, *probs]
+    table = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    return table.assign(label=table.event) if outcome else table
 
 
 def _splits(results: TaskResults) -> dict[int, pd.DataFrame] | None:
@@ -294,9 +356,12 @@ def _test_row(method: str, cohort: str, name: str, t: PairedTest, folds: int) ->
     }
 
 
-def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(N,)`` and score rows: for ``test``, one pooled row of out-of-fold predictions per repeat of
-    the design; one row per fold (of every repeat) for an external cohort."""
+def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels ``(N,)``, score rows and the patients' case ids: for ``test``, one pooled row of out-of-fold
+    predictions per repeat of the design; one row per fold (of every repeat) for an external cohort. Binary
+    and survival (the risk): rows ``(k, N)``; multiclass: ``(k, N, C)``."""
+    probs = _score_cols(pat)
+    values = probs[0] if len(probs) == 1 else probs
     if cohort == "test":
         twice = pat.duplicated(["repeat", "case_id"])
         if twice.any():
@@ -304,26 +369,56 @@ def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
                 f"patient(s) {pat.case_id[twice].unique()[:3].tolist()} are in the test part of several folds "
                 "of one method and repeat; the folds on disk do not come from one split."
             )
-        wide = pat.pivot(index="case_id", columns="repeat", values="prob").dropna()
+        key = "repeat"
     else:
-        wide = pat.pivot(index="case_id", columns="fold", values="prob").dropna()
+        key = "fold"
+    wide = pat.pivot(index="case_id", columns=key, values=values).dropna()
     labels = pat.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index]
-    return labels.to_numpy(), wide.to_numpy().T
+    if len(probs) == 1:
+        rows = wide.to_numpy().T
+    else:
+        rows = np.stack([wide[[(p, k) for p in probs]].to_numpy() for k in sorted(set(pat[key]))])
+    return labels.to_numpy(), rows, wide.index.to_numpy()
+
+
+def _cindex_of(time: np.ndarray, event: np.ndarray, risks: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`bench.stats.resampled_cindex` as the paired bootstrap's statistic (``event`` in place of labels)."""
+    return resampled_cindex(time, event, risks, counts)
+
+
+def _score_cols(pat: pd.DataFrame) -> list[str]:
+    """The columns the statistics read: the probabilities, or a survival task's risk."""
+    return ["risk"] if "risk" in pat.columns else probabilities(pat.columns)
+
+
+def _score(pat: pd.DataFrame) -> float:
+    """One fold's patient-level score: AUC (macro one-vs-rest for multiclass) or Harrell's c-index."""
+    if "risk" in pat.columns:
+        return c_index(pat.time.to_numpy(), pat.event.to_numpy(), pat.risk.to_numpy())
+    return auc(pat.label.to_numpy(), patient_probs(pat))
 
 
 def _paired_scores(
     pair: pd.DataFrame, cohort: str, method: str, ref: str, folds: list[int]
-) -> tuple[np.ndarray | None, np.ndarray]:
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled per repeat, or
-    per fold)."""
+    per fold), and those patients' case ids."""
+    probs = _score_cols(pair)
+    values = probs[0] if len(probs) == 1 else probs
     if cohort == "test":
-        wide = pair.pivot(index="case_id", columns=["method", "repeat"], values="prob").dropna()
+        wide = pair.pivot(index="case_id", columns=["method", "repeat"], values=values).dropna()
         repeats = sorted(set(pair.repeat))
-        cols = [(method, r) for r in repeats] + [(ref, r) for r in repeats]
+        cols: list[Any] = [(method, r) for r in repeats] + [(ref, r) for r in repeats]
     else:
-        wide = pair.pivot(index="case_id", columns=["method", "fold"], values="prob").dropna()
+        wide = pair.pivot(index="case_id", columns=["method", "fold"], values=values).dropna()
         cols = [(method, f) for f in folds] + [(ref, f) for f in folds]
     labels = pair.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index].to_numpy()
+    index = wide.index.to_numpy()
+    if len(probs) > 1:
+        if pd.Series(labels).value_counts().size < 2:
+            return None, np.zeros((0, 0, 0)), index
+        keys = [c if isinstance(c, tuple) else (c,) for c in cols]
+        return labels, np.stack([wide[[(p, *k) for p in probs]].to_numpy() for k in keys]), index
     if min(labels.sum(), (1 - labels).sum()) < 2:
-        return None, np.zeros((0, 0))
-    return labels, wide[cols].to_numpy().T
+        return None, np.zeros((0, 0)), index
+    return labels, wide[cols].to_numpy().T, index

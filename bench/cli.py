@@ -70,7 +70,7 @@ def _run_and_print(task: str, methods: list[str], opts) -> None:
         summary_rich_table(
             summary,
             f"{summary.task.iloc[0] if len(summary) else task}: "
-            "patient-level AUC / ACC / balanced ACC / F1, % mean ± SD over folds",
+            "patient-level metrics, % mean ± SD over folds",
         )
     )
     console.print(f"Results in {opts.out / (summary.task.iloc[0] if len(summary) else task)}")
@@ -368,7 +368,8 @@ def explain_cmd(
     if chosen is not None and len(chosen) > 1:
         raise BenchError("--features: bench explain draws one feature set's model; name one.")
     ex = explain(method, task, slide, fold, out, device, console.print, chosen[0] if chosen else None)
-    line = f"{method} · {slide} · fold {ex.fold} ({ex.part}) · P(positive) {ex.prob:.3f}"
+    truth = ex.classes[ex.label] if ex.classes else "positive"
+    line = f"{method} · {slide} · fold {ex.fold} ({ex.part}) · P({truth}) {ex.prob:.3f}"
     if ex.relevance is not None:
         line += f" · localisation AUC {ex.localisation_auc:.3f} (attention vs ground-truth relevance > 0)"
     console.print(line)
@@ -395,13 +396,19 @@ def tasks_cmd() -> None:
 
     from .config import list_builtin_tasks
 
-    table = Table("task", "label", "positive", "source", "file")
+    table = Table("task", "type", "label", "classes (binary: positive)", "source", "file")
     for path in list_builtin_tasks():
         raw = yaml.safe_load(path.read_text()) or {}
+        label = (
+            f"{raw.get('time_col')}, {raw.get('event_col')}"
+            if raw.get("type") == "survival"
+            else str(raw.get("label_col"))
+        )
         table.add_row(
             path.stem,
-            str(raw.get("label_col")),
-            ", ".join(map(str, raw.get("positive", []))),
+            str(raw.get("type", "binary")),
+            label,
+            ", ".join(map(str, raw.get("classes") or raw.get("positive") or [])),
             str(raw.get("source", "files")),
             str(path),
         )

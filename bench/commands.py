@@ -262,6 +262,11 @@ def check_data(task_ref: str) -> tuple[TaskConfig, list[str], list[str]]:
             f"external {name}{tag}: {c.slides.case_id.nunique()} patients, {len(c.slides)} slides, D={c.dim}"
             for name, c in externals.items()
         ]
+    if full.type == "survival":
+        events = internal.slides.drop_duplicates("case_id").event
+        lines.append(
+            f"survival: {int((events == 1).sum())} events, {int((events == 0).sum())} censored patients"
+        )
     if not internal.problems:  # the labels are every feature set's: one split check
         try:
             if cfg.splits is not None:

@@ -108,8 +108,24 @@ class TaskConfig(_Strict):
     """One prediction task (the contract's task YAML)."""
 
     name: FileName
-    label_col: str
-    positive: list[str] = Field(min_length=1, description="label values counted as the positive class")
+    type: Literal["binary", "multiclass", "survival"] = Field(
+        "binary",
+        description="binary (positive vs negative), multiclass (one class per 'classes' value) or "
+        "survival (time_col, event_col); bench/tasktypes.py says what each means",
+    )
+    label_col: str | None = Field(None, description="column of the class labels (binary, multiclass)")
+    positive: list[str] | None = Field(
+        None, min_length=1, description="label values counted as the positive class (binary)"
+    )
+    classes: list[str] | None = Field(
+        None, min_length=3, description="label values, one class each, in this order (multiclass)"
+    )
+    time_col: str | None = Field(None, description="column of the follow-up time (survival)")
+    event_col: str | None = Field(None, description="column of the event indicator, 1 event, 0 censored")
+    time_unit: str = Field("days", description="unit of time_col, for tables and figures (survival)")
+    time_bins: int = Field(
+        4, ge=2, description="survival: discrete time bins, quantiles of the training patients' event times"
+    )
     negative: list[str] | None = Field(
         None, description="label values counted as negative; other values are errors (default: the rest)"
     )
@@ -161,6 +177,29 @@ class TaskConfig(_Strict):
     source: Literal["files", "synthetic"] = "files"
     synthetic: dict[str, Any] | None = Field(None, description="generator settings when source is synthetic")
     path: Path | None = Field(None, description="the YAML file this task was read from (set by the loader)")
+
+    @model_validator(mode="after")
+    def _type_fields(self) -> TaskConfig:
+        """Each type's own fields given, and no field of another type (a typo or a forgotten switch)."""
+        needed = {
+            "binary": ("label_col", "positive"),
+            "multiclass": ("label_col", "classes"),
+            "survival": ("time_col", "event_col"),
+        }[self.type]
+        missing = [k for k in needed if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"type {self.type!r} needs {' and '.join(repr(k) for k in missing)}")
+        others = {"positive", "negative", "classes", "time_col", "event_col"} - set(needed)
+        if self.type == "binary":
+            others.discard("negative")
+        if self.type == "survival":
+            others.add("label_col")
+        given = sorted(k for k in others if getattr(self, k) is not None)
+        if given:
+            raise ValueError(f"{', '.join(repr(k) for k in given)} cannot be used with type {self.type!r}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"'classes' lists a value twice: {self.classes}")
+        return self
 
     @model_validator(mode="after")
     def _files_given(self) -> TaskConfig:

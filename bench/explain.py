@@ -57,6 +57,8 @@ class SlideExplanation:
         relevance: ground-truth patch relevance ``(N,)``, or None (real data).
         maps: the method's further per-patch maps (``MILMethod.explain_maps``), by title.
         part: where the slide was in that fold: ``test``, ``train``, ``val`` or the external cohort's name.
+        prob: the model's probability of the positive class (multiclass: of the slide's own class).
+        classes: a multiclass task's class names (empty: binary).
     """
 
     method: str
@@ -71,6 +73,7 @@ class SlideExplanation:
     attention: np.ndarray
     relevance: np.ndarray | None
     maps: dict[str, PatchMap]
+    classes: tuple[str, ...] = ()
 
     @property
     def localisation_auc(self) -> float:
@@ -128,7 +131,8 @@ def _locate_slide(config: dict[str, Any], slide_id: str) -> tuple[str, Path, str
     task = config["task"]
     cohorts = [("internal", task.get("labels"), task.get("features"))]
     cohorts += [(e["name"], e.get("labels"), e.get("features")) for e in task.get("external", [])]
-    positive = {str(v) for v in task.get("positive", [])}
+    positive = {str(v) for v in task.get("positive") or []}
+    classes = [str(v) for v in task.get("classes") or []]
     for name, labels, features in cohorts:
         if not labels or not Path(labels).is_file():
             continue
@@ -141,7 +145,9 @@ def _locate_slide(config: dict[str, Any], slide_id: str) -> tuple[str, Path, str
             raise BenchError(
                 f"slide {slide_id!r} is listed in {labels} but has no feature file in {features}."
             )
-        return name, path, str(row.case_id.iloc[0]), int(row[task["label_col"]].iloc[0] in positive)
+        value = row[task["label_col"]].iloc[0]
+        label = classes.index(value) if value in classes else int(value in positive)
+        return name, path, str(row.case_id.iloc[0]), label
     raise BenchError(
         f"slide {slide_id!r} is not in the labels of task {task.get('name')!r} (internal or external cohorts)."
     )
@@ -180,7 +186,7 @@ def _bag(path: Path, model: MILMethod, slide_id: str, case_id: str, label: int):
 
 @torch.inference_mode()
 def _patch_maps(model: MILMethod, bag, device: torch.device) -> tuple[float, np.ndarray, dict[str, PatchMap]]:
-    """P(positive), the patch attention and the method's further maps of one bag."""
+    """P(positive) (multiclass: P(the bag's class)), the patch attention and the method's further maps."""
     bag = bag.to(device)
     out = model(bag)
     if out.attention is None:
@@ -189,7 +195,9 @@ def _patch_maps(model: MILMethod, bag, device: torch.device) -> tuple[float, np.
         title: dataclasses.replace(m, values=m.values.float().cpu())
         for title, m in model.explain_maps(bag, out).items()
     }
-    return float(out.logits.float().softmax(-1)[1]), out.attention.float().cpu().numpy(), maps
+    p = out.logits.float().softmax(-1)
+    prob = p[1] if p.numel() == 2 else p[int(bag.label)]
+    return float(prob), out.attention.float().cpu().numpy(), maps
 
 
 def explain_slide(
@@ -231,6 +239,7 @@ def explain_slide(
         attention=attention,
         relevance=relevance,
         maps=maps,
+        classes=tuple(str(c) for c in config["task"].get("classes") or ()),
     )
 
 
@@ -264,11 +273,11 @@ def figure_for(ex: SlideExplanation):
     panels += [_panel(title, m) for title, m in ex.maps.items()]
     if ex.relevance is not None:
         panels.append(PatchPanel("ground-truth relevance", ex.relevance, cmap="Greens"))
-    truth = "positive" if ex.label == 1 else "negative"
+    truth = ex.classes[ex.label] if ex.classes else "positive" if ex.label == 1 else "negative"
     loc = ex.localisation_auc
     title = (
         f"{ex.method} · {ex.task} · {ex.slide_id} ({truth}) · fold {ex.fold} ({ex.part})\n"
-        f"P(positive) = {ex.prob:.2f} · {len(ex.attention)} patches"
+        f"P({truth if ex.classes else 'positive'}) = {ex.prob:.2f} · {len(ex.attention)} patches"
         + ("" if np.isnan(loc) else f" · localisation AUC {loc:.2f}")
     )
     return explain_figure(ex.coords, panels, title)

@@ -33,8 +33,10 @@ __all__ = [
     "COLUMN_WIDTH",
     "PatchPanel",
     "calibration_figure",
+    "confusion_figure",
     "explain_figure",
     "fold_auc_figure",
+    "km_figure",
     "learning_curves_figure",
     "method_colors",
     "paper_style",
@@ -178,6 +180,84 @@ def fold_auc_figure(
         colors = sns.color_palette("dark", len(hue_order))
         handles = [mpl.lines.Line2D([], [], ls="", marker="o", ms=3, color=c) for c in colors]
         fig.legend(handles, hue_order, loc="outside lower center", ncol=len(hue_order))
+    return fig
+
+
+def km_figure(
+    groups: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    title: str,
+    time_unit: str = "days",
+    max_cols: int = 3,
+) -> Figure:
+    """Kaplan-Meier curves (lifelines' ``KaplanMeierFitter``) of the predicted low- and high-risk patients,
+    one panel per method, the log-rank p in the panel's title.
+
+    Args:
+        groups: method -> (time ``(N,)``, event ``(N,)``, high risk ``(N,)`` bool, log-rank p).
+    """
+    from lifelines import KaplanMeierFitter  # imported when used: lifelines is slow to load
+
+    methods = list(groups)
+    cols = max(1, min(max_cols, len(methods)))
+    rows = max(1, -(-len(methods) // cols))
+    with paper_style():
+        fig = Figure(
+            figsize=(COLUMN_WIDTH * 0.7 * cols, COLUMN_WIDTH * 0.55 * rows + 0.3), layout="constrained"
+        )
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+        for ax, method in zip(axes, methods, strict=False):
+            time, event, high, p = groups[method]
+            for mask, name, color in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
+                if mask.any():
+                    km = KaplanMeierFitter().fit(time[mask], event[mask], label=f"{name} ({int(mask.sum())})")
+                    km.plot_survival_function(ax=ax, ci_show=False, color=color, lw=0.8)
+            ax.set(
+                title=f"{method} (log-rank p = {p:.3g})", xlabel=time_unit, ylabel="survival", ylim=(0, 1.02)
+            )
+            ax.legend(loc="lower left", fontsize=5)
+        for ax in axes[len(methods) :]:
+            ax.set_axis_off()
+        fig.suptitle(title)
+    return fig
+
+
+def confusion_figure(
+    matrices: dict[str, np.ndarray], classes: Sequence[str], title: str, max_cols: int = 3
+) -> Figure:
+    """Confusion matrix per method (rows true class, columns predicted), each row as the share of its class's
+    patients (the diagonal: per-class recall), with the patient counts written in the cells.
+
+    Args:
+        matrices: method -> counts ``(C, C)``.
+        classes: class names, in index order.
+    """
+    methods = list(matrices)
+    cols = max(1, min(max_cols, len(methods)))
+    rows = max(1, -(-len(methods) // cols))
+    side = COLUMN_WIDTH * 0.62
+    with paper_style():
+        fig = Figure(figsize=(side * cols, side * rows + 0.3), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+        for ax, method in zip(axes, methods, strict=False):
+            counts = np.asarray(matrices[method], dtype=float)
+            share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+            ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+            for (i, j), n in np.ndenumerate(counts):
+                ax.text(
+                    j,
+                    i,
+                    f"{int(n)}",
+                    ha="center",
+                    va="center",
+                    fontsize=5,
+                    color="white" if share[i, j] > 0.6 else "black",
+                )
+            ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+            ax.set_yticks(range(len(classes)), classes)
+            ax.set(title=method, xlabel="predicted", ylabel="true")
+        for ax in axes[len(methods) :]:
+            ax.set_axis_off()
+        fig.suptitle(title)
     return fig
 
 

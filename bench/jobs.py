@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -33,16 +34,17 @@ from .data.splits import fold_parts, membership_digest, split_grouping
 from .device import resolve_device, resolve_precision
 from .errors import BenchError
 from .evaluate import (
-    best_f1_threshold,
-    cohort_metrics,
     patient_auc,
     patient_level,
+    patient_metrics,
     predict,
     slide_predictions,
+    validation_threshold,
 )
 from .provenance import versions
 from .store import config_hash, fold_dir, fold_status, write_fold
-from .taskdata import RunOptions, TaskData, fold_genes, train_cases
+from .taskdata import RunOptions, TaskData, fold_genes, fold_time_edges, train_cases
+from .tasktypes import task_type, type_identity
 from .tracking import TrackedFold, open_tracker
 from .train import TrainResult, fit
 
@@ -108,6 +110,9 @@ def method_config(
         cfg = cfg.replace(epochs=epochs, min_epochs=min(cfg.min_epochs, opts.epochs))
     if data.gene_groups is not None and cfg.needs().gene_groups:
         cfg = cfg.replace(gene_groups=data.gene_groups)
+    kind = task_type(data.task)
+    if cfg.num_classes != kind.num_outputs or cfg.head != kind.head:
+        cfg = cfg.replace(num_classes=kind.num_outputs, head=kind.head)
     return cfg
 
 
@@ -132,14 +137,19 @@ def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
     if task.split_by == "patient":
         identity.pop("split_by", None)
         identity.pop("site_col", None)
-    return identity
+    return type_identity(task, identity)
 
 
 def _hashed_method_config(cfg: MethodCfg) -> dict[str, Any]:
     """``cfg`` as hashed: the update rule's settings only when they differ from the defaults (so a config
-    under the epoch rule keeps the hash it had before they existed)."""
+    under the epoch rule keeps the hash it had before they existed), and a classification head without the
+    survival head's settings (so binary and multiclass folds keep the hashes they had before survival)."""
     defaults = {f.name: f.default for f in dataclasses.fields(MethodCfg) if f.name in UPDATE_RULE_FIELDS}
-    return {k: v for k, v in cfg.to_dict().items() if k not in defaults or v != defaults[k]}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in defaults or v != defaults[k]}
+    if settings.get("head") == "classification":
+        settings.pop("head")
+        settings.pop("surv_alpha")
+    return settings
 
 
 def job_config(
@@ -187,8 +197,14 @@ def job_config(
     return recorded, config_hash(hashed)
 
 
-def _bags(cohort: Cohort, slide_ids: Sequence[str], cfg: MethodCfg, omics: pd.DataFrame | None):
-    return cohort.bags(slide_ids, omics=omics, graph=graph_settings(cfg))
+def _bags(
+    cohort: Cohort,
+    slide_ids: Sequence[str],
+    cfg: MethodCfg,
+    omics: pd.DataFrame | None,
+    edges: np.ndarray | None = None,
+) -> list[Bag]:
+    return cohort.bags(slide_ids, omics=omics, graph=graph_settings(cfg), time_edges=edges)
 
 
 def stage_bags(groups: Sequence[Sequence[Bag]], device: torch.device) -> list[list[Bag]]:
@@ -241,6 +257,7 @@ class FoldFit:
     val: pd.DataFrame  # slide_id, case_id, label, prob, cohort="val"
     cfg: MethodCfg
     genes: GeneSelection | None = None
+    time_edges: np.ndarray | None = None  # survival: the fold's time bins (fit on its training patients)
 
     def val_auc(self, aggregation: str) -> float:
         return patient_auc(self.val, aggregation)
@@ -276,8 +293,13 @@ def train_fold(
                 cfg = cfg.replace(gene_groups=tuple(data.gene_groups[i] for i in where))
         omics = OmicsScaler(data.task.omics_log1p).fit(table, train_cases(data, fold)).transform(table)
     val_omics = omics if cfg.monitor == "mean-auc" else None  # model selection on teachers that read omics
+    edges = fold_time_edges(data, fold)
     train_bags, val_bags = stage_bags(
-        [_bags(internal, parts["train"], cfg, omics), _bags(internal, parts["val"], cfg, val_omics)], device
+        [
+            _bags(internal, parts["train"], cfg, omics, edges),
+            _bags(internal, parts["val"], cfg, val_omics, edges),
+        ],
+        device,
     )
     result = fit(
         method,
@@ -294,7 +316,7 @@ def train_fold(
     )
     autocast = resolve_precision(precision, device)
     val = slide_predictions(val_bags, predict(result.model, val_bags, device, autocast), "val")
-    return FoldFit(result, val, result.model.cfg, genes)
+    return FoldFit(result, val, result.model.cfg, genes, edges)
 
 
 def run_job(
@@ -349,22 +371,21 @@ def _train_and_write(
     fitted = train_fold(data, job.fold, job.method, cfg, device, on_check, opts.precision)
     autocast = resolve_precision(opts.precision, device)
     agg = data.task.patient_aggregation
-    val_pat = patient_level(fitted.val, agg)
-    threshold = best_f1_threshold(val_pat.label.to_numpy(), val_pat.prob.to_numpy())
+    threshold = validation_threshold(patient_level(fitted.val, agg))
     model = fitted.result.model
-    test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None)
+    edges = fitted.time_edges
+    test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None, edges)
     cohorts = {
         "val": fitted.val,
         "test": slide_predictions(test_bags, predict(model, test_bags, device, autocast), "test"),
     }
     for name, cohort in data.externals.items():
-        bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None)
+        bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None, edges)
         cohorts[name] = slide_predictions(bags, predict(model, bags, device, autocast), name)
     metrics = {
         "cohorts": {
-            name: cohort_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold)
+            name: patient_metrics(patient_level(pred, agg), threshold, edges)
             for name, pred in cohorts.items()
-            for p in [patient_level(pred, agg)]
         },
         "best_epoch": fitted.result.best_epoch,
         "best_updates": fitted.result.best_updates,
@@ -380,6 +401,8 @@ def _train_and_write(
     config = {**plan.config, "method_config": fitted.cfg.to_dict()}
     if fitted.genes is not None:
         config["omics_selection"] = fitted.genes.record()
+    if edges is not None:
+        config["time_bins"] = [float(e) for e in edges]
     write_fold(plan.path, predictions, metrics, config, plan.hash, model.state_dict())
     tracked.finish(config, plan.hash, metrics, plan.path)
 

@@ -22,13 +22,20 @@ or ranked.
 - **DeLong's test** (DeLong, DeLong & Clarke-Pearson 1988, Biometrics 44:837), computed with the midrank
   algorithm of Sun & Xu (2014, IEEE SPL 21:1389), for any linear contrast of AUCs measured on the same
   patients: a difference of two pooled AUCs, or a difference of two means of fold AUCs (external cohort).
+- **Multiclass** (bench/tasktypes.py): the macro one-vs-rest AUC gets the same percentile bootstrap, stratified
+  by class (each class resampled on its own, :func:`class_counts`), and paired comparisons a paired bootstrap
+  (:func:`paired_bootstrap_test`: both methods on the same resamples, z = difference / SD of the resampled
+  differences, as pROC's bootstrap test) instead of DeLong's, which is defined for one binary AUC.
+- **Survival**: Harrell's c-index gets the same percentile bootstrap, stratified by event
+  (:func:`resampled_cindex`, one resample applied to every fold's risks), and paired comparisons the same paired
+  bootstrap test.
 - **Expected calibration error** over equal-mass bins (:func:`expected_calibration_error`), as many bins as
   :func:`calibration_bins` gives (about 15 patients a bin, 3 to 10).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,14 +45,21 @@ __all__ = [
     "DeLong",
     "PairedTest",
     "bootstrap_auc_ci",
+    "bootstrap_cindex_ci",
+    "bootstrap_macro_auc_ci",
     "calibration_bins",
+    "class_counts",
     "corrected_resampled_ttest",
     "delong",
     "delong_contrast",
     "delong_test",
     "expected_calibration_error",
+    "logrank_p",
     "midranks",
+    "paired_bootstrap_test",
     "resampled_aucs",
+    "resampled_cindex",
+    "resampled_macro_aucs",
     "stratified_counts",
 ]
 
@@ -207,6 +221,148 @@ def bootstrap_auc_ci(
     tail = (1 - level) / 2
     lo, hi = np.quantile(boots, [tail, 1 - tail])
     return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------- multiclass: macro one-vs-rest AUC
+
+
+def class_counts(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """How often each patient is drawn ``(B, N)`` in B resamples with replacement, each class's patients
+    drawn separately (class sizes fixed, so every class is in every resample)."""
+    y = np.asarray(y).astype(int)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, len(y)))
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
+    return counts
+
+
+def resampled_macro_aucs(y: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Macro one-vs-rest AUC of every resample, averaged over the score rows.
+
+    For class c, the resample's AUC of c against the rest is ``Σ_ij a_i b_j ψ(X_i, Y_j) / (Σa Σb)`` over
+    class-c patients i and the others j (a, b their counts); the macro AUC is its mean over the classes
+    present, each with both sides in the data.
+
+    Args:
+        y: labels ``(N,)``; scores: class probabilities ``(k, N, C)`` or ``(N, C)``; counts: :func:`class_counts`.
+
+    Returns:
+        shape ``(B,)``.
+    """
+    y = np.asarray(y).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores[None] if scores.ndim == 2 else scores
+    present = [c for c in range(scores.shape[2]) if 0 < int((y == c).sum()) < len(y)]
+    total = np.zeros(counts.shape[0])
+    for row in scores:
+        for c in present:
+            pos, neg = row[y == c, c], row[y != c, c]
+            a, b = counts[:, y == c], counts[:, y != c]
+            psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+            total += np.einsum("bn,bn->b", a @ psi, b) / (a.sum(1) * b.sum(1))
+    return total / (scores.shape[0] * max(1, len(present)))
+
+
+def bootstrap_macro_auc_ci(
+    y: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the macro one-vs-rest AUC (of its mean over the rows of ``scores``
+    ``(k, N, C)``), class-stratified; NaN with fewer than two classes or ``n_boot`` 0."""
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2 or n_boot == 0:
+        return float("nan"), float("nan")
+    boots = resampled_macro_aucs(y, scores, class_counts(y, n_boot, seed))
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(boots, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap_test(
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    statistic: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> PairedTest:
+    """Two-sided paired bootstrap test of macro AUC(a) − macro AUC(b) on the same patients (score arrays
+    ``(k, N, C)`` each): one class-stratified resample applied to both, ``z = d / SD(d*)``, p from the
+    normal distribution (pROC's ``roc.test(method="bootstrap")``); NaN when the resampled differences do
+    not vary. ``statistic(y, scores, counts)``: another resampled statistic (:func:`resampled_cindex`
+    with ``y`` = the survival strata); default :func:`resampled_macro_aucs`."""
+    stat = statistic or resampled_macro_aucs
+    y = np.asarray(y).astype(int)
+    everyone = np.ones((1, len(y)))
+    d = float(stat(y, a, everyone)[0] - stat(y, b, everyone)[0])
+    if len(np.unique(y)) < 2 or n_boot == 0:
+        return PairedTest(d, float("nan"), float("nan"))
+    counts = class_counts(y, n_boot, seed)
+    sd = float(np.std(stat(y, a, counts) - stat(y, b, counts), ddof=1))
+    if sd <= 1e-15:
+        return PairedTest(d, float("nan"), float("nan"))
+    z = d / sd
+    return PairedTest(d, z, float(2 * sps.norm.sf(abs(z))))
+
+
+# ---------------------------------------------------------------- survival: Harrell's c-index
+
+
+def resampled_cindex(
+    time: np.ndarray, event: np.ndarray, risks: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Harrell's c-index of every resample, averaged over the risk rows (``(k, N)`` or ``(N,)``).
+
+    Pair (i, j) is comparable when patient i had the event before j's time (``t_i < t_j``, ``e_i = 1``) and
+    concordant when ``r_i > r_j`` (a tie counts half); a resample drawing patient i ``a_i`` times has
+    ``C = Σ a_i a_j conc_ij / Σ a_i a_j comp_ij``: one matrix product per row. With every count 1 it is
+    Harrell's c-index (torchsurv's and lifelines' without tied times; tests check it).
+
+    Returns:
+        shape ``(B,)``.
+    """
+    t, e = np.asarray(time, dtype=np.float64), np.asarray(event).astype(bool)
+    risks = np.atleast_2d(np.asarray(risks, dtype=np.float64))
+    comparable = (t[:, None] < t[None, :]) & e[:, None]  # (N, N)
+    pairs = np.einsum("bi,ij,bj->b", counts, comparable.astype(np.float64), counts)
+    total = np.zeros(counts.shape[0])
+    for r in risks:
+        conc = comparable * ((r[:, None] > r[None, :]) + 0.5 * (r[:, None] == r[None, :]))
+        total += np.einsum("bi,ij,bj->b", counts, conc, counts) / np.where(pairs > 0, pairs, np.nan)
+    return total / risks.shape[0]
+
+
+def bootstrap_cindex_ci(
+    time: np.ndarray,
+    event: np.ndarray,
+    risks: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of Harrell's c-index (of its mean over the rows of ``risks``), the patients
+    with and without the event resampled separately; NaN without an event or with ``n_boot`` 0."""
+    event = np.asarray(event).astype(int)
+    if event.sum() == 0 or n_boot == 0:
+        return float("nan"), float("nan")
+    boots = resampled_cindex(time, event, risks, class_counts(event, n_boot, seed))
+    tail = (1 - level) / 2
+    lo, hi = np.nanquantile(boots, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> float:
+    """p-value of the log-rank test of two groups (``group`` bool), lifelines' ``logrank_test``; NaN when a
+    group is empty or there is no event."""
+    from lifelines.statistics import logrank_test  # imported when used: lifelines is slow to load
+
+    group = np.asarray(group, dtype=bool)
+    event = np.asarray(event).astype(int)
+    if group.all() or not group.any() or event.sum() == 0:
+        return float("nan")
+    result = logrank_test(time[group], time[~group], event[group], event[~group])
+    return float(result.p_value)
 
 
 # ---------------------------------------------------------------- calibration

@@ -38,6 +38,7 @@ import yaml
 
 from .csvio import read_table
 from .fsio import atomic_write_text, fsync, plain, umask
+from .tasktypes import SURVIVAL_METRICS, score_columns
 
 __all__ = [
     "FOLD_FILES",
@@ -65,7 +66,9 @@ MODEL_FILE = "model.pt"  # optional: the kept weights (state_dict), read by `ben
 # the per-cohort results of bench.evaluate.cohort_metrics: at the validation-chosen threshold, then at the argmax,
 # then calibration (Brier score, ECE; absent from folds written before they existed)
 METRICS = ("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5", "brier", "ece")
-PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "cohort")
+METRICS += SURVIVAL_METRICS  # a survival task's (bench/tasktypes.py); classification folds have none of them
+# and the score columns: prob (binary), prob_0 … (multiclass), or risk and surv_0 … (survival), bench/tasktypes.py
+PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "cohort")
 NOT_METHODS = {"report", "sweeps", "logs", "slurm"}  # folders under <out>/<task> that hold no method
 
 
@@ -135,7 +138,12 @@ def _read_fold(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
             header = f.readline().strip().split(",")
     except (OSError, ValueError, yaml.YAMLError, UnicodeDecodeError):
         return None
-    if isinstance(config, dict) and isinstance(metrics, dict) and set(PREDICTION_COLUMNS) <= set(header):
+    if (
+        isinstance(config, dict)
+        and isinstance(metrics, dict)
+        and set(PREDICTION_COLUMNS) <= set(header)
+        and score_columns(header)
+    ):
         return config, metrics
     return None
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .config import TaskConfig, Tracking, cache_root
@@ -19,8 +20,17 @@ from .data.splits import fold_columns, fold_parts, make_splits, membership_diges
 from .data.task import load_task
 from .errors import BenchError, DataError
 from .store import write_splits
+from .tasktypes import time_bin_edges
 
-__all__ = ["RunOptions", "TaskData", "feature_sets", "fold_genes", "prepare_task", "train_cases"]
+__all__ = [
+    "RunOptions",
+    "TaskData",
+    "feature_sets",
+    "fold_genes",
+    "fold_time_edges",
+    "prepare_task",
+    "train_cases",
+]
 
 
 @dataclass(frozen=True)
@@ -169,3 +179,13 @@ def fold_genes(data: TaskData, fold: int) -> GeneSelection | None:
             log, labels, train_cases(data, fold), spec.method, spec.k, data.seed, cache_root() / "genes"
         )
     return data.gene_selections[key]
+
+
+def fold_time_edges(data: TaskData, fold: int) -> np.ndarray | None:
+    """A survival task's time bins of fold ``fold``, cut at the quantiles of its training patients' event times
+    (bench/tasktypes.py; one row per patient), or None for a classification task."""
+    if data.task.type != "survival":
+        return None
+    slides = data.internal.slides
+    patients = slides[slides.case_id.isin(train_cases(data, fold))].drop_duplicates("case_id")
+    return time_bin_edges(patients.time.to_numpy(), patients.event.to_numpy(), data.task.time_bins)

@@ -39,7 +39,14 @@ from methods.packing import chunk_bags
 
 from .convergence import Selection, resolve_epochs, update_cap
 from .device import resolve_precision
-from .evaluate import patient_auc, predict, predict_patches, slide_predictions
+from .evaluate import (
+    patient_auc,
+    predict,
+    predict_patches,
+    scores_from_logits,
+    slide_predictions,
+    validation_loss,
+)
 
 __all__ = [
     "MONITORS",
@@ -110,7 +117,8 @@ def mean_model_auc(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.validation_logits_batch([b.to(device, non_blocking=True) for b in chunk])
         for name, (rows, z) in logits.items():
-            scored.setdefault(name, []).append(([chunk[i] for i in rows], z.float().softmax(-1)[:, 1]))
+            scores = scores_from_logits(z, model.cfg.head)
+            scored.setdefault(name, []).append(([chunk[i] for i in rows], scores))
     model.train(was_training)
     aucs = []
     for parts in scored.values():
@@ -127,10 +135,10 @@ def _validate(
 ) -> dict[str, float]:
     probs = predict(model, bags, device, autocast)
     labels = np.array([int(b.label) for b in bags])
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    events = np.array([int(b.event) for b in bags]) if bags and bags[0].event is not None else None
     record = {
         "val_auc": _patient_auc(bags, probs, aggregation),
-        "val_loss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))),
+        "val_loss": validation_loss(labels, probs, events),
     }
     if model.cfg.monitor == "mean-auc":
         record["val_mean_auc"] = mean_model_auc(model, bags, device, autocast, aggregation)

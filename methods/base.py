@@ -32,7 +32,55 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Bag", "DataNeeds", "MILMethod", "MILOutput", "MethodCfg", "PatchMap"]
+__all__ = [
+    "HEADS",
+    "Bag",
+    "DataNeeds",
+    "MILMethod",
+    "MILOutput",
+    "MethodCfg",
+    "PatchMap",
+    "discrete_time_nll",
+    "survival_curves",
+]
+
+#: what a method's ``num_classes`` outputs mean (``MethodCfg.head``)
+HEADS = ("classification", "survival")
+
+
+def discrete_time_nll(
+    logits: Tensor, bin_index: Tensor, event: Tensor, alpha: float = 0.0, eps: float = 1e-7
+) -> Tensor:
+    r"""Negative log-likelihood of the discrete-time survival model (Zadeh & Schmid 2020) in the form of
+    ``nll_loss`` of Patch-GCN / MCAT / G-HANet (``utils/utils.py``): hazards :math:`h = \sigma(z)` over the
+    K time bins, survival :math:`S_k = \prod_{j \le k} (1 - h_j)`, :math:`S_{-1} = 1`; with y the patient's bin
+    and c = 1 − event (censored),
+
+    .. math::
+        L_{unc} = -(1 - c)\,[\log S_{y-1} + \log h_y],\quad L_{cens} = -c \log S_y,\quad
+        L = (1 - lpha)(L_{unc} + L_{cens}) + lpha L_{unc}
+
+    every log clamped at ``eps``; α = ``alpha`` (G-HANet's ``--alpha_surv`` default 0). Shapes: logits
+    ``(K,)`` or ``(B, K)``, bin index and event ``()`` or ``(B,)`` -> the mean over rows.
+    """
+    z = logits.reshape(-1, logits.shape[-1])
+    y = bin_index.reshape(-1, 1).long()
+    c = 1.0 - event.reshape(-1, 1).to(z.dtype)
+    hazards = torch.sigmoid(z)
+    padded = torch.cat([torch.ones_like(c), torch.cumprod(1 - hazards, dim=1)], dim=1)  # S_{-1} = 1
+    uncensored = -(1 - c) * (
+        padded.gather(1, y).clamp(min=eps).log() + hazards.gather(1, y).clamp(min=eps).log()
+    )
+    censored = -c * padded.gather(1, y + 1).clamp(min=eps).log()
+    return ((1 - alpha) * (uncensored + censored) + alpha * uncensored).mean()
+
+
+def survival_curves(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Risk and survival function of discrete-time hazard logits ``(..., K)``: ``S_k = Π_{j<=k}(1 - σ(z_j))``
+    at the end of each bin ``(..., K)``, and the risk ``−Σ_k S_k`` (``(...)``, higher = earlier event), as
+    Patch-GCN / MCAT / G-HANet score their c-index."""
+    s = torch.cumprod(1 - torch.sigmoid(logits), dim=-1)
+    return -s.sum(-1), s
 
 
 @dataclass
@@ -47,6 +95,9 @@ class Bag:
         omics: the patient's gene vector of shape ``(G,)``, already transformed and scaled, or None.
             Training-time only: the runner never passes it when predicting.
         slide_id, case_id: identifiers, kept as strings.
+        event: survival tasks: 1 event, 0 censored (long, shape ``()``); ``label`` is then the discrete time
+            bin of the follow-up time. None for classification.
+        time: survival tasks: the follow-up time (float, shape ``()``), or None.
     """
 
     features: Tensor
@@ -56,6 +107,8 @@ class Bag:
     omics: Tensor | None = None
     slide_id: str = ""
     case_id: str = ""
+    event: Tensor | None = None
+    time: Tensor | None = None
 
     @property
     def num_patches(self) -> int:
@@ -74,6 +127,8 @@ class Bag:
             coords=move(self.coords),
             edge_index=move(self.edge_index),
             omics=move(self.omics),
+            event=move(self.event),
+            time=move(self.time),
         )
 
     def without_omics(self) -> Bag:
@@ -138,7 +193,11 @@ class MethodCfg:
     reference code's value and says where it comes from.
     """
 
-    num_classes: int = 2
+    num_classes: int = 2  # outputs: class logits (classification) or one hazard logit per time bin (survival)
+    #: classification: softmax cross-entropy over the num_classes logits; survival: discrete-time hazards and
+    #: :func:`discrete_time_nll` (set by the harness from the task's type; ``task_loss`` applies it)
+    head: str = "classification"
+    surv_alpha: float = 0.0  # survival: weight of the uncensored term (G-HANet's --alpha_surv, default 0)
     dropout: float = 0.25
     optimizer: str = "adam"  # adam | adamw
     lr: float = 1e-4
@@ -236,6 +295,8 @@ class MILMethod(nn.Module):
 
     def __init__(self, cfg: MethodCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__()
+        if cfg.head not in HEADS:
+            raise ValueError(f"unknown head {cfg.head!r}; use one of {', '.join(HEADS)}")
         self.cfg = cfg
         self.in_dim = in_dim
         self.omics_dim = omics_dim
@@ -244,13 +305,29 @@ class MILMethod(nn.Module):
         raise NotImplementedError
 
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
-        """Named, weighted loss terms; the default is the slide cross-entropy.
+        """Named, weighted loss terms; the default is the slide's task loss (:meth:`task_loss`: cross-entropy,
+        ``ce``, or the survival likelihood, ``nll``).
 
         The trainer sums the terms and back-propagates once per bag; an empty dict means "nothing to
         back-propagate for this bag" (a method that works on windows of bags returns the whole window's
         terms on the window's last bag and sets ``accumulation_steps`` to the window length).
         """
-        return {"ce": F.cross_entropy(out.logits.unsqueeze(0), bag.label.view(1))}
+        return {self.task_term: self.task_loss(out.logits, bag)}
+
+    @property
+    def task_term(self) -> str:
+        """The name of the task loss's term: ``ce`` (classification) or ``nll`` (survival)."""
+        return "nll" if self.cfg.head == "survival" else "ce"
+
+    def task_loss(self, logits: Tensor, bag: Bag) -> Tensor:
+        """The loss of one slide's logits ``(C,)`` under the config's ``head``: cross-entropy against
+        ``bag.label``, or the discrete-time survival NLL of ``bag.label`` (time bin) and ``bag.event``. Every
+        method's slide-level supervision goes through here, so each one supports both heads."""
+        if self.cfg.head == "survival":
+            if bag.event is None:
+                raise ValueError(f"survival head: slide {bag.slide_id!r} has no event indicator (bag.event)")
+            return discrete_time_nll(logits, bag.label, bag.event, self.cfg.surv_alpha)
+        return F.cross_entropy(logits.unsqueeze(0), bag.label.view(1))
 
     def prepare(self, train_bags: Sequence[Bag]) -> None:
         """Fit anything that needs the training split before the first step (default: nothing)."""

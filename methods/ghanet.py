@@ -41,13 +41,20 @@ def sce_loss(x: Tensor, y: Tensor, alpha: float = 3.0) -> Tensor:
 def welch_gene_mask(omics: np.ndarray, labels: np.ndarray, p_threshold: float) -> np.ndarray:
     """Genes whose two classes differ by Welch's t-test (``ttest_ind(equal_var=False)``), p < ``p_threshold``.
 
+    With more than two classes (bench's extension; the authors' code is binary): a gene is kept when one
+    class differs from the rest, one-vs-rest Welch tests, any p < ``p_threshold`` (a class with fewer than
+    two patients, or with every patient, takes no part).
+
     Args:
         omics: ``(P, G)`` gene values of the training patients.
-        labels: ``(P,)`` class 0 / 1.
+        labels: ``(P,)`` class index (0 / 1 for two classes).
     Returns:
         ``(G,)`` boolean mask; all False when a class has fewer than two patients; a gene with an undefined
         p-value (constant in both classes) is not selected.
     """
+    if labels.size and labels.max() > 1:
+        masks = [welch_gene_mask(omics, (labels == c).astype(int), p_threshold) for c in np.unique(labels)]
+        return np.logical_or.reduce(masks)
     a, b = omics[labels == 0], omics[labels == 1]
     if len(a) < 2 or len(b) < 2:
         return np.zeros(omics.shape[1], dtype=bool)
@@ -353,7 +360,7 @@ class GHANet(MILMethod):
         return torch.stack(rows)
 
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
-        terms = {"ce": F.cross_entropy(out.logits.unsqueeze(0), bag.label.view(1))}
+        terms = {self.task_term: self.task_loss(out.logits, bag)}
         recon = out.extras.get("reconstruction")
         if bag.omics is None or recon is None:
             return terms

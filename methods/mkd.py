@@ -321,23 +321,22 @@ class MKD(MILMethod):
 
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
         cfg = self.cfg
-        label = bag.label.view(1)
-        ce = F.cross_entropy(out.logits.unsqueeze(0), label)
+        ce = self.task_loss(out.logits, bag)
         if not self.training:  # e.g. a validation loss: the student's CE, the window untouched
-            return {"ce": ce}
+            return {self.task_term: ce}
         entry = {"f_s": out.embedding, "z_s": out.logits}
         if bag.omics is not None:
             tokens = self._tokens(bag.omics)
             entry["z_o"], entry["f_o"] = self.omics_teacher(tokens)
             entry["z_m"], entry["f_m"] = self.multimodal_teacher(bag.features, tokens)
-            ce = ce + F.cross_entropy(entry["z_o"].unsqueeze(0), label)
-            ce = ce + F.cross_entropy(entry["z_m"].unsqueeze(0), label)
+            ce = ce + self.task_loss(entry["z_o"], bag)
+            ce = ce + self.task_loss(entry["z_m"], bag)
         entry["ce"] = ce / cfg.accumulation_steps
         self._window.append(entry)
         if len(self._window) < cfg.accumulation_steps:
             return {}
         window, self._window = self._window, []
-        terms = {"ce": torch.stack([e["ce"] for e in window]).sum()}
+        terms = {self.task_term: torch.stack([e["ce"] for e in window]).sum()}
         with_omics = [e for e in window if "f_o" in e]
         if len(with_omics) >= 2:
             terms.update(self._window_terms(with_omics))

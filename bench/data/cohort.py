@@ -6,6 +6,7 @@ fails before any training with one message naming the files and the fixes.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ..config import TaskConfig, cache_root
 from ..csvio import read_table
 from ..errors import DataError
 from ..names import normalisation_clashes, unsafe_reason
+from ..tasktypes import survival_strata, task_type, time_bin_index
 from .featurestore import StoredSlide, load_or_store, nonfinite_patches, store_root
 from .formats import SlideFeatures, feature_path, read_slide
 from .graph import load_or_build_graph
@@ -47,8 +49,9 @@ class Cohort:
 
     Attributes:
         name: ``internal`` or the external cohort's name.
-        slides: one row per slide: case_id, slide_id, label (0/1), path (feature file); and site with
-            ``split_by: site`` (internal cohort).
+        slides: one row per slide: case_id, slide_id, label (class index; survival: the splits' stratum,
+            event × time bin), path (feature file); survival: time, event; and site with ``split_by: site``
+            (internal cohort).
         dim: feature width D, read from the files.
         omics: raw omics (case_id index, one column per gene), or None.
     """
@@ -69,14 +72,29 @@ class Cohort:
         slide_ids: Sequence[str] | None = None,
         omics: pd.DataFrame | None = None,
         graph: tuple[int, bool, Path] | None = None,
+        time_edges: np.ndarray | None = None,
     ) -> list[Bag]:
         """Bags of the given slides (all by default); ``omics`` = transformed table to attach (train only);
-        ``graph`` = (k, symmetric, cache_dir) to attach spatial kNN graphs."""
+        ``graph`` = (k, symmetric, cache_dir) to attach spatial kNN graphs; ``time_edges`` (survival): the
+        fold's time bins, each bag's label its bin, with its event and time."""
         rows = (
             self.slides
             if slide_ids is None
             else self.slides.set_index("slide_id").loc[list(slide_ids)].reset_index()
         )
+        if time_edges is not None:
+            bins = time_bin_index(rows.time.to_numpy(), time_edges)
+            return [
+                dataclasses.replace(
+                    bag,
+                    label=torch.tensor(int(k)),
+                    event=torch.tensor(int(e)),
+                    time=torch.tensor(float(t), dtype=torch.float64),
+                )
+                for bag, k, e, t in zip(
+                    self.bags(slide_ids, omics, graph), bins, rows.event, rows.time, strict=True
+                )
+            ]
         return [
             slide_bag(
                 r.path,
@@ -153,7 +171,8 @@ def read_slide_cached(path: str | Path) -> SlideFeatures:
 def _read_labels(
     task: TaskConfig, path: Path, problems: list[str], sites: bool = False
 ) -> pd.DataFrame | None:
-    """case_id, slide_id, label (0/1) of a labels CSV, every problem collected; ``sites``: also the
+    """case_id, slide_id, label (class index, bench/tasktypes.py; survival: time, event) of a labels CSV,
+    every problem collected; ``sites``: also the
     ``site`` of each slide (:func:`bench.data.sites.read_sites`)."""
     if not path.is_file():
         problems.append(f"{path}: labels file not found. Fix: correct 'labels' in {task.path}.")
@@ -164,16 +183,22 @@ def _read_labels(
         problems.append(str(exc))
         return None
     site_col = [task.site_col] if sites and task.site_col else []
-    missing = [c for c in (*ID_COLS, task.label_col, *site_col) if c not in df.columns]
+    label_cols = [task.time_col, task.event_col] if task.type == "survival" else [task.label_col]
+    missing = [c for c in (*ID_COLS, *label_cols, *site_col) if c not in df.columns]
     if missing:
+        needed = (
+            f"time_col '{task.time_col}' and event_col '{task.event_col}'"
+            if task.type == "survival"
+            else f"label_col '{task.label_col}'"
+        )
         problems.append(
             f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)}). "
-            f"Fix: the labels CSV needs case_id, slide_id and the task's label_col '{task.label_col}'"
+            f"Fix: the labels CSV needs case_id, slide_id and the task's {needed}"
             + (f" and site_col '{task.site_col}'." if site_col else ".")
         )
         return None
-    df = df[[*ID_COLS, task.label_col, *site_col]].rename(
-        columns={task.label_col: "raw_label", **{c: "site" for c in site_col}}
+    df = df[[*ID_COLS, *label_cols, *site_col]].rename(
+        columns={label_cols[0]: "raw_label", **{c: "site" for c in site_col}}
     )
     for col in ID_COLS:
         df[col] = df[col].str.strip()
@@ -186,20 +211,21 @@ def _read_labels(
     dup = df.slide_id[df.slide_id.duplicated()].unique()
     if len(dup):
         problems.append(f"{path}: slide_id(s) listed twice: {', '.join(dup[:5])}. Fix: one row per slide.")
-    values, pos = set(df.raw_label), set(task.positive)
-    if task.negative is not None:
-        unknown = sorted(values - pos - set(task.negative))
+    if task.type == "survival":
+        df = _survival_labels(task, df.rename(columns={"raw_label": "raw_time"}), path, problems)
+        key = ["time", "event"]
     else:
-        others = values - pos
-        unknown = sorted(others) if len(others) > 1 or "" in others else []
-    if unknown:
-        problems.append(
-            f"{path}: label column '{task.label_col}' has value(s) {unknown!r} that are not in the task's classes "
-            f"(positive: {task.positive}, negative: {task.negative or 'the one other value'}). "
-            "Fix: correct the CSV, or list the values under 'positive'/'negative' in the task YAML."
-        )
-    df["label"] = df.raw_label.isin(task.positive).astype(int)
-    mixed = df.groupby("case_id").label.nunique()
+        kind = task_type(task)
+        df["label"], unknown = kind.encode(task, df.raw_label)
+        if unknown:
+            where = "'classes'" if kind.name == "multiclass" else "'positive'/'negative'"
+            problems.append(
+                f"{path}: label column '{task.label_col}' has value(s) {unknown!r} that are not in the task's "
+                f"classes ({kind.describe(task)}). Fix: correct the CSV, or list the values under {where} in "
+                "the task YAML."
+            )
+        key = ["label"]
+    mixed = df.groupby("case_id")[key].nunique().max(axis=1)
     mixed = mixed[mixed > 1].index
     if len(mixed):
         problems.append(
@@ -208,7 +234,39 @@ def _read_labels(
         )
     if sites:
         df["site"] = read_sites(task, df, path, problems)
-    return df.drop(columns="raw_label")
+    return df.drop(columns=[c for c in ("raw_label", "raw_time", task.event_col) if c in df.columns])
+
+
+def _survival_labels(task: TaskConfig, df: pd.DataFrame, path: Path, problems: list[str]) -> pd.DataFrame:
+    """``time`` (float, >= 0) and ``event`` (1 event, 0 censored) of a survival task's labels, every bad
+    row counted in one problem per column."""
+    time = pd.to_numeric(df.raw_time, errors="coerce")
+    bad_time = df.slide_id[~np.isfinite(time) | (time < 0)]
+    if len(bad_time):
+        problems.append(
+            f"{path}: time column '{task.time_col}' is missing, not a number or negative for {len(bad_time)} "
+            f"slide(s) ({', '.join(bad_time[:5])}). Fix: give every slide its patient's follow-up time "
+            f"(>= 0, in {task.time_unit}), or remove those rows."
+        )
+    event = df[task.event_col].str.strip()
+    bad_event = df.slide_id[~event.isin(["0", "1"])]
+    if len(bad_event):
+        problems.append(
+            f"{path}: event column '{task.event_col}' must be 1 (event) or 0 (censored); {len(bad_event)} "
+            f"slide(s) have another value ({', '.join(bad_event[:5])}, e.g. {event[~event.isin(['0', '1'])].iloc[0]!r}). "
+            "Fix: code the event as 0/1."
+        )
+    df = df.assign(time=time.fillna(-1.0), event=event.map({"0": 0, "1": 1}).fillna(-1).astype(int))
+    valid = (df.time >= 0) & (df.event >= 0)
+    strata = np.zeros(len(df), dtype=int)
+    if valid.all() and (df.event == 1).sum() >= task.time_bins:
+        strata = survival_strata(df.time.to_numpy(), df.event.to_numpy())
+    elif valid.all():
+        problems.append(
+            f"{path}: {int((df.event == 1).sum())} slide(s) with an event cannot cut {task.time_bins} time bins. "
+            f"Fix: lower 'time_bins' in {task.path}, or add patients with events."
+        )
+    return df.assign(label=strata)
 
 
 def _check_ids(df: pd.DataFrame, path: Path, problems: list[str]) -> None:
@@ -383,18 +441,22 @@ def load_cohorts(task: TaskConfig) -> tuple[Cohort, dict[str, Cohort], list[str]
 
 def _class_problems(task: TaskConfig, labels: Path, cohort: Cohort) -> list[str]:
     """An external cohort whose patients are all of one class (or that has none) gives no AUC: an error."""
-    counts = cohort.patients.label.value_counts()
-    if len(counts) == 2:
+    if task.type == "survival":
         return []
+    counts = cohort.patients.label.value_counts()
+    if len(counts) >= 2:
+        return []
+    kind = task_type(task)
     found = (
         "no patients"
         if counts.empty
-        else f"only {'positive' if counts.index[0] == 1 else 'negative'} patients ({int(counts.iloc[0])})"
+        else f"only {kind.class_name(int(counts.index[0]))} patients ({int(counts.iloc[0])})"
     )
+    where = "'classes'" if kind.name == "multiclass" else "'positive'/'negative'"
     return [
         f"{labels}: external cohort {cohort.name!r} has {found} once its '{task.label_col}' values are mapped "
-        f"(positive: {task.positive}, negative: {task.negative or 'the other value'}); its AUC would be undefined. "
-        "Fix: check that the cohort codes labels as the task's 'positive'/'negative' values, or remove it from 'external'."
+        f"({kind.describe(task).replace('one other', 'other')}); its AUC would be undefined. "
+        f"Fix: check that the cohort codes labels as the task's {where} values, or remove it from 'external'."
     ]
 
 

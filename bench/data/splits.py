@@ -48,7 +48,7 @@ def make_splits(
     ``by="site"``: stratified group k-fold over patients grouped by site (sklearn's ``StratifiedGroupKFold``),
     and the validation part is one fold of a stratified group J-fold split of the training part's sites,
     J = ``round(1 / val_fraction)`` (at most the number of those sites, at least 2), the first whose
-    validation and training parts both hold both classes: its share of patients is about 1 / J, not exactly
+    validation and training parts both hold every class: its share of patients is about 1 / J, not exactly
     ``val_fraction`` (sites are indivisible).
     """
     patients = slides.groupby("case_id", sort=True)["label"].first()
@@ -103,8 +103,11 @@ def _site_folds(
         n_val = min(max(2, round(1 / val_fraction)), len(set(sites[train_idx])))
         inner = StratifiedGroupKFold(n_splits=n_val, shuffle=True, random_state=seed + k)
         splits = list(inner.split(train_idx, y[train_idx], sites[train_idx]))
+        classes = len(set(y))
         both = [
-            va for tr, va in splits if len(set(y[train_idx[tr]])) == 2 and len(set(y[train_idx[va]])) == 2
+            va
+            for tr, va in splits
+            if len(set(y[train_idx[tr]])) == classes and len(set(y[train_idx[va]])) == classes
         ]
         yield train_idx[both[0] if both else splits[0][1]], test_idx
 
@@ -143,8 +146,8 @@ def _check_design(counts: pd.Series, folds: int, val_fraction: float) -> None:
     fix = "lower 'folds' (or --folds), change 'val_fraction', or add patients of the rarer class."
     if len(counts) < 2:
         raise DataError(
-            f"the labels have one class only ({counts.to_dict()}); a binary task needs patients of both",
-            fix="check 'positive'/'negative' in the task YAML against the label column's values.",
+            f"the labels have one class only ({counts.to_dict()}); a task needs patients of at least two",
+            fix="check 'positive'/'negative' (or 'classes') in the task YAML against the label column's values.",
         )
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction {val_fraction} must be between 0 and 1 (exclusive)", fix=fix)

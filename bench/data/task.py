@@ -6,7 +6,10 @@ from pathlib import Path
 
 from ..config import TaskConfig, cache_root, read_task
 from ..errors import BenchError
-from .synthetic import SyntheticSpec, materialise
+from .synthetic import OUTCOMES_FILE, OUTCOMES_TABLE, SyntheticSpec, ensure_outcomes, materialise
+
+#: the label tables a synthetic cohort offers, by the name a task gives, and their files
+LABEL_TABLES = {"labels.csv": "labels.csv", OUTCOMES_TABLE: OUTCOMES_FILE}
 
 __all__ = ["load_task"]
 
@@ -24,7 +27,17 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
         spec = SyntheticSpec.from_dict(cfg.synthetic or {})
     except ValueError as exc:
         raise BenchError(f"{cfg.path}: invalid 'synthetic' settings ({exc}).") from exc
+    table = "labels.csv" if cfg.labels is None else str(cfg.labels)
+    if table not in LABEL_TABLES:
+        raise BenchError(
+            f"{cfg.path}: a synthetic task's 'labels' names one of the generated label tables "
+            f"({', '.join(LABEL_TABLES)}), not {table!r}. Fix: remove 'labels' (labels.csv: her2, pr, odx_risk) "
+            f"or give {OUTCOMES_TABLE} (subtype, os_days, os_event)."
+        )
     root = materialise(spec, cache_root() / "synthetic")
+    if table == OUTCOMES_TABLE:
+        ensure_outcomes(spec, root)
+    table = LABEL_TABLES[table]
     sets = spec.feature_sets()
 
     def features(cohort: Path) -> Path | dict[str, Path]:
@@ -39,11 +52,11 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
                 f"(it makes: {', '.join(sorted(known)) or 'none'})."
             )
         external.append(
-            e.model_copy(update={"labels": root / e.name / "labels.csv", "features": features(root / e.name)})
+            e.model_copy(update={"labels": root / e.name / table, "features": features(root / e.name)})
         )
     return cfg.model_copy(
         update={
-            "labels": root / "internal" / "labels.csv",
+            "labels": root / "internal" / table,
             "features": features(root / "internal"),
             "omics": root / "internal" / "omics.csv",
             "external": external,

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import confusion_matrix
 
 from .. import provenance
 from ..analysis import TaskStats, analyse, backbone_tests
@@ -18,13 +19,16 @@ from ..data.synthetic import spec_record
 from ..explain import explain_slide, figure_for, localisation_table
 from ..figures import (
     calibration_figure,
+    confusion_figure,
     fold_auc_figure,
+    km_figure,
     learning_curves_figure,
     method_colors,
     roc_figure,
     save_figure,
 )
 from ..fsio import atomic_write_text
+from ..stats import logrank_p
 from ..store import TaskResults, load_results
 from ..tables import Table, safe_stem, write_table
 from ..train import MONITORS
@@ -57,7 +61,7 @@ def _data_lines(st: TaskStats) -> list[str]:
     task = config.get("task", {})
     spec = _synthetic_spec(config)
     s = st.summary
-    lines = []
+    lines: list[str] = []
     if spec is not None:
         settings = spec.get("spec", {})
         keys = (
@@ -76,6 +80,32 @@ def _data_lines(st: TaskStats) -> list[str]:
         )
     else:
         lines.append(f"- Data from files: labels `{task.get('labels')}`, features `{task.get('features')}`.")
+    if st.survival:
+        lines.append(
+            f"- Survival: time `{task.get('time_col')}` ({task.get('time_unit', 'days')}), event "
+            f"`{task.get('event_col')}`; {task.get('time_bins', 4)} discrete time bins per fold (quantiles of its "
+            f"training patients' event times); slides aggregated to patients by the **{st.aggregation}** of their "
+            "risk; every metric is patient-level (Harrell's c-index for selection and the headline)."
+        )
+        lines.append(_grouping_line(config))
+        for c in st.cohorts:
+            pat = st.patients[(st.patients.cohort == c) & (st.patients.method == st.reference)]
+            pat = pat.drop_duplicates("case_id")
+            where = (
+                "internal cohort, cross-validated (test parts)" if c == "test" else f"external cohort `{c}`"
+            )
+            lines.append(
+                f"- {where}: {len(pat)} patients, {int(pat.event.sum())} events ({pat.event.mean():.0%})."
+            )
+        return lines
+    if st.multiclass:
+        lines.append(
+            f"- Label `{task.get('label_col')}`, multiclass: {', '.join(_classes(st))}; slides aggregated to "
+            f"patients by the **{st.aggregation}** of their class probabilities; every metric is patient-level "
+            "(AUC: macro one-vs-rest; ACC, BACC and macro F1 at the argmax, no threshold)."
+        )
+        lines.append(_grouping_line(config))
+        return lines + _class_count_lines(st)
     lines.append(
         f"- Label `{task.get('label_col')}`, positive class {task.get('positive')}; slides aggregated to patients "
         f"by the **{st.aggregation}** of their probabilities; every metric is patient-level."
@@ -101,6 +131,60 @@ def _data_lines(st: TaskStats) -> list[str]:
         else:
             lines.append(f"- external cohort `{c}`: {n} patients, {pos} positive ({pos / max(n, 1):.0%}).")
     return lines
+
+
+def _classes(st: TaskStats) -> list[str]:
+    """The class names of a multiclass task, from its folds' configuration."""
+    return [str(c) for c in st.runs[0].config.get("task", {}).get("classes") or []]
+
+
+def _class_count_lines(st: TaskStats) -> list[str]:
+    """Patients per class of each cohort of a multiclass task (one method's predictions: all see them)."""
+    names = _classes(st)
+    lines = []
+    for c in st.cohorts:
+        pat = st.patients[(st.patients.cohort == c) & (st.patients.method == st.reference)]
+        counts = pat.drop_duplicates("case_id").label.value_counts()
+        shown = ", ".join(
+            f"{names[k] if k < len(names) else k} {int(counts.get(k, 0))}" for k in range(len(names))
+        )
+        where = "internal cohort, cross-validated (test parts)" if c == "test" else f"external cohort `{c}`"
+        lines.append(f"- {where}: {int(counts.sum())} patients ({shown}).")
+    return lines
+
+
+def _risk_groups(st: TaskStats, cohort: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """Per method: time, event, high risk (risk above the fold's validation cut; externally the mean over
+    folds of risk minus cut above 0) and the log-rank p of the two groups."""
+    cuts = {
+        (r.method, r.fold): float(r.metrics.get("cohorts", {}).get("val", {}).get("risk_cut", np.nan))
+        for r in st.runs
+    }
+    pat = st.patients[st.patients.cohort == cohort]
+    groups = {}
+    for method, g in pat.groupby("method", sort=True):
+        above = g.risk.to_numpy() - np.array([cuts.get((method, f), np.nan) for f in g.fold])
+        per_patient = (
+            g.assign(above_cut=above)
+            .groupby("case_id")
+            .agg(time=("time", "first"), event=("event", "first"), above_cut=("above_cut", "mean"))
+        )
+        time, event = per_patient.time.to_numpy(), per_patient.event.to_numpy()
+        high = per_patient.above_cut.to_numpy() > 0
+        groups[method] = (time, event, high, logrank_p(time, event, high))
+    return groups
+
+
+def _confusions(st: TaskStats, cohort: str) -> dict[str, np.ndarray]:
+    """Per method, the confusion matrix of a cohort's patients: pooled out-of-fold internally, summed over
+    the folds' models externally (every model predicts every external patient)."""
+    cols = [c for c in st.patients.columns if c.startswith("prob_")]
+    pat = st.patients[st.patients.cohort == cohort]
+    c = len(cols)
+    return {
+        method: confusion_matrix(g.label, g[cols].to_numpy().argmax(1), labels=np.arange(c))
+        for method, g in pat.groupby("method", sort=True)
+    }
 
 
 def _grouping_line(config: dict) -> str:
@@ -282,6 +366,42 @@ def _figures(
                 "optimiser updates; a dot marks the kept check, a dashed line a fold that ended on its cap (epochs "
                 "or updates), not on a plateau.",
             )
+        if st.survival:
+            unit = st.runs[0].config.get("task", {}).get("time_unit", "days")
+            for cohort in st.cohorts:
+                where = (
+                    "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"
+                )
+                stem = f"{st.task}_{'internal' if cohort == 'test' else safe_stem(cohort)}"
+                doc.figure(
+                    km_figure(_risk_groups(st, cohort), f"{st.task.upper()}: {where}", unit),
+                    f"km_{stem}",
+                    f"{st.task.upper()}: Kaplan-Meier curves of the patients each fold's model puts above (high "
+                    "risk) or below its cut, the median risk of that fold's validation patients, on the "
+                    f"{where}"
+                    + (
+                        ""
+                        if cohort == "test"
+                        else " (high risk: the mean over the folds' models of risk minus cut is positive)"
+                    )
+                    + "; log-rank p in each panel (lifelines).",
+                )
+            continue
+        if st.multiclass:
+            for cohort in st.cohorts:
+                where = (
+                    "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"
+                )
+                stem = f"{st.task}_{'internal' if cohort == 'test' else safe_stem(cohort)}"
+                doc.figure(
+                    confusion_figure(_confusions(st, cohort), _classes(st), f"{st.task.upper()}: {where}"),
+                    f"confusion_{stem}",
+                    f"{st.task.upper()}: confusion matrices on the {where} (rows: true class, shaded by the share "
+                    "of its patients; columns: the argmax class; numbers: patients"
+                    + ("" if cohort == "test" else ", summed over the folds' models")
+                    + ").",
+                )
+            continue
         for cohort in st.cohorts:
             curves, calib = _curves(st, cohort)
             where = "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["CALIBRATION", "OPERATING_POINTS", "how_computed"]
+__all__ = ["CALIBRATION", "MULTICLASS_METRICS", "OPERATING_POINTS", "SURVIVAL_METRICS", "how_computed"]
 
 OPERATING_POINTS = (
     "ACC, BACC, F1: at the threshold of best F1 on each fold's validation patients, applied unchanged to the "
     "test part and every external cohort; @0.5: at the argmax (probability > 0.5), no fitted threshold."
+)
+
+MULTICLASS_METRICS = (
+    "Multiclass: AUC is the macro one-vs-rest AUC (mean over classes of each class's AUC against the rest); "
+    "ACC, BACC (mean per-class recall) and macro F1 at the argmax class, no fitted threshold."
+)
+
+SURVIVAL_METRICS = (
+    "Survival (torchsurv): C: Harrell's and Uno's (IPCW) c-index of the risk −Σ S_k; AUC(q): cumulative/dynamic "
+    "AUC (IPCW) at the quartiles q1–q3 of each fold's training patients' event times; IBS: integrated Brier "
+    "score (IPCW) from q1 to q3; lower is better for IBS, 0.5 is chance for C and AUC."
 )
 
 CALIBRATION = (

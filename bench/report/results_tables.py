@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from ..analysis import analyse
+from ..evaluate import ARGMAX
 from ..stats import corrected_resampled_ttest
 from ..store import TaskResults
 from ..tables import Table, bold_best, cohort_label, fmt, method_order
@@ -28,6 +29,7 @@ from .stats_tables import ALPHA, MARK_T, marks, marks_caption
 __all__ = [
     "CALIBRATION_NAMES",
     "METRIC_NAMES",
+    "SURVIVAL_NAMES",
     "calibration_table",
     "operating_points_table",
     "summary_rich_table",
@@ -49,6 +51,16 @@ METRIC_NAMES = {
 
 CALIBRATION_NAMES = {"brier": "Brier", "ece": "ECE"}
 
+#: a survival task's columns (bench.evaluate.survival_metrics)
+SURVIVAL_NAMES = {
+    "c_index": "C (Harrell)",
+    "c_index_uno": "C (Uno)",
+    "auc_q1": "AUC(q1)",
+    "auc_q2": "AUC(q2)",
+    "auc_q3": "AUC(q3)",
+    "ibs": "IBS",
+}
+
 
 def _stats(long: pd.DataFrame) -> pd.DataFrame:
     return long.groupby(["method", "cohort", "metric"])["value"].agg(["mean", "std", "count"])
@@ -56,17 +68,23 @@ def _stats(long: pd.DataFrame) -> pd.DataFrame:
 
 def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
     """Rows method × cohort, columns AUC, then ACC/BACC/F1 at the validation-chosen threshold and at the
-    argmax, mean ± SD (the terminal table of ``bench run``); ``method · features`` on several feature sets."""
+    argmax, mean ± SD (the terminal table of ``bench run``); ``method · features`` on several feature sets; a
+    multiclass task's (no ``@0.5`` metrics): macro AUC, ACC, BACC, macro F1 at the argmax; a survival task's
+    c-indices, time-dependent AUCs and IBS."""
     if "repeat" in summary:  # with repeats: the rows over every repeat's folds
         summary = summary[summary.repeat == "all"]
     if "features" in summary:
         summary = summary.assign(method=summary.method + " · " + summary.features)
-    table = RichTable(
-        title=title, title_justify="left", caption=prose.OPERATING_POINTS, caption_justify="left"
-    )
+    metrics = set(summary.metric)
+    binary, survival = "acc@0.5" in metrics, "c_index" in metrics
+    shown = {m: n for m, n in METRIC_NAMES.items() if binary or ARGMAX not in m}
+    caption = prose.OPERATING_POINTS if binary else prose.MULTICLASS_METRICS
+    if survival:
+        shown, caption = SURVIVAL_NAMES, prose.SURVIVAL_METRICS
+    table = RichTable(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("method", no_wrap=True)
     table.add_column("cohort", no_wrap=True)
-    for name in METRIC_NAMES.values():
+    for name in shown.values():
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("folds", justify="right")
     s = summary.set_index(["method", "cohort", "metric"])
@@ -77,9 +95,10 @@ def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
                 fmt(s.loc[(method, cohort, m), "mean"], s.loc[(method, cohort, m), "std"])
                 if (method, cohort, m) in s.index
                 else "–"
-                for m in METRIC_NAMES
+                for m in shown
             ]
-            n = int(s.loc[(method, cohort, "auc"), "n"]) if (method, cohort, "auc") in s.index else 0
+            key = (method, cohort, next(iter(shown)))
+            n = int(s.loc[key, "n"]) if key in s.index else 0
             table.add_row(  # escaped: a variant's brackets are not rich markup
                 escape(method),
                 "internal (test)" if cohort == "test" else f"external: {escape(cohort)}",
@@ -95,15 +114,18 @@ def table1(results: Mapping[str, TaskResults], methods: Sequence[str] | None = N
     stats = {t: _stats(r.metrics()) for t, r in results.items()}
     all_methods = sorted({m for s in stats.values() for m in s.index.get_level_values("method")})
     rows_methods = method_order(all_methods, methods)
-    means = {t: [_get(stats[t], m, "test", "auc")[0] for m in rows_methods] for t in tasks}
+    key = {t: _headline(stats[t]) for t in tasks}
+    means = {t: [_get(stats[t], m, "test", key[t])[0] for m in rows_methods] for t in tasks}
     bold_cols = {t: bold_best(means[t]) for t in tasks}
     rows, bold = [], []
     for i, m in enumerate(rows_methods):
-        rows.append([m] + [fmt(*_get(stats[t], m, "test", "auc")) for t in tasks])
+        rows.append([m] + [fmt(*_get(stats[t], m, "test", key[t])) for t in tasks])
         bold.append([False] + [bold_cols[t][i] for t in tasks])
+    survival = [t.upper() for t in tasks if key[t] == "c_index"]
     caption = (
         "Internal patient-level stratified cross-validation: test AUC (%; threshold-free), mean ± SD over "
         "folds; best per task in bold."
+        + (f" Survival tasks ({', '.join(survival)}): Harrell's c-index (%)." if survival else "")
     )
     return Table(["Method"] + [t.upper() for t in tasks], rows, bold, caption, "tab:internal")
 
@@ -119,14 +141,14 @@ def table2(results: Mapping[str, TaskResults], methods: Sequence[str] | None = N
     ]
     all_methods = sorted({m for s in stats.values() for m in s.index.get_level_values("method")})
     rows_methods = method_order(all_methods, methods)
-    header = ["Method"] + [
-        f"{t.upper()} {c} {METRIC_NAMES[k]}" for t, c in columns for k in ("auc", "acc", "f1")
-    ]
+    shown = {t: _external_metrics(stats[t]) for t in tasks}
+    names = {**METRIC_NAMES, **SURVIVAL_NAMES}
+    header = ["Method"] + [f"{t.upper()} {c} {names[k]}" for t, c in columns for k in shown[t]]
     rows, bold = [[m] for m in rows_methods], [[False] for _ in rows_methods]
     for t, c in columns:
-        for k in ("auc", "acc", "f1"):
+        for k in shown[t]:
             values = [_get(stats[t], m, c, k) for m in rows_methods]
-            flags = bold_best([v[0] for v in values])
+            flags = bold_best([-v[0] if k == "ibs" else v[0] for v in values])  # IBS: lower is better
             for i, v in enumerate(values):
                 rows[i].append(fmt(*v))
                 bold[i].append(flags[i])
@@ -134,8 +156,24 @@ def table2(results: Mapping[str, TaskResults], methods: Sequence[str] | None = N
         "External validation: each fold's model tested on the external cohort; % mean ± SD over folds. ACC and "
         "F1 at the threshold of best F1 on each fold's validation patients (at the argmax: the operating-points "
         "tables)."
+        + (
+            " Survival tasks: Harrell's and Uno's c-index and the integrated Brier score (lower is better, the "
+            "lowest in bold)."
+            if any("ibs" in v for v in shown.values())
+            else ""
+        )
     )
     return Table(header, rows, bold, caption, "tab:external")
+
+
+def _headline(stats: pd.DataFrame) -> str:
+    """The metric Table 1 shows of a task: ``c_index`` for a survival task, else ``auc``."""
+    return "c_index" if "c_index" in set(stats.index.get_level_values("metric")) else "auc"
+
+
+def _external_metrics(stats: pd.DataFrame) -> tuple[str, ...]:
+    """The metrics Table 2 shows of a task: AUC, ACC, F1; a survival task's C (Harrell, Uno) and IBS."""
+    return ("c_index", "c_index_uno", "ibs") if _headline(stats) == "c_index" else ("auc", "acc", "f1")
 
 
 def operating_points_table(results: TaskResults, methods: Sequence[str] | None = None) -> Table:

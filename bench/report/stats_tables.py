@@ -32,12 +32,27 @@ __all__ = [
 MARK_T, MARK_DELONG, ALPHA = "†", "‡", 0.05
 
 
-def marks_caption(against: str) -> str:
-    """What † and ‡ of :func:`_marks` mean, for a caption; ``against`` names the reference."""
+#: the caption's account of ‡ for multiclass tasks (bench.stats.paired_bootstrap_test)
+_BOOTSTRAP_MARK = (
+    f"{MARK_DELONG}: p < 0.05 in the paired bootstrap test of the macro AUC (multiclass: z = difference / SD "
+    "of the class-stratified resampled differences; pooled out-of-fold predictions internally, mean of fold "
+    "AUCs externally)"
+)
+
+
+def marks_caption(against: str, paired_tests: Sequence[str] = ("DeLong",)) -> str:
+    """What † and ‡ of :func:`_marks` mean, for a caption; ``against`` names the reference; ``paired_tests``
+    the paired tests of the tasks shown (``DeLong``, ``bootstrap``)."""
+    if "DeLong" not in paired_tests:
+        return (
+            f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
+            f"{_BOOTSTRAP_MARK}; both two-sided against {against}, uncorrected for multiple comparisons."
+        )
+    extra = f" ({_BOOTSTRAP_MARK} on multiclass tasks)" if "bootstrap" in paired_tests else ""
     return (
         f"{MARK_T}: p < 0.05 in the corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs; "
         f"{MARK_DELONG}: p < 0.05 in DeLong's test (pooled out-of-fold predictions internally; mean of fold "
-        "AUCs externally, the trained models held fixed: patient sampling only); both two-sided against "
+        f"AUCs externally, the trained models held fixed: patient sampling only){extra}; both two-sided against "
         f"{against}, uncorrected for multiple comparisons."
     )
 
@@ -48,7 +63,7 @@ def marks(st: TaskStats, method: str, cohort: str) -> str:
         return " (ref)"
     tests = st.tests[(st.tests.method == method) & (st.tests.cohort == cohort)].set_index("test").p
     marks = MARK_T if tests.get("corrected t", 1.0) < ALPHA else ""
-    return marks + (MARK_DELONG if tests.get("DeLong", 1.0) < ALPHA else "")
+    return marks + (MARK_DELONG if tests.get(st.paired_test, 1.0) < ALPHA else "")
 
 
 def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None = None) -> Table:
@@ -70,26 +85,33 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
             bold[i].append(flag)
     refs = "; ".join(f"{st.task.upper()}: {st.reference}" for st in analyses)
     n_boot = analyses[0].n_boot if analyses else 0
+    multiclass = [st.task.upper() for st in analyses if st.multiclass]
+    survival = [st.task.upper() for st in analyses if st.survival]
+    kind = f" (multiclass tasks, {', '.join(multiclass)}: the macro one-vs-rest AUC)" if multiclass else ""
+    if survival:
+        kind += f" (survival tasks, {', '.join(survival)}: Harrell's c-index, CI resampling with and without events)"
+    paired = sorted({st.paired_test for st in analyses})
     caption = (
-        "Patient-level AUC (%; threshold-free, so no operating point is involved): mean ± SD over the "
+        f"Patient-level AUC{kind} (%; threshold-free, so no operating point is involved): mean ± SD over the "
         "cross-validation folds; in brackets a 95 % percentile "
         f"bootstrap CI ({n_boot} class-stratified resamples of patients, seeded). Internal: CI of the AUC of the "
         "pooled out-of-fold test predictions. External: each fold's model predicts the whole cohort; the CI is "
         "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
-        f"{marks_caption(f'the reference method (ref) of each task ({refs})')} Best mean per column in bold."
+        f"{marks_caption(f'the reference method (ref) of each task ({refs})', paired)} Best mean per column in bold."
     )
     return Table(header, rows, bold, caption, "tab:headline")
 
 
 def _test_rows(
-    tests: pd.DataFrame, keys: list[str], cohorts: Sequence[str]
+    tests: pd.DataFrame, keys: list[str], cohorts: Sequence[str], paired: str = "DeLong"
 ) -> tuple[list[str], list[list[str]]]:
     """The columns and rows of a tests table: per row of ``keys`` (method, or method and feature set), the
-    internal ΔAUC (fold mean) and corrected-t p, the pooled ΔAUC and DeLong p, then each external cohort's."""
+    internal ΔAUC (fold mean) and corrected-t p, the pooled ΔAUC and the ``paired`` test's p (DeLong's; a
+    multiclass or survival task's paired bootstrap), then each external cohort's."""
     t = tests.set_index([*keys, "cohort", "test"])
-    header = ["Internal ΔAUC (fold mean)", "corrected t p", "Internal ΔAUC (pooled)", "DeLong p"]
+    header = ["Internal ΔAUC (fold mean)", "corrected t p", "Internal ΔAUC (pooled)", f"{paired} p"]
     for c in cohorts[1:]:
-        header += [f"{cohort_label(c)} ΔAUC", f"{cohort_label(c)} DeLong p"]
+        header += [f"{cohort_label(c)} ΔAUC", f"{cohort_label(c)} {paired} p"]
 
     def get(key: tuple, c: str, test: str, col: str) -> float:
         return float(t.loc[(*key, c, test), col]) if (*key, c, test) in t.index else float("nan")
@@ -101,9 +123,9 @@ def _test_rows(
             fmt_diff(get(key, "test", "corrected t", "diff")),
             fmt_p(get(key, "test", "corrected t", "p")),
         ]
-        row += [fmt_diff(get(key, "test", "DeLong", "diff")), fmt_p(get(key, "test", "DeLong", "p"))]
+        row += [fmt_diff(get(key, "test", paired, "diff")), fmt_p(get(key, "test", paired, "p"))]
         for c in cohorts[1:]:
-            row += [fmt_diff(get(key, c, "DeLong", "diff")), fmt_p(get(key, c, "DeLong", "p"))]
+            row += [fmt_diff(get(key, c, paired, "diff")), fmt_p(get(key, c, paired, "p"))]
         rows.append(row)
     return header, rows
 
@@ -115,7 +137,16 @@ def _tests_how(st: TaskStats) -> str:
         f"1/n + n_test/n_train with n_test/n_train = {ratio:.3f} ({source}), n − 1 degrees of freedom, n the "
         "folds both have (with repeats of the CV design: the folds of every repeat, Bouckaert & Frank 2004's "
         "corrected repeated k-fold test). "
-        "DeLong's test (fast algorithm of Sun & Xu 2014): on the pooled out-of-fold predictions internally, on "
+        + (
+            "Multiclass: ΔAUC of the macro one-vs-rest AUC; the paired bootstrap test (class-stratified resamples "
+            "applied to both methods, z = difference / SD of the resampled differences, as pROC's bootstrap test) "
+            if st.multiclass
+            else "Survival: Δ of Harrell's c-index (the ΔAUC columns); the paired bootstrap test (resamples "
+            "stratified by event applied to both methods, z = difference / SD of the resampled differences) "
+            if st.survival
+            else "DeLong's test (fast algorithm of Sun & Xu 2014): "
+        )
+        + "on the pooled out-of-fold predictions internally, on "
         "the difference of the mean fold AUCs externally (all folds' predictions of the same patients). "
         "Two-sided, uncorrected for multiple comparisons."
     )
@@ -123,7 +154,7 @@ def _tests_how(st: TaskStats) -> str:
 
 def tests_table(st: TaskStats) -> Table:
     """Each method against the task's reference: AUC differences (points of %) and the tests' p-values."""
-    header, rows = _test_rows(st.tests, ["method"], st.cohorts)
+    header, rows = _test_rows(st.tests, ["method"], st.cohorts, st.paired_test)
     caption = (
         f"{st.task.upper()}: each method minus the reference {st.reference} (ΔAUC in points of %), on the folds "
         f"both have. {_tests_how(st)}"

@@ -2,7 +2,8 @@
 orthogonality terms, and :class:`MemoryDynamics`, how the memories move between optimiser steps and epochs
 (momentum copy, VQ-EMA codebook, usage counts, adaptive pruning and splitting) and what is reported of them.
 
-Memory layout everywhere: ``(2, K, S)``, row 0 the C− memory (class 0), row 1 the C+ memory (class 1).
+Memory layout everywhere: ``(C, K, S)``, one bank per class; binary: row 0 the C− memory (class 0), row 1
+the C+ memory (class 1). More than two classes is bench's own extension (docs/momkd.md, "Beyond two classes").
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from .config import MoMKDCfg
 
-__all__ = ["MemoryDynamics", "soft_angle_loss", "spherical_kmeans"]
+__all__ = ["MemoryDynamics", "bank_names", "soft_angle_loss", "spherical_kmeans"]
+
+
+def bank_names(num_classes: int) -> list[tuple[int, str, str]]:
+    """``(class, name in reports, short label)`` of each memory bank, in report order: binary C+ then C−
+    (the authors' names), else class 0, 1, … (``class_0``, ``C0``)."""
+    if num_classes == 2:
+        return [(1, "positive", "C+"), (0, "negative", "C−")]
+    return [(c, f"class_{c}", f"C{c}") for c in range(num_classes)]
 
 
 def spherical_kmeans(x: Tensor, k: int, iters: int) -> Tensor:
@@ -57,27 +66,35 @@ def soft_angle_loss(
     beta: float = 20.0,
     mask: Tensor | None = None,
 ) -> Tensor:
-    r"""Soft-angle alignment of one unit vector with the two class memories (``PrototypicalAlignmentLoss``).
+    r"""Soft-angle alignment of one unit vector with the class memories (``PrototypicalAlignmentLoss``).
 
     .. math::
         \phi(x, C) = \tfrac{1}{s}\log\sum_k e^{s\langle x, c_k\rangle},\quad
         \Delta = \phi(x, C^{+}) - \phi(x, C^{-}),\quad
         L = \mathrm{softplus}\big(\beta\,(m - (2y - 1)\,\Delta)\big)
 
+    With more than two banks (bench's extension; the paper and code have two), the own class's bank against
+    each other class's, averaged: :math:`L = \frac{1}{C-1}\sum_{c \ne y}
+    \mathrm{softplus}(\beta\,(m - (\phi(x, C_y) - \phi(x, C_c))))`, which is the binary form at C = 2.
+
     Args:
         x: unit vector of shape ``(S,)``.
-        memory: unit memory of shape ``(2, K, S)``: row 0 is C− (class 0), row 1 is C+ (class 1).
+        memory: unit memory of shape ``(C, K, S)``: binary, row 0 is C− (class 0), row 1 is C+ (class 1).
         label: class index, long tensor of shape ``()``.
         margin: m; scale: s (LogSumExp sharpness); beta: β (softplus sharpness).
-        mask: which components take part, bool ``(2, K)`` with at least one per class (None: all).
+        mask: which components take part, bool ``(C, K)`` with at least one per class (None: all).
 
     Returns:
         scalar loss.
     """
-    logits = scale * (memory @ x)  # (2, K)
+    logits = scale * (memory @ x)  # (C, K)
     if mask is not None:
         logits = logits.masked_fill(~mask, -math.inf)
-    phi = torch.logsumexp(logits, dim=-1) / scale  # (2,)
+    phi = torch.logsumexp(logits, dim=-1) / scale  # (C,)
+    if phi.shape[0] > 2:
+        others = torch.arange(phi.shape[0], device=phi.device) != label
+        gap = phi.index_select(0, label.view(1)) - phi[others]  # (C - 1,)
+        return F.softplus(beta * (margin - gap)).mean()
     sign = 2.0 * label.to(phi.dtype) - 1.0
     return F.softplus(beta * (margin - sign * (phi[1] - phi[0])))
 
@@ -108,10 +125,10 @@ class MemoryDynamics(nn.Module):
     def _init_memory(self, cfg: MoMKDCfg) -> None:
         """Register the memory, the temperature and the memory's buffers (in this order: the order of the
         weights in a saved model and of the parameters the optimiser and the gradient clipping see)."""
-        k, s = cfg.memory_size, cfg.shared_dim
-        # memory[0] = C- (class 0), memory[1] = C+ (class 1); overwritten by k-means in prepare().
+        c, k, s = cfg.num_classes, cfg.memory_size, cfg.shared_dim
+        # memory[y] = class y's bank (binary: memory[0] = C-, memory[1] = C+); overwritten by k-means in prepare().
         self.memory = nn.Parameter(
-            F.normalize(torch.randn(2, k, s), dim=-1),
+            F.normalize(torch.randn(c, k, s), dim=-1),
             requires_grad=cfg.memory_mode in ("gradient", "momentum"),
         )
         log_tau = torch.tensor(math.log(cfg.tau_init))
@@ -120,19 +137,19 @@ class MemoryDynamics(nn.Module):
         else:
             self.register_buffer("log_tau", log_tau)
         # own-class patch assignments counted over the current training epoch (saved with the weights).
-        self.register_buffer("usage", torch.zeros(2, k))
+        self.register_buffer("usage", torch.zeros(c, k))
         # components taking part: adaptive memory prunes them (and saves the mask with the weights; without
         # it every component takes part and the weights keep the authors' keys).
-        self.register_buffer("active", torch.ones(2, k, dtype=torch.bool), persistent=cfg.adaptive_memory)
-        self.register_buffer("_low_epochs", torch.zeros(2, k, dtype=torch.long), persistent=False)
+        self.register_buffer("active", torch.ones(c, k, dtype=torch.bool), persistent=cfg.adaptive_memory)
+        self.register_buffer("_low_epochs", torch.zeros(c, k, dtype=torch.long), persistent=False)
         if cfg.memory_mode == "momentum":
             self.register_buffer("momentum_memory", self.memory.detach().clone())
         if cfg.memory_mode == "vq-ema":
             # running (EMA) counts and sums of the codebook, and this optimiser step's statistics.
-            self.register_buffer("ema_count", torch.ones(2, k))
+            self.register_buffer("ema_count", torch.ones(c, k))
             self.register_buffer("ema_sum", self.memory.detach().clone())
-            self.register_buffer("_step_count", torch.zeros(2, k), persistent=False)
-            self.register_buffer("_step_sum", torch.zeros(2, k, s), persistent=False)
+            self.register_buffer("_step_count", torch.zeros(c, k), persistent=False)
+            self.register_buffer("_step_sum", torch.zeros(c, k, s), persistent=False)
             self._reseed_pool: tuple[Tensor, Tensor] | None = None  # last bag's (z, label)
 
     @property
@@ -141,7 +158,7 @@ class MemoryDynamics(nn.Module):
         return self.log_tau.exp().clamp(0.01, 2.0)
 
     def read_memory(self) -> Tensor:
-        """The unit memory ``(2, K, S)`` the attention reads, without gradient: the momentum copy in
+        """The unit memory ``(C, K, S)`` the attention reads, without gradient: the momentum copy in
         ``momentum`` mode, else the normalised memory."""
         if self.cfg.memory_mode == "momentum":
             return self.momentum_memory
@@ -209,22 +226,23 @@ class MemoryDynamics(nn.Module):
         re-seeded at a random patch embedding of that bag, with N_k = N / K_active and M_k = N_k c_k.
         """
         cfg = self.cfg
-        m, k = cfg.ema_decay, self.memory.shape[1]
-        seen = (self._step_count.sum(-1) > 0).unsqueeze(-1)  # (2, 1)
+        c, k = self.memory.shape[:2]
+        m = cfg.ema_decay
+        seen = (self._step_count.sum(-1) > 0).unsqueeze(-1)  # (C, 1)
         count = torch.where(seen, self.ema_count.lerp(self._step_count, 1 - m), self.ema_count)
         sums = torch.where(seen.unsqueeze(-1), self.ema_sum.lerp(self._step_sum, 1 - m), self.ema_sum)
-        total = count.sum(-1, keepdim=True)  # (2, 1)
+        total = count.sum(-1, keepdim=True)  # (C, 1)
         smoothed = (count + cfg.ema_epsilon) / (total + k * cfg.ema_epsilon) * total
         codes = F.normalize(sums / smoothed.unsqueeze(-1), dim=-1)
         if self._reseed_pool is not None:
             z, label = self._reseed_pool
-            n_active = self.active.sum(-1, keepdim=True).clamp(min=1)  # (2, 1)
+            n_active = self.active.sum(-1, keepdim=True).clamp(min=1)  # (C, 1)
             mean = total / n_active
-            of_bag = torch.arange(2, device=z.device).unsqueeze(1) == label  # (2, 1)
-            dead = self.active & seen & of_bag & (count < cfg.dead_code_threshold * mean)  # (2, K)
-            seeds = z[torch.randint(z.shape[0], (k,), device=z.device)].expand(2, k, -1)  # (2, K, S)
+            of_bag = torch.arange(c, device=z.device).unsqueeze(1) == label  # (C, 1)
+            dead = self.active & seen & of_bag & (count < cfg.dead_code_threshold * mean)  # (C, K)
+            seeds = z[torch.randint(z.shape[0], (k,), device=z.device)].expand(c, k, -1)  # (C, K, S)
             codes = torch.where(dead.unsqueeze(-1), seeds, codes)
-            count = torch.where(dead, mean.expand(2, k), count)
+            count = torch.where(dead, mean.expand(c, k), count)
             sums = torch.where(dead.unsqueeze(-1), seeds * count.unsqueeze(-1), sums)
         self.memory.copy_(torch.where(self.active.unsqueeze(-1), codes, self.memory))
         self.ema_count.copy_(count)
@@ -249,7 +267,7 @@ class MemoryDynamics(nn.Module):
         use for the trainer's history: components in use and kept, per class."""
         cfg = self.cfg
         total = self.usage.sum(-1, keepdim=True)
-        share = self.usage / total.clamp(min=1)  # (2, K)
+        share = self.usage / total.clamp(min=1)  # (C, K)
         seen = total > 0
         if cfg.adaptive_memory:
             low = self.active & seen & (share < cfg.active_threshold)
@@ -261,7 +279,7 @@ class MemoryDynamics(nn.Module):
             if cfg.split_threshold > 0:
                 self._split(share, seen.squeeze(-1))
         record: dict[str, Any] = {}
-        for cls, name in ((1, "positive"), (0, "negative")):
+        for cls, name, _ in bank_names(self.memory.shape[0]):
             record[f"memory_{name}_num_active"] = int(
                 ((share[cls] >= cfg.active_threshold) & self.active[cls]).sum()
             )
@@ -271,7 +289,7 @@ class MemoryDynamics(nn.Module):
     def _split(self, share: Tensor, seen: Tensor) -> None:
         """Per class, copy the most used active component into the first free slot, both moved apart by
         noise of norm 0.05 in opposite directions, when its share exceeds ``split_threshold``."""
-        for cls in range(2):
+        for cls in range(self.memory.shape[0]):
             free = (~self.active[cls]).nonzero().flatten()
             if not bool(seen[cls]) or free.numel() == 0:
                 continue
@@ -304,7 +322,9 @@ class MemoryDynamics(nn.Module):
             "memory_size": self.cfg.memory_size,
             "adaptive_memory": self.cfg.adaptive_memory,
         }
-        for cls, name in ((1, "positive"), (0, "negative")):
+        if usage.shape[0] > 2:  # binary reports keep the keys they always had
+            report["memory_classes"] = usage.shape[0]
+        for cls, name, _ in bank_names(usage.shape[0]):
             total = float(usage[cls].sum())
             share = (usage[cls] / total).tolist() if total > 0 else [0.0] * usage.shape[1]
             kept = self.active[cls].tolist()
@@ -325,17 +345,17 @@ class MemoryDynamics(nn.Module):
 
     @classmethod
     def summarise_reports(cls, reports: Sequence[dict[str, Any]]) -> dict[str, str]:
-        """Per class memory (C+, C−): ``used ± SD / kept of K`` over the folds' :meth:`training_report`."""
-        reports = [m for m in reports if "memory_positive_num_active" in m]
+        """Per class memory (C+, C−; C0, C1, … beyond two classes): ``used ± SD / kept of K`` over the folds'
+        :meth:`training_report`."""
+        banks = bank_names(int(reports[0].get("memory_classes", 2))) if reports else []
+        reports = [m for m in reports if banks and f"memory_{banks[0][1]}_num_active" in m]
         if not reports:
             return {}
         size = max(int(m.get("memory_size", 0)) for m in reports)
         cells = {}
-        for name, sign in (("positive", "+"), ("negative", "−")):
+        for _, name, label in banks:
             used = [float(m[f"memory_{name}_num_active"]) for m in reports]
             kept = [float(m.get(f"memory_{name}_kept", size)) for m in reports]
             spread = f" ± {statistics.stdev(used):.1f}" if len(used) > 1 else ""
-            cells[f"C{sign}"] = (
-                f"{statistics.fmean(used):.1f}{spread} / {statistics.fmean(kept):.1f} of {size}"
-            )
+            cells[label] = f"{statistics.fmean(used):.1f}{spread} / {statistics.fmean(kept):.1f} of {size}"
         return cells

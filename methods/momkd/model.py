@@ -15,7 +15,7 @@ from ..graph_layers import GATv2Encoder
 from ..packing import pack_bags, segment_pool, segment_softmax
 from ..registry import register_method
 from .config import MEMORY_MODES, MoMKDCfg
-from .memory import MemoryDynamics, _orthogonality, soft_angle_loss, spherical_kmeans
+from .memory import MemoryDynamics, _orthogonality, bank_names, soft_angle_loss, spherical_kmeans
 
 __all__ = ["MoMKD"]
 
@@ -85,6 +85,15 @@ class MoMKD(MemoryDynamics, MILMethod):
     ``active_threshold`` for ``prune_patience`` epochs is pruned (masked out of attention, losses and
     updates), and with ``split_threshold`` > 0 an overloaded one is split into a free slot
     (:meth:`on_epoch_end`).
+
+    Beyond two classes (bench's own extension: the paper and the code are binary; docs/momkd.md): one memory
+    bank per class; per-class memory-guided attention, class c's patch score
+    :math:`s_{n,c} = \max_k \cos(z_n, \bar c_{c,k}) - \max_{c' \ne c} \max_k \cos(z_n, \bar c_{c',k})`,
+    :math:`a_c = \mathrm{softmax}_n(s_{\cdot,c} / \tau)`, :math:`V_c = \sum_n a_{n,c} h_n` and logit c the
+    c-th output of the shared head on :math:`V_c`; the WSI alignment uses :math:`w = \mathrm{norm}(P_w V_y)`,
+    the slide's own class's pooled vector; the soft-angle loss compares the own bank with each other bank
+    (:func:`soft_angle_loss`). At C = 2 the class-1 score is the authors' :math:`s_n` and the authors' single
+    attention is kept, so binary runs are unchanged. ``out.attention`` is the predicted class's.
     """
 
     cfg_class = MoMKDCfg
@@ -160,10 +169,9 @@ class MoMKD(MemoryDynamics, MILMethod):
 
     def __init__(self, cfg: MoMKDCfg, in_dim: int, omics_dim: int | None = None) -> None:
         super().__init__(cfg, in_dim, omics_dim)
-        if cfg.num_classes != 2:
+        if cfg.num_classes < 2:
             raise ValueError(
-                "MoMKD has one positive and one negative memory: "
-                f"num_classes must be 2, got {cfg.num_classes}"
+                f"MoMKD has one memory bank per class: num_classes must be >= 2, got {cfg.num_classes}"
             )
         if cfg.memory_mode not in MEMORY_MODES:
             renamed = " ('ema' is now 'vq-ema')" if cfg.memory_mode == "ema" else ""
@@ -188,7 +196,7 @@ class MoMKD(MemoryDynamics, MILMethod):
             nn.Linear(dw, cfg.cls_hidden_dim),
             nn.ReLU(),
             nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.cls_hidden_dim, 2),
+            nn.Linear(cfg.cls_hidden_dim, cfg.num_classes),
         )
         wants_omics = cfg.align_omics_weight > 0 or cfg.recon_weight > 0
         if omics_dim and wants_omics:
@@ -220,27 +228,45 @@ class MoMKD(MemoryDynamics, MILMethod):
         return h, z
 
     def _memory_scores(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Cosines ``(N, 2, K)`` of the patches to the memory codes the attention reads (``read_memory``;
-        pruned components masked out), and the pooling logits ``s_n / τ`` ``(N,)``."""
-        k, s = self.memory.shape[1:]
-        memory = self.read_memory()  # (2, K, S)
-        sim = (z @ memory.view(2 * k, s).T).view(-1, 2, k)  # (N, 2, K) cosines
+        """Cosines ``(N, C, K)`` of the patches to the memory codes the attention reads (``read_memory``;
+        pruned components masked out), and the pooling logits ``s_n / τ``: ``(N,)`` with two classes,
+        ``(N, C)`` (one column per class's attention) with more."""
+        c, k, s = self.memory.shape
+        memory = self.read_memory()  # (C, K, S)
+        sim = (z @ memory.view(c * k, s).T).view(-1, c, k)  # (N, C, K) cosines
         if self.cfg.adaptive_memory:
             sim = sim.masked_fill(~self.active, -math.inf)
-        best = sim.amax(dim=-1)  # (N, 2)
-        return sim, (best[:, 1] - best[:, 0]) / self.tau
+        best = sim.amax(dim=-1)  # (N, C)
+        if c == 2:
+            return sim, (best[:, 1] - best[:, 0]) / self.tau
+        top2 = best.topk(2, dim=1)
+        is_top = F.one_hot(top2.indices[:, 0], c).bool()  # (N, C)
+        other = torch.where(is_top, top2.values[:, 1:2], top2.values[:, 0:1])  # best of the other banks
+        return sim, (best - other) / self.tau
+
+    def _classify(self, pooled: Tensor) -> Tensor:
+        """Logits from the pooled vector(s): the head on ``V`` ``(..., Dw)``, or with one pooled vector per
+        class ``(..., C, Dw)``, class c's logit from the head on ``V_c``."""
+        logits = self.head(pooled)
+        if self.memory.shape[0] == 2:
+            return logits
+        return logits.diagonal(dim1=-2, dim2=-1)
 
     def forward(self, bag: Bag) -> MILOutput:
         h, z = self._project_patches(bag)
         with torch.autocast(h.device.type, enabled=False):
             sim, score = self._memory_scores(z)
-            attention = score.softmax(dim=0)  # (N,)
-            pooled = attention @ h  # (Dw,)
-            w = F.normalize(self.pool_proj(pooled), dim=-1)  # (S,)
-        logits = self.head(pooled)  # (2,)
-        return MILOutput(
-            logits=logits, embedding=pooled, attention=attention, extras={"z": z, "w": w, "sim": sim}
-        )
+            attention = score.softmax(dim=0)  # (N,) or (N, C)
+            pooled = attention @ h if attention.ndim == 1 else attention.T @ h  # (Dw,) or (C, Dw)
+            w = F.normalize(self.pool_proj(pooled), dim=-1)  # (S,) or (C, S)
+        logits = self._classify(pooled)  # (C,)
+        extras = {"z": z, "w": w, "sim": sim}
+        if score.ndim == 2:
+            predicted = logits.detach().argmax().view(1)
+            extras["class_attention"] = attention
+            attention = attention.index_select(1, predicted).squeeze(1)
+            pooled = pooled.index_select(0, predicted).squeeze(0)
+        return MILOutput(logits=logits, embedding=pooled, attention=attention, extras=extras)
 
     def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
         """The bags in one packed forward: the graph encoder on their block-diagonal graph (messages never
@@ -251,26 +277,32 @@ class MoMKD(MemoryDynamics, MILMethod):
         packed = pack_bags(bags)
         h, z = self._project_patches(Bag(packed.features, bags[0].label, edge_index=packed.edge_index))
         with torch.autocast(h.device.type, enabled=False):
-            attention = segment_softmax(self._memory_scores(z)[1], packed)  # (T,)
-            pooled = segment_pool(attention, h, packed)  # (B, Dw)
-        return self.head(pooled)
+            score = self._memory_scores(z)[1]  # (T,) or (T, C)
+            columns = [score] if score.ndim == 1 else score.unbind(1)
+            pooled = torch.stack(
+                [segment_pool(segment_softmax(s, packed), h, packed) for s in columns], dim=-2
+            ).squeeze(-2)  # (B, Dw) or (B, C, Dw)
+        return self._classify(pooled)
 
     def explain_maps(self, bag: Bag, out: MILOutput) -> dict[str, PatchMap]:
-        """Each patch's nearest memory code among all 2K by cosine (``out.extras["sim"]``, pruned components
-        at −inf so never chosen): its bank (0 = C−, 1 = C+), and the code itself, C− first
+        """Each patch's nearest memory code among all C·K by cosine (``out.extras["sim"]``, pruned components
+        at −inf so never chosen): its bank (binary: 0 = C−, 1 = C+), and the code itself, class 0 first
         (bank · K + component)."""
-        sim = out.extras["sim"].float()  # (N, 2, K)
-        k = sim.shape[2]
-        nearest = sim.reshape(sim.shape[0], 2 * k).argmax(dim=1)  # (N,) bank * K + component
-        codes = tuple(f"C−{i}" for i in range(k)) + tuple(f"C+{i}" for i in range(k))
+        sim = out.extras["sim"].float()  # (N, C, K)
+        c, k = sim.shape[1:]
+        nearest = sim.reshape(sim.shape[0], c * k).argmax(dim=1)  # (N,) bank * K + component
+        label = {cls: short for cls, _, short in bank_names(c)}
+        names = ("C− (negative)", "C+ (positive)") if c == 2 else tuple(label[i] for i in range(c))
         return {
             "nearest class memory bank": PatchMap(
                 values=torch.div(nearest, k, rounding_mode="floor").float(),
-                categories=("C− (negative)", "C+ (positive)"),
-                classes=(0, 1),
+                categories=names,
+                classes=tuple(range(c)),
             ),
             "nearest memory component": PatchMap(
-                values=nearest.float(), categories=codes, classes=(0,) * k + (1,) * k
+                values=nearest.float(),
+                categories=tuple(f"{label[b]}{i}" for b in range(c) for i in range(k)),
+                classes=tuple(b for b in range(c) for _ in range(k)),
             ),
         }
 
@@ -280,12 +312,14 @@ class MoMKD(MemoryDynamics, MILMethod):
         cfg = self.cfg
         label = bag.label.view(())
         z, w = out.extras["z"], out.extras["w"]
-        terms = {"ce": cfg.ce_weight * F.cross_entropy(out.logits.float().unsqueeze(0), label.view(1))}
+        if w.ndim == 2:  # one pooled vector per class: the slide's own class's
+            w = w.index_select(0, label.view(1)).squeeze(0)
+        terms = {self.task_term: cfg.ce_weight * self.task_loss(out.logits.float(), bag)}
         mask = self.active if cfg.adaptive_memory else None
         own_mask = None if mask is None else mask.index_select(0, label.view(1)).squeeze(0)  # (K,)
         r = None
         with torch.autocast(z.device.type, enabled=False):
-            memory_n = F.normalize(self.memory, dim=-1)  # (2, K, S), gradient into the memory
+            memory_n = F.normalize(self.memory, dim=-1)  # (C, K, S), gradient into the memory
             memory_wsi = memory_n
             if cfg.memory_mode == "momentum":  # the copy's values, the gradient to the online memory
                 memory_wsi = self.momentum_memory + (memory_n - memory_n.detach())
@@ -330,7 +364,7 @@ class MoMKD(MemoryDynamics, MILMethod):
         self.eval()
         device = self.memory.device
         budget, k = self.cfg.kmeans_patches, self.cfg.memory_size
-        for cls in (0, 1):
+        for cls in range(self.memory.shape[0]):
             bags = [b for b in train_bags if int(b.label) == cls]
             chunks: list[Tensor] = []
             collected = 0

@@ -134,7 +134,12 @@ class TDC(MILMethod):
         ):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; use one of {', '.join(allowed)}")
-        abmil_cfg = ABMILCfg(hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout)
+        abmil_cfg = ABMILCfg(
+            hidden_dim=cfg.hidden_dim,
+            attn_dim=cfg.attn_dim,
+            dropout=cfg.dropout,
+            num_classes=cfg.num_classes,
+        )
         self.student = ABMIL(abmil_cfg, in_dim)
         self.teacher = MultimodalTeacher(cfg, in_dim, omics_dim or 1)
         self.embed_s = nn.Linear(cfg.hidden_dim, cfg.proj_dim)
@@ -188,7 +193,7 @@ class TDC(MILMethod):
         fill the banks: teacher features and logits, initial student features."""
         bags = [b for b in train_bags if b.omics is not None]
         device = self.embed_s.weight.device
-        train_teacher(self.teacher, bags, self.cfg, device)
+        train_teacher(self.teacher, bags, self.cfg, device, self.task_loss)
         self.teacher.zero_grad(set_to_none=True)
         self.teacher.requires_grad_(False)
         self.frozen = True
@@ -230,8 +235,8 @@ class TDC(MILMethod):
 
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
         cfg = self.cfg
-        ce = F.cross_entropy(out.logits.unsqueeze(0), bag.label.view(1))
-        terms = {"ce": ce}
+        ce = self.task_loss(out.logits, bag)
+        terms = {self.task_term: ce}
         if bag.omics is None or not self.training or not self.frozen:
             return terms
         row = self._rows.get(bag.slide_id)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..abmil import ABMIL, ABMILCfg
@@ -74,7 +73,13 @@ class MultimodalTeacher(nn.Module):
     def __init__(self, cfg: TDCCfg, in_dim: int, omics_dim: int) -> None:
         super().__init__()
         self.path = ABMIL(
-            ABMILCfg(hidden_dim=cfg.hidden_dim, attn_dim=cfg.attn_dim, dropout=cfg.dropout), in_dim
+            ABMILCfg(
+                hidden_dim=cfg.hidden_dim,
+                attn_dim=cfg.attn_dim,
+                dropout=cfg.dropout,
+                num_classes=cfg.num_classes,
+            ),
+            in_dim,
         )
         self.path_proj = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.path_dim), nn.ReLU())
         layers: list[nn.Module] = []
@@ -104,9 +109,16 @@ class MultimodalTeacher(nn.Module):
         return self.head(f), f, p.logits, self.omics_head(o)
 
 
-def train_teacher(teacher: MultimodalTeacher, bags: Sequence[Bag], cfg: TDCCfg, device: torch.device) -> None:
+def train_teacher(
+    teacher: MultimodalTeacher,
+    bags: Sequence[Bag],
+    cfg: TDCCfg,
+    device: torch.device,
+    task_loss: Callable[[Tensor, Bag], Tensor],
+) -> None:
     """Stage 1: train ``teacher`` ``min(teacher_epochs, epochs)`` epochs on ``bags`` (all with omics), one bag
-    per step, loss :math:`CE(z_f) + CE(z_p) + CE(z_o)`, Adam with the ``teacher_*`` settings and linear decay;
+    per step, loss :math:`CE(z_f) + CE(z_p) + CE(z_o)` (``task_loss``: the student's, so a survival task's
+    teacher is trained with the survival likelihood), Adam with the ``teacher_*`` settings and linear decay;
     seeded by ``teacher_seed`` with torch's global RNG left as it was."""
     epochs = min(cfg.teacher_epochs, cfg.epochs) if bags else 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -123,8 +135,7 @@ def train_teacher(teacher: MultimodalTeacher, bags: Sequence[Bag], cfg: TDCCfg, 
         for _ in range(epochs):
             for i in torch.randperm(len(bags), generator=order).tolist():
                 z_f, _, z_p, z_o = teacher(bags[i])
-                label = bags[i].label.view(1)
-                loss = sum(F.cross_entropy(z.unsqueeze(0), label) for z in (z_f, z_p, z_o))
+                loss = sum(task_loss(z, bags[i]) for z in (z_f, z_p, z_o))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

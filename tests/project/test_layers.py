@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
         "bench.figures",
         "bench.config",
         "bench.stats",
+        "bench.tasktypes",
     ),
     (
         "bench.store",

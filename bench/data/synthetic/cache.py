@@ -14,6 +14,7 @@ from typing import Any
 
 from ...locks import HOST, remove_dead_temporaries
 from .generator import LABELS_FILE, generate
+from .outcomes import OUTCOMES_FILE
 from .spec import GENERATOR_VERSION, SyntheticSpec, spec_hash
 
 __all__ = ["materialise", "spec_record"]
@@ -69,12 +70,16 @@ def spec_record(labels: Path) -> dict[str, Any] | None:
     """The generator settings of the cached cohort whose labels file is ``labels``, or None when it is not one.
 
     The record is the cohort's ``spec.json``: ``{"generator_version", "hash", "spec"}`` (``spec`` as
-    :meth:`SyntheticSpec.to_dict` writes it). ``labels`` is ``<root>/<cohort>/labels.csv`` of any cohort of
+    :meth:`SyntheticSpec.to_dict` writes it). ``labels`` is ``<root>/<cohort>/labels.csv`` (or ``outcomes.csv``) of any cohort of
     the root, internal or external; any other file, or a root without its ``spec.json``, gives None.
     """
     labels = Path(labels)
     root = labels.parent.parent
     record = root / _SPEC_FILE
-    if labels.name != LABELS_FILE or not _ROOT_NAME.match(root.name) or not record.is_file():
+    if (
+        labels.name not in (LABELS_FILE, OUTCOMES_FILE)
+        or not _ROOT_NAME.match(root.name)
+        or not record.is_file()
+    ):
         return None
     return json.loads(record.read_text())
