@@ -15,15 +15,16 @@ import pandas as pd
 from methods import get_method_class
 
 from . import executors, sweep
+from .baselines import ensure_references
 from .config import TaskConfig, read_task
 from .data.cohort import load_cohorts
-from .data.splits import make_splits, read_splits
+from .data.splits import make_splits, membership_digest, read_splits
 from .data.task import load_task
 from .errors import BenchError
 from .executors import SlurmOptions, run_jobs
 from .explain import SlideExplanation, explain_slide, figure_for
 from .figures import save_figure
-from .jobs import expand_jobs, method_config, parse_methods
+from .jobs import expand_jobs, method_config, parse_methods, with_ceiling_models
 from .report.document import write_report
 from .report.results_tables import variant_table
 from .store import load_results, write_summary
@@ -31,7 +32,7 @@ from .studies import storage_url
 from .sweep import SweepOptions
 from .sweep_report import write_sweep_report
 from .tables import Table, write_table
-from .taskdata import RunOptions, TaskData, prepare_task
+from .taskdata import RunOptions, TaskData, prepare_task, saved_task_data
 from .tracking import open_tracker, resolve_tracking
 
 __all__ = [
@@ -57,12 +58,14 @@ def run(task_ref: str, methods: Sequence[str], opts: RunOptions, progress: Any |
     Each job runs under a claim (bench/locks.py), so several ``bench run`` processes can share ``opts.out``.
     """
     data = prepare_task(task_ref, opts)
+    methods = with_ceiling_models(data, methods)
     for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
         method_config(data, method, opts)
     opts = start_tracking(data, methods, opts)
     run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
+    references = ensure_references(data, opts.out)
     summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
-    summary = summary[summary.method.isin(methods)]
+    summary = summary[summary.method.isin([*methods, *references])]
     open_tracker(opts.track, opts.out).summary(data.task.name, summary)
     return summary
 
@@ -164,11 +167,29 @@ def report(task_refs: Sequence[str], out: Path, ro: ReportOptions, command: str,
             f"no results for task(s) {missing} under {out}. Run `bench run --task ...` first, "
             "or point --out at the folder holding them."
         )
-    for n in names:
+    for ref, n in zip(task_refs, names, strict=True):
+        _references_on_disk(ref, n, out, log)
         write_summary(out, n)
     return write_report(
         out, names, ro.formats, ro.reference, ro.n_boot, ro.seed, ro.loc_slides, ro.device, command, log
     )
+
+
+def _references_on_disk(task_ref: str, name: str, out: Path, log: Log) -> None:
+    """The task's floor (and, synthetic, ceiling) rows for the folds on disk, computed where missing (cheap:
+    no training) on the splits ``bench run`` saved, when those are the splits of every fold on disk."""
+    results = load_results(out, name)
+    methods = [r for r in results.runs if r.kind == "method"]
+    if not methods:
+        return
+    design = pd.Series([r.design for r in methods], dtype=object).mode().iloc[0]
+    data = saved_task_data(task_ref, out, int(design[0]), int(design[1]))
+    if data is None or any(r.config.get("split") != membership_digest(data.splits, r.fold) for r in methods):
+        log(
+            f"{name}: no floor or ceiling rows (no splits.tsv of the folds on disk; rerun `bench run` to add them)"
+        )
+        return
+    ensure_references(data, out, log)
 
 
 def explain(

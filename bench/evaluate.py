@@ -16,7 +16,7 @@ Calibration needs no operating point: the Brier score (``brier``, sklearn's ``br
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,7 @@ __all__ = [
     "binary_metrics",
     "calibration_metrics",
     "cohort_metrics",
+    "fold_metrics",
     "patient_auc",
     "patient_level",
     "predict",
@@ -181,4 +182,17 @@ def cohort_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
         **{f"{k}{ARGMAX}": at_argmax[k] for k in THRESHOLD_METRICS},
         "n": n,
         **calibration_metrics(y, p),
+    }
+
+
+def fold_metrics(
+    cohorts: Mapping[str, pd.DataFrame], aggregation: str = "mean"
+) -> dict[str, dict[str, float]]:
+    """Per cohort, :func:`cohort_metrics` of a fold's slide predictions (``val`` among them) aggregated to
+    patients, at the threshold of best F1 on the ``val`` patients: a fold's ``metrics.json`` ``cohorts``."""
+    patients = {name: patient_level(pred, aggregation) for name, pred in cohorts.items()}
+    val = patients["val"]
+    threshold = best_f1_threshold(val.label.to_numpy(), val.prob.to_numpy())
+    return {
+        name: cohort_metrics(p.label.to_numpy(), p.prob.to_numpy(), threshold) for name, p in patients.items()
     }

@@ -13,13 +13,14 @@ from .config import TaskConfig, Tracking, cache_root
 from .csvio import read_table
 from .data.cohort import Cohort, load_cohorts, raise_problems
 from .data.genes import GeneSelection, select_genes
+from .data.groundtruth import latent_programs
 from .data.omics import OmicsScaler
 from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
 from .data.task import load_task
 from .errors import DataError
-from .store import write_splits
+from .store import read_saved_splits, write_splits
 
-__all__ = ["RunOptions", "TaskData", "fold_genes", "prepare_task", "train_cases"]
+__all__ = ["RunOptions", "TaskData", "fold_genes", "prepare_task", "saved_task_data", "train_cases"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class TaskData:
     folds: int
     seed: int
     gene_groups: tuple[int, ...] | None = None
+    # synthetic tasks: the true latent programs per patient (bench/data/groundtruth.py), else None
+    privileged: pd.DataFrame | None = None
     # fit once per process, keyed by the fold's split membership (a sweep's inner folds reuse fold numbers)
     gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
 
@@ -67,7 +70,35 @@ def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
     else:
         splits = make_splits(internal.slides, folds, seed, task.val_fraction, task.split_by)
     write_splits(opts.out, task.name, splits)
-    return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
+    return TaskData(
+        task,
+        internal,
+        externals,
+        splits,
+        folds,
+        seed,
+        _read_gene_groups(task, internal),
+        privileged=_privileged(task),
+    )
+
+
+def saved_task_data(task_ref: str | Path, out: Path, folds: int, seed: int) -> TaskData | None:
+    """A task's data on the splits ``bench run`` saved under ``out`` (None when there are none, or when they do
+    not have ``folds`` folds), never making or writing splits: what ``bench report`` computes the reference
+    rows on; ``seed`` is the design's, as its folds record it."""
+    task = load_task(task_ref)
+    splits = read_saved_splits(out, task.name)
+    if splits is None or len(fold_columns(splits)) != folds:
+        return None
+    internal, externals, problems = load_cohorts(task)
+    raise_problems(problems)
+    groups = _read_gene_groups(task, internal)
+    return TaskData(task, internal, externals, splits, folds, seed, groups, privileged=_privileged(task))
+
+
+def _privileged(task: TaskConfig) -> pd.DataFrame | None:
+    """The internal cohort's true latent programs when the task is synthetic (None otherwise)."""
+    return None if task.labels is None else latent_programs(task.labels)
 
 
 def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | None:

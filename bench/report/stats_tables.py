@@ -57,7 +57,12 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
     rows, bold = [[m] for m in rows_methods], [[False] for _ in rows_methods]
     for st, c in columns:
         s = st.summary[st.summary.cohort == c].set_index("method")
-        means = [float(s.loc[m, "mean"]) if m in s.index else float("nan") for m in rows_methods]
+        means = [  # floors and ceilings are never the best of a column
+            float(s.loc[m, "mean"])
+            if m in s.index and st.kinds.get(m, "method") == "method"
+            else float("nan")
+            for m in rows_methods
+        ]
         for i, (m, flag) in enumerate(zip(rows_methods, bold_best(means), strict=True)):
             if m not in s.index:
                 rows[i].append("–")
@@ -73,7 +78,8 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
         f"bootstrap CI ({n_boot} class-stratified resamples of patients, seeded). Internal: CI of the AUC of the "
         "pooled out-of-fold test predictions. External: each fold's model predicts the whole cohort; the CI is "
         "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
-        f"{marks_caption(f'the reference method (ref) of each task ({refs})')} Best mean per column in bold."
+        f"{marks_caption(f'the reference method (ref) of each task ({refs})')} Best mean per column in bold "
+        "(among the methods: the floor-* and ceiling-* rows are references, see their table)."
     )
     return Table(header, rows, bold, caption, "tab:headline")
 
@@ -140,13 +146,23 @@ def localisation_md_table(results: dict[str, pd.DataFrame], methods: Sequence[st
     return Table(header, rows, bold, caption, "tab:localisation")
 
 
+def _mean_auc(values: list[float | None]) -> str:
+    """Mean of the fold AUCs that were recorded (%), ``–`` when none was."""
+    known = [v for v in values if v is not None and not np.isnan(v)]
+    return f"{np.mean(known) * 100:.1f}" if known else "–"
+
+
 def runs_table(st: TaskStats) -> Table:
-    """What was run for one task: per method, folds, seeds, epoch cap, epochs run, folds converged, device,
-    versions."""
+    """What was run for one task: per method, folds, seeds, epoch cap, epochs run, folds converged, training /
+    validation / test AUC, device, versions."""
     rows = []
     for method in sorted({r.method for r in st.runs}):
         runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.fold)
-        epochs_run = [r.metrics.get("epochs_run") for r in runs]
+        epochs_run = [r.metrics.get("epochs_run") for r in runs if r.metrics.get("epochs_run") is not None]
+        cohort_auc = {
+            c: _mean_auc([r.metrics.get("cohorts", {}).get(c, {}).get("auc") for r in runs])
+            for c in ("val", "test")
+        }
         stopped = [r.metrics.get("stopped") for r in runs]
         versions = {
             f"torch {r.config.get('versions', {}).get('torch', '?')}, numpy {r.config.get('versions', {}).get('numpy', '?')}"
@@ -158,10 +174,13 @@ def runs_table(st: TaskStats) -> Table:
                 method,
                 f"{len(runs)} of {runs[0].config.get('folds', '?')} ({', '.join(str(r.fold) for r in runs)})",
                 ", ".join(sorted({str(r.config.get("seed")) for r in runs})),
-                str(cfg.get("epochs", "?")),
-                f"{np.mean([e for e in epochs_run if e is not None]):.1f}" if epochs_run else "–",
+                str(cfg.get("epochs", "?")) if cfg else "–",  # a floor or ceiling row trains no epochs
+                f"{np.mean(epochs_run):.1f}" if epochs_run else "–",
                 f"{stopped.count('plateau')} of {len(runs)}" if any(stopped) else "–",
-                ", ".join(sorted({str(r.config.get("device")) for r in runs})),
+                _mean_auc([r.metrics.get("train_auc") for r in runs]),
+                cohort_auc["val"],
+                cohort_auc["test"],
+                ", ".join(sorted({str(r.config.get("device", "–")) for r in runs})),
                 "; ".join(sorted(versions)),
             ]
         )
@@ -172,13 +191,19 @@ def runs_table(st: TaskStats) -> Table:
         "Epoch cap",
         "Epochs run (mean)",
         "Converged",
+        "Train AUC",
+        "Val AUC",
+        "Test AUC",
         "Device",
         "Versions",
     ]
     caption = (
         f"{st.task.upper()}: runs found on disk (from each fold's config.yaml and metrics.json). Converged: folds "
         "whose training ended on a validation plateau (the method's early-stopping rule met), not on the epoch "
-        "cap; – for folds written before bench recorded it."
+        "cap; – for folds written before bench recorded it. Train / Val / Test AUC (%, mean over folds, "
+        "patient-level): the kept model on its own training patients, on the validation patients it was "
+        "selected on, and on the test part; a high training AUC with a low validation AUC reads as fitted but "
+        "not generalising, a low one as not trained (– : folds written before bench recorded the training AUC)."
     )
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.task}")
 
@@ -190,7 +215,7 @@ def method_reports_table(analyses: Sequence[TaskStats]) -> Table | None:
     captions: dict[str, str] = {}
     columns: dict[tuple[str, str], None] = {}
     for st in analyses:
-        for method in sorted({r.method for r in st.runs}):
+        for method in sorted({r.method for r in st.runs if "method_config" in r.config}):  # trained models
             cls = get_method_class(method)
             reports = [r.metrics.get("method_report", {}) for r in st.runs if r.method == method]
             for column, text in cls.summarise_reports(reports).items():

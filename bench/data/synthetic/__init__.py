@@ -7,7 +7,7 @@
 """
 
 from .cache import materialise, spec_record
-from .generator import LABEL_VALUES, TISSUES
+from .generator import LABEL_VALUES, TISSUES, label_posterior
 from .spec import GENERATOR_VERSION, PROGRAMS, ExternalSpec, SyntheticSpec, spec_hash
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "TISSUES",
     "ExternalSpec",
     "SyntheticSpec",
+    "label_posterior",
     "materialise",
     "spec_hash",
     "spec_record",
