@@ -45,7 +45,16 @@ from .provenance import versions
 from .store import config_hash, fold_dir, fold_status, write_fold
 from .taskdata import TaskData
 
-__all__ = ["C_GRID", "INNER_FOLDS", "REFERENCES", "VERSION", "Reference", "ensure_references", "fit_probe"]
+__all__ = [
+    "C_GRID",
+    "FLOOR",
+    "INNER_FOLDS",
+    "REFERENCES",
+    "VERSION",
+    "Reference",
+    "ensure_references",
+    "fit_probe",
+]
 
 #: the probe's candidate inverse regularisation strengths, and the inner CV that chooses among them
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
@@ -63,10 +72,13 @@ class Reference:
     what: str
 
 
+#: the floor row, on every task
+FLOOR = "floor-probe"
+
 REFERENCES = {
     r.name: r
     for r in (
-        Reference("floor-probe", "floor", "linear probe on each slide's mean patch feature (C by inner CV)"),
+        Reference(FLOOR, "floor", "linear probe on each slide's mean patch feature (C by inner CV)"),
         Reference("ceiling-bayes", "ceiling", "Bayes-optimal prediction from the true latent programs"),
         Reference("ceiling-omics", "ceiling", "linear probe on the omics (internal cohort, C by inner CV)"),
         Reference("ceiling-oracle", "ceiling", "linear probe on the mean of the truly informative patches"),
@@ -159,7 +171,7 @@ def _bayes_inputs(data: TaskData) -> Inputs | None:
 
 
 _INPUTS: dict[str, Callable[[TaskData], Inputs | None]] = {
-    "floor-probe": _floor_inputs,
+    FLOOR: _floor_inputs,
     "ceiling-bayes": _bayes_inputs,
     "ceiling-omics": _omics_inputs,
     "ceiling-oracle": _oracle_inputs,

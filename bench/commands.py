@@ -15,7 +15,7 @@ import pandas as pd
 from methods import get_method_class
 
 from . import executors, sweep
-from .baselines import ensure_references
+from .baselines import FLOOR, ensure_references
 from .config import TaskConfig, read_task
 from .data.cohort import load_cohorts
 from .data.splits import make_splits, membership_digest, read_splits
@@ -27,7 +27,7 @@ from .figures import save_figure
 from .jobs import expand_jobs, method_config, parse_methods, with_ceiling_models
 from .report.document import write_report
 from .report.results_tables import variant_table
-from .store import load_results, write_summary
+from .store import fold_dir, fold_readable, load_results, write_summary
 from .studies import storage_url
 from .sweep import SweepOptions
 from .sweep_report import write_sweep_report
@@ -177,13 +177,13 @@ def report(task_refs: Sequence[str], out: Path, ro: ReportOptions, command: str,
 
 def _references_on_disk(task_ref: str, name: str, out: Path, log: Log) -> None:
     """The task's floor (and, synthetic, ceiling) rows for the folds on disk, computed where missing (cheap:
-    no training) on the splits ``bench run`` saved, when those are the splits of every fold on disk."""
-    results = load_results(out, name)
-    methods = [r for r in results.runs if r.kind == "method"]
-    if not methods:
+    no training) on the splits ``bench run`` saved, when those are the splits of every fold on disk. Rows
+    already on disk are left as they are (``bench run`` recomputes any whose configuration changed)."""
+    methods = [r for r in load_results(out, name).runs if r.kind == "method"]
+    if not methods or all(fold_readable(fold_dir(out, name, FLOOR, k)) for k in {r.fold for r in methods}):
         return
-    design = pd.Series([r.design for r in methods], dtype=object).mode().iloc[0]
-    data = saved_task_data(task_ref, out, int(design[0]), int(design[1]))
+    folds, seed = methods[0].design
+    data = saved_task_data(task_ref, out, int(folds), int(seed))
     if data is None or any(r.config.get("split") != membership_digest(data.splits, r.fold) for r in methods):
         log(
             f"{name}: no floor or ceiling rows (no splits.tsv of the folds on disk; rerun `bench run` to add them)"

@@ -377,8 +377,9 @@ def privileged_models() -> list[str]:
 
 
 def with_ceiling_models(data: TaskData, methods: Sequence[str]) -> list[str]:
-    """``methods``, plus the privileged-information models when the task has ground truth (synthetic) and a
-    method of ``methods`` distils from omics: the gap each distillation method closes needs them."""
+    """``methods``, plus each privileged-information model whose label-only twin is among them when the task
+    has ground truth (synthetic) and a method of ``methods`` distils from omics: the gap each distillation
+    method closes is measured between the two."""
 
     def distils(name: str) -> bool:
         base, variant = check_method(name)
@@ -386,7 +387,8 @@ def with_ceiling_models(data: TaskData, methods: Sequence[str]) -> list[str]:
 
     if data.privileged is None or not any(distils(m) for m in methods):
         return list(methods)
-    return list(dict.fromkeys([*methods, *privileged_models()]))
+    students = [m for m in privileged_models() if get_method_class(m).label_only_twin in methods]
+    return list(dict.fromkeys([*methods, *students]))
 
 
 def parse_methods(spec: str) -> list[str]:
