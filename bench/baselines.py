@@ -203,7 +203,10 @@ def _fold(data: TaskData, inputs: Inputs, fold: int) -> tuple[dict[str, pd.DataF
         train = [s for s in parts["train"] if s in internal.index]
         slides = data.internal.slides.set_index("slide_id").loc[train]
         probe, chosen = fit_probe(
-            internal.loc[train].to_numpy(), slides.label.to_numpy(), slides.case_id.to_numpy(), data.seed
+            internal.loc[train].to_numpy(),
+            slides.label.to_numpy(),
+            slides.case_id.to_numpy(),
+            data.split_seed,
         )
         scored = {
             name: pd.Series(probe.predict_proba(table.to_numpy())[:, 1], index=table.index)
@@ -233,15 +236,23 @@ def _config(data: TaskData, ref: Reference, fold: int) -> tuple[dict[str, Any], 
         "in_dim": data.internal.dim,
         "probe": {"C_grid": list(C_GRID), "inner_folds": INNER_FOLDS},
     }
+    if data.repeat:
+        hashed["repeat"] = data.repeat
     recorded = {
         **hashed,
         "what": ref.what,
         "split_grouping": split_grouping(data.task),
+        **({"features": data.features, "feature_sets": list(data.feature_sets)} if data.features else {}),
         "task_file": str(data.task.path),
         "synthetic": data.task.synthetic,
         "versions": versions(),
     }
     return recorded, config_hash(hashed)
+
+
+def _path(data: TaskData, out: Path, name: str, fold: int) -> Path:
+    """Where a reference row's fold goes: beside the methods' folds of the same feature set and repeat."""
+    return fold_dir(out, data.task.name, name, fold, data.features, data.repeat)
 
 
 def ensure_references(data: TaskData, out: Path, log: Callable[[str], Any] = lambda _: None) -> list[str]:
@@ -253,7 +264,7 @@ def ensure_references(data: TaskData, out: Path, log: Callable[[str], Any] = lam
         todo = [
             (k, *_config(data, ref, k))
             for k in range(data.folds)
-            if fold_status(fold_dir(out, data.task.name, name, k), _config(data, ref, k)[1]) != "done"
+            if fold_status(_path(data, out, name, k), _config(data, ref, k)[1]) != "done"
         ]
         inputs = _INPUTS[name](data) if todo else {}
         if inputs is None:
@@ -264,7 +275,7 @@ def ensure_references(data: TaskData, out: Path, log: Callable[[str], Any] = lam
             train = cohorts.pop("train")
             metrics = {"cohorts": fold_metrics(cohorts, agg), "train_auc": patient_auc(train, agg), **chosen}
             predictions = pd.concat([p for c, p in cohorts.items() if c != "val"], ignore_index=True)
-            write_fold(fold_dir(out, data.task.name, name, k), predictions, metrics, config, hash_)
+            write_fold(_path(data, out, name, k), predictions, metrics, config, hash_)
         if todo:
             log(f"{data.task.name}: {name} ({ref.kind}) computed on {len(todo)} fold(s)")
     return applied
