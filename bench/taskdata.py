@@ -122,19 +122,7 @@ def prepare_task(
     else:
         splits = make_splits(internal.slides, folds, seed + repeat, task.val_fraction, task.split_by)
     write_splits(opts.out, task.name, splits, repeat)
-    return TaskData(
-        task,
-        internal,
-        externals,
-        splits,
-        folds,
-        seed,
-        _read_gene_groups(task, internal),
-        features if len(full.feature_sets) > 1 else None,
-        tuple(full.feature_sets) if len(full.feature_sets) > 1 else (),
-        repeat=repeat,
-        privileged=_privileged(task),
-    )
+    return _task_data(full, task, internal, externals, splits, folds, seed, features, repeat)
 
 
 def saved_task_data(
@@ -150,6 +138,23 @@ def saved_task_data(
         return None
     internal, externals, problems = load_cohorts(task)
     raise_problems(problems)
+    return _task_data(full, task, internal, externals, splits, folds, seed, features, repeat)
+
+
+def _task_data(
+    full: TaskConfig,
+    task: TaskConfig,
+    internal: Cohort,
+    externals: dict[str, Cohort],
+    splits: pd.DataFrame,
+    folds: int,
+    seed: int,
+    features: str | None,
+    repeat: int,
+) -> TaskData:
+    """The :class:`TaskData` of ``task`` (``full`` on feature set ``features``), its gene groups and, when
+    synthetic, its patients' true latent programs (bench/data/groundtruth.py) read from its files."""
+    several = len(full.feature_sets) > 1
     return TaskData(
         task,
         internal,
@@ -158,16 +163,11 @@ def saved_task_data(
         folds,
         seed,
         _read_gene_groups(task, internal),
-        features,
-        tuple(full.feature_sets) if features is not None else (),
+        features if several else None,
+        tuple(full.feature_sets) if several else (),
         repeat=repeat,
-        privileged=_privileged(task),
+        privileged=None if task.labels is None else latent_programs(task.labels),
     )
-
-
-def _privileged(task: TaskConfig) -> pd.DataFrame | None:
-    """The internal cohort's true latent programs when the task is synthetic (None otherwise)."""
-    return None if task.labels is None else latent_programs(task.labels)
 
 
 def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | None:

@@ -189,3 +189,24 @@ def test_privileged_student_runs_on_synthetic_tasks_only(synthetic_task, small_t
     assert (gaps.baseline == "abmil").all() and (gaps.student == "ceiling-privileged").all()
     gap = gaps.student_auc != gaps.baseline_auc
     assert np.allclose(gaps.share[gap], 0.0) and gaps.share[~gap].isna().all()
+
+
+def test_report_adds_missing_floor_rows_on_the_saved_splits(small_task, tmp_path):
+    """`bench report` on results without reference rows computes them on the splits.tsv of the folds."""
+    from bench.commands import _references_on_disk
+
+    out, task_dir = tmp_path / "res", tmp_path / "res" / "toy"
+    baselines.ensure_references(_data(small_task, tmp_path), out)
+    shutil.move(task_dir / "floor-probe", task_dir / "stand-in")  # a "method" with folds on this split
+    for k in range(3):
+        path = task_dir / "stand-in" / f"fold_{k}" / "config.yaml"
+        cfg = yaml.safe_load(path.read_text())
+        del cfg["kind"]
+        path.write_text(yaml.safe_dump(cfg))
+    logged = []
+    _references_on_disk(str(small_task), "toy", out, logged.append)
+    assert logged == ["toy: floor-probe (floor) computed on 3 fold(s)"]
+    assert {r.method: r.kind for r in load_results(out, "toy").runs} == {
+        "stand-in": "method",
+        "floor-probe": "floor",
+    }
