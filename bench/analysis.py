@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class TaskStats:
         aggregation: the slide-to-patient aggregation used.
         test_train_ratio: n_test / n_train of the corrected t-test, and where it came from.
         runs: the fold folders used; notes: the ones left out, and why.
+        kinds: each row's kind: ``method``, or ``floor`` / ``ceiling`` for the report's reference rows
+            (bench/baselines.py), which are never chosen as the reference.
     """
 
     task: str
@@ -92,6 +94,8 @@ class TaskStats:
     def survival(self) -> bool:
         return self.kind == "survival"
 
+    kinds: dict[str, str] = field(default_factory=dict)
+
 
 def analyse(
     results: TaskResults, reference: str | None = None, n_boot: int = 2000, seed: int = 0
@@ -114,7 +118,8 @@ def analyse(
         columns=["method", "fold", "cohort", "auc"],
     )
     cohorts = ["test", *sorted(set(patients.cohort) - {"test"})]
-    ref = _reference(fold_auc, reference, task)
+    kinds = {r.method: r.kind for r in runs}
+    ref = _reference(fold_auc, reference, task, {m for m, k in kinds.items() if k == "method"})
     splits = _splits(results)
     ratio = _test_train_ratio(splits, runs)
     split_of = {(r.method, r.unit): r.config.get("split") for r in runs}
@@ -142,6 +147,7 @@ def analyse(
         else "survival"
         if "risk" in patients.columns
         else "multiclass",
+        kinds=kinds,
     )
 
 
@@ -220,7 +226,7 @@ def _paired_tests(
             pair = patients[
                 patients.method.isin([method, ref]) & patients.fold.isin(folds) & (patients.cohort == cohort)
             ]
-            if pair.empty:
+            if not (pair.method == method).any():  # e.g. a ceiling with no prediction on this cohort
                 continue
             if cohort == "test":
                 fa = fold_auc[(fold_auc.cohort == "test") & fold_auc.fold.isin(folds)].pivot(
@@ -328,9 +334,11 @@ def _test_train_ratio(tables: dict[int, pd.DataFrame] | None, runs: Sequence[Fol
     return 1.0 / (k - 1), f"1/(k − 1) with k = {k} (splits.tsv absent or from another run)"
 
 
-def _reference(fold_auc: pd.DataFrame, wanted: str | None, task: str) -> str:
+def _reference(fold_auc: pd.DataFrame, wanted: str | None, task: str, methods: set[str]) -> str:
+    """``wanted``, or the method (not a floor or ceiling) with the best mean internal AUC."""
     internal = fold_auc[fold_auc.cohort == "test"].groupby("method").auc.mean()
     if wanted is None:
+        internal = internal[internal.index.isin(methods)]
         if internal.dropna().empty:
             raise BenchError(
                 f"task {task!r}: no internal test AUC on disk to choose a reference method from."

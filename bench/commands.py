@@ -15,23 +15,24 @@ import pandas as pd
 from methods import get_method_class
 
 from . import executors, sweep
+from .baselines import FLOOR, ensure_references
 from .config import TaskConfig, read_task
 from .data.cohort import load_cohorts
-from .data.splits import make_splits, read_splits
+from .data.splits import make_splits, membership_digest, read_splits
 from .data.task import load_task
 from .errors import BenchError
 from .executors import SlurmOptions, run_jobs
 from .explain import SlideExplanation, explain_slide, figure_for
 from .figures import save_figure
-from .jobs import expand_jobs, method_config, parse_methods
+from .jobs import expand_jobs, method_config, parse_methods, with_ceiling_models
 from .report.document import write_report
 from .report.results_tables import variant_table
-from .store import load_results, write_summary
+from .store import fold_dir, fold_readable, load_results, write_summary
 from .studies import storage_url
 from .sweep import SweepOptions
 from .sweep_report import write_sweep_report
 from .tables import Table, write_table
-from .taskdata import RunOptions, TaskData, feature_sets, prepare_task
+from .taskdata import RunOptions, TaskData, feature_sets, prepare_task, saved_task_data
 from .tracking import open_tracker, resolve_tracking
 
 __all__ = [
@@ -59,12 +60,17 @@ def run(task_ref: str, methods: Sequence[str], opts: RunOptions, progress: Any |
     Each job runs under a claim (bench/locks.py), so several ``bench run`` processes can share ``opts.out``.
     """
     views = prepare_views(task_ref, methods, opts)
+    methods = with_ceiling_models(views[0], methods)  # on a synthetic task: the privileged student
+    for data in views:
+        for method in methods:
+            method_config(data, method, opts)
     opts = start_tracking(views, methods, opts)
     for data in views:
         run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
+    references = {r for data in views for r in ensure_references(data, opts.out)}
     data = views[0]
     summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
-    summary = summary[summary.method.isin(methods)]
+    summary = summary[summary.method.isin([*methods, *references])]
     open_tracker(opts.track, opts.out).summary(data.task.name, _as_tracked(summary))
     return summary
 
@@ -208,11 +214,33 @@ def report(task_refs: Sequence[str], out: Path, ro: ReportOptions, command: str,
             f"no results for task(s) {missing} under {out}. Run `bench run --task ...` first, "
             "or point --out at the folder holding them."
         )
-    for n in names:
+    for ref, n in zip(task_refs, names, strict=True):
+        _references_on_disk(ref, n, out, log)
         write_summary(out, n)
     return write_report(
         out, names, ro.formats, ro.reference, ro.n_boot, ro.seed, ro.loc_slides, ro.device, command, log
     )
+
+
+def _references_on_disk(task_ref: str, name: str, out: Path, log: Log) -> None:
+    """The task's floor (and, synthetic, ceiling) rows for the folds on disk of each feature set and repeat,
+    computed where missing (cheap: no training) on the splits ``bench run`` saved, when those are the splits
+    of the folds on disk. Rows already on disk are left as they are (``bench run`` recomputes any whose
+    configuration changed)."""
+    methods = [r for r in load_results(out, name).runs if r.kind == "method"]
+    for features, repeat in sorted({(r.features, r.repeat) for r in methods}, key=str):
+        mine = [r for r in methods if (r.features, r.repeat) == (features, repeat)]
+        folds = {r.fold for r in mine}
+        if all(fold_readable(fold_dir(out, name, FLOOR, k, features, repeat)) for k in folds):
+            continue
+        n_folds, seed = mine[0].design
+        data = saved_task_data(task_ref, out, int(n_folds), int(seed), features, repeat)
+        if data is None or any(r.config.get("split") != membership_digest(data.splits, r.fold) for r in mine):
+            log(
+                f"{name}: no floor or ceiling rows (no splits of the folds on disk; rerun `bench run` to add them)"
+            )
+            continue
+        ensure_references(data, out, log)
 
 
 def explain(

@@ -25,7 +25,7 @@ Calibration needs no operating point: the Brier score (``brier``, sklearn's ``br
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ __all__ = [
     "c_index",
     "calibration_metrics",
     "cohort_metrics",
+    "fold_metrics",
     "multiclass_metrics",
     "patient_auc",
     "patient_level",
@@ -388,3 +389,14 @@ def patient_metrics(
     if p.ndim == 2:
         return multiclass_metrics(y, p)
     return cohort_metrics(y, p, threshold)
+
+
+def fold_metrics(
+    cohorts: Mapping[str, pd.DataFrame], aggregation: str = "mean", edges: np.ndarray | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per cohort, :func:`patient_metrics` of a fold's slide predictions (``val`` among them) aggregated to
+    patients, at the operating point fitted on the ``val`` patients (:func:`validation_threshold`); a
+    survival task's with the fold's time bins ``edges``: a fold's ``metrics.json`` ``cohorts``."""
+    patients = {name: patient_level(pred, aggregation) for name, pred in cohorts.items()}
+    threshold = validation_threshold(patients["val"])
+    return {name: patient_metrics(p, threshold, edges) for name, p in patients.items()}

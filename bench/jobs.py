@@ -33,14 +33,7 @@ from .data.omics import OmicsScaler
 from .data.splits import fold_parts, membership_digest, split_grouping
 from .device import resolve_device, resolve_precision
 from .errors import BenchError
-from .evaluate import (
-    patient_auc,
-    patient_level,
-    patient_metrics,
-    predict,
-    slide_predictions,
-    validation_threshold,
-)
+from .evaluate import fold_metrics, patient_auc, predict, slide_predictions
 from .provenance import versions
 from .store import config_hash, fold_dir, fold_status, write_fold
 from .taskdata import RunOptions, TaskData, fold_genes, fold_time_edges, train_cases
@@ -56,9 +49,12 @@ __all__ = [
     "expand_jobs",
     "method_config",
     "plan_job",
+    "privileged_models",
     "run_job",
     "stage_bags",
+    "task_identity",
     "train_fold",
+    "with_ceiling_models",
 ]
 
 
@@ -113,6 +109,12 @@ def method_config(
     kind = task_type(data.task)
     if cfg.num_classes != kind.num_outputs or cfg.head != kind.head:
         cfg = cfg.replace(num_classes=kind.num_outputs, head=kind.head)
+    if cfg.needs().privileged and data.privileged is None:
+        raise BenchError(
+            f"{method} trains with the patients' true latent programs as an auxiliary target (the report's "
+            f"privileged-information ceiling), which only a synthetic task has; task {data.task.name!r} has "
+            "none. Drop it from --methods."
+        )
     return cfg
 
 
@@ -125,7 +127,7 @@ def _selects_genes(data: TaskData, cfg: MethodCfg) -> bool:
     return data.task.omics_select is not None and cfg.needs().omics and data.internal.omics is not None
 
 
-def _task_identity(task: TaskConfig, selects_genes: bool) -> dict[str, Any]:
+def task_identity(task: TaskConfig, selects_genes: bool = False) -> dict[str, Any]:
     """The task settings that change results; ``omics_select`` only where it applies, ``split_by`` and
     ``site_col`` only when the split is by site (so a task without them, or a method without omics, keeps
     the hash it had before the keys existed); never ``tracking``."""
@@ -165,8 +167,10 @@ def job_config(
     before the options existed)."""
     selects = _selects_genes(data, cfg)
     omics_dim = None if data.internal.omics is None else data.internal.omics.shape[1]
+    if cfg.needs().privileged and data.privileged is not None:
+        omics_dim = data.privileged.shape[1]
     hashed = {
-        "task": _task_identity(data.task, selects),
+        "task": task_identity(data.task, selects),
         "method": job.method,
         "method_config": _hashed_method_config(cfg),
         "fold": job.fold,
@@ -194,6 +198,8 @@ def job_config(
         "bf16_autocast": resolve_precision(precision, device),
         "versions": versions(),
     }
+    if cfg.needs().privileged:  # recorded, not hashed: a reference row of the report, not a method
+        recorded["kind"] = "ceiling"
     return recorded, config_hash(hashed)
 
 
@@ -292,6 +298,9 @@ def train_fold(
                 where = internal.omics.columns.get_indexer(genes.genes)
                 cfg = cfg.replace(gene_groups=tuple(data.gene_groups[i] for i in where))
         omics = OmicsScaler(data.task.omics_log1p).fit(table, train_cases(data, fold)).transform(table)
+    if cfg.needs().privileged and data.privileged is not None:  # the true programs, z-scored on training
+        omics_dim = data.privileged.shape[1]
+        omics = OmicsScaler(False).fit(data.privileged, train_cases(data, fold)).transform(data.privileged)
     val_omics = omics if cfg.monitor == "mean-auc" else None  # model selection on teachers that read omics
     edges = fold_time_edges(data, fold)
     train_bags, val_bags = stage_bags(
@@ -371,22 +380,21 @@ def _train_and_write(
     fitted = train_fold(data, job.fold, job.method, cfg, device, on_check, opts.precision)
     autocast = resolve_precision(opts.precision, device)
     agg = data.task.patient_aggregation
-    threshold = validation_threshold(patient_level(fitted.val, agg))
     model = fitted.result.model
     edges = fitted.time_edges
-    test_bags = _bags(data.internal, fold_parts(data.splits, job.fold)["test"], cfg, None, edges)
-    cohorts = {
-        "val": fitted.val,
-        "test": slide_predictions(test_bags, predict(model, test_bags, device, autocast), "test"),
-    }
+    parts = fold_parts(data.splits, job.fold)
+
+    def predicted(cohort: Cohort, slide_ids: Sequence[str], name: str) -> pd.DataFrame:
+        bags = _bags(cohort, slide_ids, cfg, None, edges)
+        return slide_predictions(bags, predict(model, bags, device, autocast), name)
+
+    cohorts = {"val": fitted.val, "test": predicted(data.internal, parts["test"], "test")}
     for name, cohort in data.externals.items():
-        bags = _bags(cohort, cohort.slides.slide_id.tolist(), cfg, None, edges)
-        cohorts[name] = slide_predictions(bags, predict(model, bags, device, autocast), name)
+        cohorts[name] = predicted(cohort, cohort.slides.slide_id.tolist(), name)
     metrics = {
-        "cohorts": {
-            name: patient_metrics(patient_level(pred, agg), threshold, edges)
-            for name, pred in cohorts.items()
-        },
+        "cohorts": fold_metrics(cohorts, agg, edges),
+        # the kept model on its own training slides: "fitted but not generalising" vs "not trained"
+        "train_auc": patient_auc(predicted(data.internal, parts["train"], "train"), agg),
         "best_epoch": fitted.result.best_epoch,
         "best_updates": fitted.result.best_updates,
         "epochs_run": fitted.result.epochs_run,
@@ -423,9 +431,33 @@ def check_method(name: str) -> tuple[str, str]:
     return base, variant
 
 
+def privileged_models() -> list[str]:
+    """The registered models that train with a synthetic task's true latent programs (the report's
+    privileged-information ceilings; ``DataNeeds.privileged``)."""
+    return [m for m in list_methods() if resolve_config(m).needs().privileged]
+
+
+def with_ceiling_models(data: TaskData, methods: Sequence[str]) -> list[str]:
+    """``methods``, plus each privileged-information model whose label-only twin is among them when the task
+    has ground truth (synthetic) and a method of ``methods`` distils from omics: the gap each distillation
+    method closes is measured between the two."""
+
+    def distils(name: str) -> bool:
+        base, variant = check_method(name)
+        return resolve_config(base if variant == "best" else name).needs().omics
+
+    if data.privileged is None or not any(distils(m) for m in methods):
+        return list(methods)
+    students = [m for m in privileged_models() if get_method_class(m).label_only_twin in methods]
+    return list(dict.fromkeys([*methods, *students]))
+
+
 def parse_methods(spec: str) -> list[str]:
-    """``all`` or a comma-separated list of (possibly bracketed) method names, each checked."""
-    names = list_methods() if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    """``all`` (every registered method but the privileged-information models, which are ceilings) or a
+    comma-separated list of (possibly bracketed) method names, each checked."""
+    if spec.strip() == "all":
+        return [m for m in list_methods() if m not in privileged_models()]
+    names = [m.strip() for m in spec.split(",") if m.strip()]
     for name in names:
         check_method(name)
     return names

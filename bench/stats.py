@@ -29,6 +29,9 @@ or ranked.
 - **Survival**: Harrell's c-index gets the same percentile bootstrap, stratified by event
   (:func:`resampled_cindex`, one resample applied to every fold's risks), and paired comparisons the same paired
   bootstrap test.
+- **Gap share** (:func:`gap_share`): the share of the AUC gap between two reference models that a third
+  closes, with a paired stratified bootstrap CI (the report's distillation methods between label-only ABMIL
+  and the privileged-information student, synthetic tasks).
 - **Expected calibration error** over equal-mass bins (:func:`expected_calibration_error`), as many bins as
   :func:`calibration_bins` gives (about 15 patients a bin, 3 to 10).
 """
@@ -54,6 +57,7 @@ __all__ = [
     "delong_contrast",
     "delong_test",
     "expected_calibration_error",
+    "gap_share",
     "logrank_p",
     "midranks",
     "paired_bootstrap_test",
@@ -363,6 +367,43 @@ def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> float:
         return float("nan")
     result = logrank_test(time[group], time[~group], event[group], event[~group])
     return float(result.p_value)
+
+
+def gap_share(
+    y: np.ndarray,
+    base: np.ndarray,
+    method: np.ndarray,
+    top: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """Share of the AUC gap from ``base`` to ``top`` that ``method`` closes, ``(A_m − A_b) / (A_t − A_b)``,
+    and its percentile bootstrap CI.
+
+    Each of ``base``, ``method``, ``top`` is score rows ``(k, N)`` or ``(N,)`` on the same patients (the AUC
+    of several rows is their mean AUC, as an external cohort's). One class-stratified resample of patients is
+    applied to all three, so the correlation of their AUCs is kept; resamples whose gap is 0 are dropped.
+    NaN share where the gap itself is 0; NaN CI for ``n_boot`` 0 or a single class.
+    """
+    y = np.asarray(y).astype(int)
+    m, n = int(y.sum()), int((1 - y).sum())
+    if m == 0 or n == 0:
+        return float("nan"), float("nan"), float("nan")
+    once = np.ones((1, m)), np.ones((1, n))  # every patient drawn once: the AUC itself
+    a_base, a_method, a_top = (float(resampled_aucs(y, s, *once)[0]) for s in (base, method, top))
+    share = (a_method - a_base) / (a_top - a_base) if a_top != a_base else float("nan")
+    if n_boot == 0:
+        return share, float("nan"), float("nan")
+    cp, cn = stratified_counts(m, n, n_boot, seed)
+    b, mm, t = (resampled_aucs(y, s, cp, cn) for s in (base, method, top))
+    keep = t != b
+    if not keep.any():
+        return share, float("nan"), float("nan")
+    shares = (mm[keep] - b[keep]) / (t[keep] - b[keep])
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(shares, [tail, 1 - tail])
+    return float(share), float(lo), float(hi)
 
 
 # ---------------------------------------------------------------- calibration

@@ -265,6 +265,12 @@ class FoldRun:
         return read_table(self.path / "predictions.csv")
 
     @property
+    def kind(self) -> str:
+        """``method``, or the kind of a reference row of the report (``floor``, ``ceiling``): what its
+        config.yaml records (bench/baselines.py; the privileged-information student)."""
+        return str(self.config.get("kind", "method"))
+
+    @property
     def design(self) -> tuple[Any, Any]:
         """The CV design the fold belongs to: (number of folds, split seed)."""
         return self.config.get("folds"), self.config.get("seed")

@@ -15,11 +15,12 @@ from .config import TaskConfig, Tracking, cache_root
 from .csvio import read_table
 from .data.cohort import Cohort, load_cohorts, raise_problems
 from .data.genes import GeneSelection, select_genes
+from .data.groundtruth import latent_programs
 from .data.omics import OmicsScaler
 from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
 from .data.task import load_task
 from .errors import BenchError, DataError
-from .store import write_splits
+from .store import read_saved_splits, write_splits
 from .tasktypes import time_bin_edges
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "fold_genes",
     "fold_time_edges",
     "prepare_task",
+    "saved_task_data",
     "train_cases",
 ]
 
@@ -74,6 +76,8 @@ class TaskData:
     feature_sets: tuple[str, ...] = ()
     # the repeat of the CV design (``--repeats``): its splits and training draws use seed + repeat
     repeat: int = 0
+    # synthetic tasks: the true latent programs per patient (bench/data/groundtruth.py), else None
+    privileged: pd.DataFrame | None = None
     # fit once per process, keyed by the fold's split membership (a sweep's inner folds reuse fold numbers)
     gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
 
@@ -124,6 +128,39 @@ def prepare_task(
     else:
         splits = make_splits(internal.slides, folds, seed + repeat, task.val_fraction, task.split_by)
     write_splits(opts.out, task.name, splits, repeat)
+    return _task_data(full, task, internal, externals, splits, folds, seed, features, repeat)
+
+
+def saved_task_data(
+    task_ref: str | Path, out: Path, folds: int, seed: int, features: str | None = None, repeat: int = 0
+) -> TaskData | None:
+    """A task's data on one feature set and repeat, on the splits ``bench run`` saved under ``out`` (None
+    when there are none, or when they do not have ``folds`` folds), never making or writing splits: what
+    ``bench report`` computes the reference rows on; ``seed`` is the design's, as its folds record it."""
+    full = load_task(task_ref)
+    task = full.with_features(features)
+    splits = read_saved_splits(out, task.name, repeat)
+    if splits is None or len(fold_columns(splits)) != folds:
+        return None
+    internal, externals, problems = load_cohorts(task)
+    raise_problems(problems)
+    return _task_data(full, task, internal, externals, splits, folds, seed, features, repeat)
+
+
+def _task_data(
+    full: TaskConfig,
+    task: TaskConfig,
+    internal: Cohort,
+    externals: dict[str, Cohort],
+    splits: pd.DataFrame,
+    folds: int,
+    seed: int,
+    features: str | None,
+    repeat: int,
+) -> TaskData:
+    """The :class:`TaskData` of ``task`` (``full`` on feature set ``features``), its gene groups and, when
+    synthetic, its patients' true latent programs (bench/data/groundtruth.py) read from its files."""
+    several = len(full.feature_sets) > 1
     return TaskData(
         task,
         internal,
@@ -132,9 +169,10 @@ def prepare_task(
         folds,
         seed,
         _read_gene_groups(task, internal),
-        features if len(full.feature_sets) > 1 else None,
-        tuple(full.feature_sets) if len(full.feature_sets) > 1 else (),
+        features if several else None,
+        tuple(full.feature_sets) if several else (),
         repeat=repeat,
+        privileged=None if task.labels is None else latent_programs(task.labels),
     )
 
 

@@ -4,6 +4,7 @@ from . import abmil as abmil
 from . import ghanet as ghanet
 from . import mkd as mkd
 from . import momkd as momkd
+from . import privileged as privileged
 from . import tdc as tdc
 from . import wikg as wikg
 from .base import Bag as Bag

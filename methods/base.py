@@ -178,11 +178,15 @@ class DataNeeds:
         omics: the method reads ``bag.omics`` in ``loss``/``prepare`` (training only).
         gene_groups: the config has a ``gene_groups`` field (group index per gene) that the harness fills,
             via ``cfg.replace(gene_groups=...)``, from the task's ``omics_groups`` file.
+        privileged: ``bag.omics`` carries, instead of the omics, the patient's true latent programs (training
+            only), which only a synthetic task has: the privileged-information student of the report's
+            ceilings, not a method a real cohort can run.
     """
 
     graph: bool
     omics: bool
     gene_groups: bool
+    privileged: bool = False
 
 
 @dataclass
@@ -374,6 +378,10 @@ class MILMethod(nn.Module):
     def training_report(self) -> dict[str, Any]:
         """JSON-able facts about the trained model for the fold's metrics (e.g. active memory components)."""
         return {}
+
+    #: a privileged-information model (its config's ``needs().privileged``) names the label-only method it
+    #: extends: the report measures how much of the gap between the two each distillation method closes
+    label_only_twin: ClassVar[str] = ""
 
     #: what the cells of :meth:`summarise_reports` mean, for the caption of the report's table of them.
     reports_caption: ClassVar[str] = ""

@@ -33,6 +33,7 @@ from ..store import TaskResults, load_results
 from ..tables import Table, safe_stem, write_table
 from ..train import MONITORS
 from . import prose
+from .reference_tables import gap_table, references_table, row_order
 from .results_tables import calibration_table, operating_points_table, table1, table2
 from .stats_tables import (
     backbone_tests_table,
@@ -256,7 +257,7 @@ def write_report(
     # one entry per task, or per feature set of a task with several: methods are never pooled across them
     results = {view.label: view for t in tasks for view in load_results(out, t).by_features()}
     analyses = [analyse(r, reference, n_boot, seed) for r in results.values()]
-    methods = sorted({m for st in analyses for m in st.summary.method})
+    methods = row_order(analyses)  # methods, then the floor and ceiling rows
     folder = out / "report" if len(tasks) > 1 else out / tasks[0] / "report"
     doc = _Document(out, folder, formats, log)
     _head(doc, tasks, command)
@@ -317,10 +318,25 @@ def _comparisons(doc: _Document, analyses: Sequence[TaskStats], methods: Sequenc
                 f"{st.task.upper()}: no other method shares folds with {st.reference}; nothing to compare.",
                 "",
             )
+    _references(doc, analyses)
     reports = method_reports_table(analyses)
     if reports is not None:
         doc.text("## What the methods report about their trained models", "")
         doc.table(reports, "table_method_reports")
+
+
+def _references(doc: _Document, analyses: Sequence[TaskStats]) -> None:
+    """Each task's floor and ceiling rows and, where a privileged student ran, the gap the distillation
+    methods close."""
+    tables = [(st, references_table(st), gap_table(st)) for st in analyses]
+    if not any(refs is not None for _, refs, _ in tables):
+        return
+    doc.text("## Floors and ceilings", "")
+    for st, refs, gaps in tables:
+        if refs is not None:
+            doc.table(refs, f"references_{st.stem}")
+        if gaps is not None:
+            doc.table(gaps, f"gap_{st.stem}")
 
 
 def _backbones(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[str]) -> None:

@@ -115,7 +115,12 @@ def table1(results: Mapping[str, TaskResults], methods: Sequence[str] | None = N
     all_methods = sorted({m for s in stats.values() for m in s.index.get_level_values("method")})
     rows_methods = method_order(all_methods, methods)
     key = {t: _headline(stats[t]) for t in tasks}
-    means = {t: [_get(stats[t], m, "test", key[t])[0] for m in rows_methods] for t in tasks}
+    means = {
+        t: _methods_only(
+            results[t], rows_methods, [_get(stats[t], m, "test", key[t])[0] for m in rows_methods]
+        )
+        for t in tasks
+    }
     bold_cols = {t: bold_best(means[t]) for t in tasks}
     rows, bold = [], []
     for i, m in enumerate(rows_methods):
@@ -124,7 +129,7 @@ def table1(results: Mapping[str, TaskResults], methods: Sequence[str] | None = N
     survival = [t.upper() for t in tasks if key[t] == "c_index"]
     caption = (
         "Internal patient-level stratified cross-validation: test AUC (%; threshold-free), mean ± SD over "
-        "folds; best per task in bold."
+        "folds; best per task in bold (among the methods; floor-* and ceiling-* rows are references)."
         + (f" Survival tasks ({', '.join(survival)}): Harrell's c-index (%)." if survival else "")
     )
     return Table(["Method"] + [t.upper() for t in tasks], rows, bold, caption, "tab:internal")
@@ -148,7 +153,9 @@ def table2(results: Mapping[str, TaskResults], methods: Sequence[str] | None = N
     for t, c in columns:
         for k in shown[t]:
             values = [_get(stats[t], m, c, k) for m in rows_methods]
-            flags = bold_best([-v[0] if k == "ibs" else v[0] for v in values])  # IBS: lower is better
+            flags = bold_best(  # IBS: lower is better
+                _methods_only(results[t], rows_methods, [-v[0] if k == "ibs" else v[0] for v in values])
+            )
             for i, v in enumerate(values):
                 rows[i].append(fmt(*v))
                 bold[i].append(flags[i])
@@ -314,6 +321,14 @@ def _fmt_drop(drops: pd.Series) -> str:
     if drops.empty:
         return "–"
     return fmt(float(drops.mean()), float(drops.std(ddof=1)) if len(drops) > 1 else float("nan"))
+
+
+def _methods_only(results: TaskResults, names: Sequence[str], values: list[float]) -> list[float]:
+    """``values`` (one per name) with the floor and ceiling rows' set to NaN, so they are never bold."""
+    kinds = {r.method: r.kind for r in results.runs}
+    return [
+        v if kinds.get(m, "method") == "method" else float("nan") for m, v in zip(names, values, strict=True)
+    ]
 
 
 def _get(stats: pd.DataFrame, method: str, cohort: str, metric: str) -> tuple[float, float]:

@@ -75,7 +75,12 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
     rows, bold = [[m] for m in rows_methods], [[False] for _ in rows_methods]
     for st, c in columns:
         s = st.summary[st.summary.cohort == c].set_index("method")
-        means = [float(s.loc[m, "mean"]) if m in s.index else float("nan") for m in rows_methods]
+        means = [  # floors and ceilings are never the best of a column
+            float(s.loc[m, "mean"])
+            if m in s.index and st.kinds.get(m, "method") == "method"
+            else float("nan")
+            for m in rows_methods
+        ]
         for i, (m, flag) in enumerate(zip(rows_methods, bold_best(means), strict=True)):
             if m not in s.index:
                 rows[i].append("–")
@@ -97,7 +102,8 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
         f"bootstrap CI ({n_boot} class-stratified resamples of patients, seeded). Internal: CI of the AUC of the "
         "pooled out-of-fold test predictions. External: each fold's model predicts the whole cohort; the CI is "
         "of the mean of the fold AUCs (one resample applied to every fold, AUCs averaged). "
-        f"{marks_caption(f'the reference method (ref) of each task ({refs})', paired)} Best mean per column in bold."
+        f"{marks_caption(f'the reference method (ref) of each task ({refs})', paired)} Best mean per column in bold "
+        "(among the methods: the floor-* and ceiling-* rows are references, see their table)."
     )
     return Table(header, rows, bold, caption, "tab:headline")
 
@@ -249,15 +255,25 @@ def localisation_md_table(results: dict[str, pd.DataFrame], methods: Sequence[st
     return Table(header, rows, bold, caption, "tab:localisation")
 
 
+def _mean_auc(values: list[float | None]) -> str:
+    """Mean of the fold AUCs that were recorded (%), ``–`` when none was."""
+    known = [v for v in values if v is not None and not np.isnan(v)]
+    return f"{np.mean(known) * 100:.1f}" if known else "–"
+
+
 def runs_table(st: TaskStats) -> Table:
     """What was run for one task: per method, folds, seeds, cap (epochs, or updates under the update rule),
-    epochs and updates run, folds converged, device, versions."""
+    epochs and updates run, folds converged, training / validation / test AUC, device, versions."""
     rows = []
     for method in sorted({r.method for r in st.runs}):
         runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.unit)
         repeats = sorted({r.repeat for r in runs})
-        epochs_run = [r.metrics.get("epochs_run") for r in runs]
+        epochs_run = [r.metrics.get("epochs_run") for r in runs if r.metrics.get("epochs_run") is not None]
         updates = [r.metrics["updates"] for r in runs if "updates" in r.metrics]
+        cohort_auc = {
+            c: _mean_auc([r.metrics.get("cohorts", {}).get(c, {}).get("auc") for r in runs])
+            for c in ("val", "test")
+        }
         stopped = [r.metrics.get("stopped") for r in runs]
         versions = {
             f"torch {r.config.get('versions', {}).get('torch', '?')}, numpy {r.config.get('versions', {}).get('numpy', '?')}"
@@ -273,11 +289,14 @@ def runs_table(st: TaskStats) -> Table:
                 _folds_done(runs, repeats),
                 ", ".join(sorted({str(r.config.get("seed")) for r in runs}))
                 + (" (repeat r: split seed + r)" if len(repeats) > 1 else ""),
-                cap,
-                f"{np.mean([e for e in epochs_run if e is not None]):.1f}" if epochs_run else "–",
+                cap if cfg else "–",  # a floor or ceiling row trains no epochs
+                f"{np.mean(epochs_run):.1f}" if epochs_run else "–",
                 f"{np.mean(updates):.0f}" if updates else "–",
                 f"{stopped.count('plateau')} of {len(runs)}" if any(stopped) else "–",
-                ", ".join(sorted({str(r.config.get("device")) for r in runs})),
+                _mean_auc([r.metrics.get("train_auc") for r in runs]),
+                cohort_auc["val"],
+                cohort_auc["test"],
+                ", ".join(sorted({str(r.config.get("device", "–")) for r in runs})),
                 "; ".join(sorted(versions)),
             ]
         )
@@ -289,13 +308,19 @@ def runs_table(st: TaskStats) -> Table:
         "Epochs run (mean)",
         "Updates (mean)",
         "Converged",
+        "Train AUC",
+        "Val AUC",
+        "Test AUC",
         "Device",
         "Versions",
     ]
     caption = (
         f"{st.task.upper()}: runs found on disk (from each fold's config.yaml and metrics.json). Converged: folds "
         "whose training ended on a validation plateau (the early-stopping rule met), not on the cap; – for "
-        "folds written before bench recorded it."
+        "folds written before bench recorded it. Train / Val / Test AUC (%, mean over folds, "
+        "patient-level): the kept model on its own training patients, on the validation patients it was "
+        "selected on, and on the test part; a high training AUC with a low validation AUC reads as fitted but "
+        "not generalising, a low one as not trained (– : folds written before bench recorded the training AUC)."
     )
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.stem}")
 
@@ -318,7 +343,7 @@ def method_reports_table(analyses: Sequence[TaskStats]) -> Table | None:
     captions: dict[str, str] = {}
     columns: dict[tuple[str, str], None] = {}
     for st in analyses:
-        for method in sorted({r.method for r in st.runs}):
+        for method in sorted({r.method for r in st.runs if "method_config" in r.config}):  # trained models
             cls = get_method_class(method)
             reports = [r.metrics.get("method_report", {}) for r in st.runs if r.method == method]
             for column, text in cls.summarise_reports(reports).items():

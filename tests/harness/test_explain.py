@@ -168,6 +168,10 @@ def test_report_assembles_tables_figures_and_report_md(trained, monkeypatch):
     for stem in ("table_headline", "tests_toy", "table_localisation", "table1_internal", "runs_toy"):
         assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.tex").is_file()
     assert "| Converged |" in (folder / "runs_toy.md").read_text()
+    assert "| Train AUC | Val AUC | Test AUC |" in (folder / "runs_toy.md").read_text()
+    references = (folder / "references_toy.md").read_text()  # a task from files: the floor, no ceiling
+    assert "| floor-probe | floor |" in references and "ceiling-" not in references
+    assert "| floor-probe |" in (folder / "table_headline.md").read_text()
     memory = (folder / "table_method_reports.md").read_text()  # MoMKD's memories, per class; ABMIL has none
     assert "| momkd | " in memory and "abmil" not in memory and memory.count(" of 4") == 2
     tex = (folder / "table_headline.tex").read_text()

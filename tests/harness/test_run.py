@@ -31,6 +31,7 @@ def test_run_writes_contract_files(small_task, opts):
         assert set(pred.cohort) == {"test", "ext"}
         record = json.loads((fold / "metrics.json").read_text())
         assert record["stopped"] in ("plateau", "cap")
+        assert 0.0 <= record["train_auc"] <= 1.0  # the kept model on its training patients
         metrics = record["cohorts"]
         for cohort in ("test", "ext"):
             assert set(metrics[cohort]) == {
@@ -58,6 +59,7 @@ def test_run_writes_contract_files(small_task, opts):
     disk = pd.read_csv(task_dir / "summary.csv")
     assert list(disk.columns) == ["task", "method", "cohort", "metric", "mean", "std", "n"]
     assert set(disk.cohort) == {"test", "ext"} and (disk.n == 3).all()
+    assert set(disk.method) == {"abmil", "floor-probe"}  # the floor row of every task, like a method's
     assert set(disk.metric) == {
         *("auc", "acc", "balanced_acc", "f1", "acc@0.5", "balanced_acc@0.5", "f1@0.5", "brier", "ece")
     }

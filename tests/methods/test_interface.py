@@ -121,8 +121,12 @@ def test_needs_declare_graph_omics_and_gene_groups(name):
     cfg = resolve_config(name)
     needs = cfg.needs()
     assert isinstance(needs, DataNeeds)
+    privileged = name == "ceiling-privileged"  # reads the true programs, not the omics
     assert needs == DataNeeds(
-        graph=name == "momkd", omics=name != "abmil" and name != "wikg", gene_groups=name == "ghanet"
+        graph=name == "momkd",
+        omics=name not in ("abmil", "wikg") and not privileged,
+        gene_groups=name == "ghanet",
+        privileged=privileged,
     )
     assert needs.graph == cfg.needs_graph and needs.omics == cfg.uses_omics
     assert needs.gene_groups == ("gene_groups" in {f.name for f in dataclasses.fields(cfg)})

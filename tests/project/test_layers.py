@@ -38,13 +38,14 @@ LAYERS: list[tuple[str, ...]] = [
         "bench.data",
     ),  # results on disk, to a tracking store; data
     ("bench.evaluate", "bench.convergence", "bench.train"),  # predicting and training one model
-    ("bench.taskdata", "bench.jobs"),  # a task's data loaded once; plan and run one fold
+    ("bench.taskdata", "bench.jobs", "bench.baselines"),  # a task's data; one fold; the reference rows
     (
         "bench.executors",
         "bench.studies",
         "bench.sweep",
         "bench.sweep_report",
         "bench.analysis",
+        "bench.ceilings",
         "bench.explain",
     ),
     ("bench.report",),

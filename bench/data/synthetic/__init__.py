@@ -8,7 +8,7 @@
 """
 
 from .cache import materialise, spec_record
-from .generator import LABEL_VALUES, TISSUES
+from .generator import LABEL_VALUES, TISSUES, label_posterior
 from .outcomes import OUTCOMES_FILE, OUTCOMES_TABLE, SUBTYPES, ensure_outcomes
 from .spec import GENERATOR_VERSION, PROGRAMS, ExternalSpec, SyntheticSpec, spec_hash
 
@@ -23,6 +23,7 @@ __all__ = [
     "ExternalSpec",
     "SyntheticSpec",
     "ensure_outcomes",
+    "label_posterior",
     "materialise",
     "spec_hash",
     "spec_record",

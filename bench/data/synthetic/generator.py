@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 from scipy.ndimage import binary_dilation, gaussian_filter
-from scipy.special import ndtri
+from scipy.special import ndtr, ndtri
 
 from ..formats import write_trident_h5
 from .spec import GENERATOR_VERSION, PROGRAMS, ExternalSpec, SyntheticSpec
 
-__all__ = ["LABELS_FILE", "LABEL_VALUES", "TISSUES", "generate"]
+__all__ = ["LABELS_FILE", "LABEL_VALUES", "TISSUES", "generate", "label_posterior"]
 
 #: tissue codes stored in each slide's ``tissue`` dataset (index = code).
 TISSUES = ("background", "tumour", "stroma", "adipose", "normal_duct", "immune")
@@ -172,6 +172,18 @@ def _backbones(spec: SyntheticSpec, world: _World) -> list[_Backbone]:
             )
         )
     return out
+
+
+def label_posterior(spec: SyntheticSpec, label_col: str, z: np.ndarray) -> np.ndarray:
+    """P(``label_col`` = its first value of :data:`LABEL_VALUES` | programs ``z``) under the generator's rule
+    (``s = w·z + e > t``): ``Φ((w·z − t) / sd(e))``, the Bayes-optimal prediction from the true programs.
+
+    ``z`` is ``(n, K)`` in :data:`PROGRAMS` order (``latent.csv``'s program columns). Monotone in ``w·z``, so
+    its AUC is that of the noise-free latent score: the ceiling of any predictor (docs/synthetic.md).
+    """
+    world = _draw_world(spec)
+    score = np.asarray(z, dtype=np.float64) @ _TASK_WEIGHTS[label_col]
+    return ndtr((score - world.thresholds[label_col]) / world.score_noise[label_col])
 
 
 def _orthonormal_rows(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
