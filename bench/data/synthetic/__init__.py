@@ -8,10 +8,11 @@
 
 from .cache import materialise, spec_record
 from .generator import LABEL_VALUES, TISSUES
-from .spec import GENERATOR_VERSION, PROGRAMS, ExternalSpec, SyntheticSpec, spec_hash
+from .spec import GENERATOR_VERSION, HELDOUT, PROGRAMS, ExternalSpec, SyntheticSpec, spec_hash
 
 __all__ = [
     "GENERATOR_VERSION",
+    "HELDOUT",
     "LABEL_VALUES",
     "PROGRAMS",
     "TISSUES",
