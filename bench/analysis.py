@@ -22,7 +22,7 @@ from .evaluate import auc, patient_level
 from .stats import PairedTest, bootstrap_auc_ci, corrected_resampled_ttest, delong_contrast
 from .store import FoldRun, TaskResults, load_results, read_saved_splits
 
-__all__ = ["TaskStats", "analyse", "analyse_task"]
+__all__ = ["TaskStats", "analyse", "analyse_task", "backbone_tests"]
 
 
 @dataclass
@@ -30,7 +30,9 @@ class TaskStats:
     """Everything the report needs about one task.
 
     Attributes:
-        task: task name.
+        task: the task's name in tables (its name, and its feature set on a task with several).
+        name, features, stem: the task's name, the feature set (None: the task's only one), and both as
+            file names use them.
         reference: the method every other one is compared with.
         cohorts: ``test`` then the external cohorts' names.
         summary: one row per (method, cohort): mean, sd, folds (fold AUCs), auc (the CI's point: pooled AUC
@@ -58,13 +60,16 @@ class TaskStats:
     runs: list[FoldRun]
     notes: list[str]
     internal_patients: int | None = None
+    name: str = ""
+    features: str | None = None
+    stem: str = ""  # the results in file names (:attr:`bench.store.TaskResults.stem`)
 
 
 def analyse(
     results: TaskResults, reference: str | None = None, n_boot: int = 2000, seed: int = 0
 ) -> TaskStats:
     """Summaries, bootstrap CIs and paired tests of every method of a task's results."""
-    task, runs = results.task, results.runs
+    task, runs = results.label, results.runs
     if not runs:
         raise BenchError(
             f"no fold results for task {task!r} under {results.out}. Run `bench run --task ...` first."
@@ -87,7 +92,7 @@ def analyse(
     ref = _reference(fold_auc, reference, task)
     splits = _splits(results)
     ratio = _test_train_ratio(splits, runs)
-    split_of = {(r.method, r.fold): r.config.get("split") for r in runs}
+    split_of = {(r.method, r.unit): r.config.get("split") for r in runs}
     return TaskStats(
         task=task,
         reference=ref,
@@ -102,7 +107,10 @@ def analyse(
         seed=seed,
         runs=runs,
         notes=results.notes,
-        internal_patients=None if splits is None else splits.case_id.nunique(),
+        internal_patients=None if splits is None else splits[0].case_id.nunique(),
+        name=results.task,
+        features=results.features,
+        stem=results.stem,
     )
 
 
@@ -124,7 +132,10 @@ def _summary(patients: pd.DataFrame, fold_auc: pd.DataFrame, n_boot: int, seed: 
     for (method, cohort), pat in patients.groupby(["method", "cohort"], sort=True):
         aucs = fold_auc[(fold_auc.method == method) & (fold_auc.cohort == cohort)].auc.to_numpy()
         y, scores = _scores(pat, cohort)
-        point = auc(y, scores[0]) if cohort == "test" else float(np.nanmean(aucs))
+        # internal: the pooled out-of-fold AUC (its mean over repeats); external: the mean fold AUC
+        point = (
+            float(np.mean([auc(y, row) for row in scores])) if cohort == "test" else float(np.nanmean(aucs))
+        )
         lo, hi = bootstrap_auc_ci(y, scores, n_boot, seed)
         rows.append(
             {
@@ -187,39 +198,71 @@ def _paired_tests(
     return pd.DataFrame(tests, columns=["method", "cohort", "test", "diff", "statistic", "p", "folds"])
 
 
+def backbone_tests(views: Sequence[TaskStats]) -> pd.DataFrame:
+    """Each method's feature sets of one task against its first (``views[0]``, one :class:`TaskStats` per
+    feature set): the paired tests of method comparisons (corrected t internally, DeLong on every cohort),
+    paired because every feature set runs on the same splits. Rows: method, features, cohort, test, diff
+    (set − first), statistic, p, folds."""
+    ref = views[0]
+    frames = []
+    for method in sorted({m for st in views for m in st.summary.method}):
+        patients, fold_auc = [
+            pd.concat(
+                [df[df.method == method].assign(method=st.features) for st, df in pairs], ignore_index=True
+            )
+            for pairs in ([(st, st.patients) for st in views], [(st, st.fold_auc) for st in views])
+        ]
+        split_of = {
+            (st.features, r.fold): r.config.get("split")
+            for st in views
+            for r in st.runs
+            if r.method == method
+        }
+        tests = _paired_tests(
+            patients, fold_auc, ref.cohorts, ref.features, split_of, ref.test_train_ratio[0]
+        )
+        frames.append(tests.rename(columns={"method": "features"}).assign(method=method))
+    columns = ["method", "features", "cohort", "test", "diff", "statistic", "p", "folds"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
 def _patients(runs: Sequence[FoldRun], aggregation: str) -> pd.DataFrame:
     frames = []
     for r in runs:
         for cohort, pred in r.predictions.groupby("cohort", sort=False):
             pat = patient_level(pred, aggregation)
-            frames.append(pat.assign(method=r.method, fold=r.fold, cohort=cohort))
-    cols = ["method", "fold", "cohort", "case_id", "label", "prob"]
+            frames.append(pat.assign(method=r.method, fold=r.unit, repeat=r.repeat, cohort=cohort))
+    cols = ["method", "fold", "repeat", "cohort", "case_id", "label", "prob"]
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
-def _splits(results: TaskResults) -> pd.DataFrame | None:
-    """``splits.tsv`` of the task when it is the one every fold on disk was run on, else None."""
-    table = read_saved_splits(results.out, results.task)
-    if table is None:
+def _splits(results: TaskResults) -> dict[int, pd.DataFrame] | None:
+    """Each repeat's saved splits (``splits.tsv``, ``splits_repeat_<r>.tsv``) when they are the ones every
+    fold on disk was run on, else None."""
+    tables = {r: read_saved_splits(results.out, results.task, r) for r in results.repeats}
+    if any(t is None for t in tables.values()):
         return None
-    digests = {(r.fold, r.config.get("split")) for r in results.runs}
-    if all(f"fold_{f}" in table.columns and membership_digest(table, f) == d for f, d in digests):
-        return table
-    return None
+    for run in results.runs:
+        table = tables[run.repeat]
+        if f"fold_{run.fold}" not in table.columns or membership_digest(table, run.fold) != run.config.get(
+            "split"
+        ):
+            return None
+    return tables
 
 
-def _test_train_ratio(table: pd.DataFrame | None, runs: Sequence[FoldRun]) -> tuple[float, str]:
-    """Mean n_test / n_train over the folds, from the splits when they are known."""
-    folds = sorted({r.fold for r in runs})
-    if table is not None:
+def _test_train_ratio(tables: dict[int, pd.DataFrame] | None, runs: Sequence[FoldRun]) -> tuple[float, str]:
+    """Mean n_test / n_train over the folds (of every repeat), from the splits when they are known."""
+    units = sorted({(r.repeat, r.fold) for r in runs})
+    if tables is not None:
         ratios = []
-        for f in folds:
-            parts = table.groupby(f"fold_{f}").case_id.nunique()
+        for repeat, f in units:
+            parts = tables[repeat].groupby(f"fold_{f}").case_id.nunique()
             ratios.append(parts.get("test", 0) / max(1, parts.get("train", 0) + parts.get("val", 0)))
         return float(
             np.mean(ratios)
         ), "splits.tsv (patients in each fold's test vs training + validation parts)"
-    k = max(int(r.config.get("folds", len(folds))) for r in runs)
+    k = max(int(r.config.get("folds", len(units))) for r in runs)
     return 1.0 / (k - 1), f"1/(k − 1) with k = {k} (splits.tsv absent or from another run)"
 
 
@@ -252,16 +295,18 @@ def _test_row(method: str, cohort: str, name: str, t: PairedTest, folds: int) ->
 
 
 def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(N,)`` and score rows: one pooled row for ``test``; one row per fold for an external cohort."""
+    """Labels ``(N,)`` and score rows: for ``test``, one pooled row of out-of-fold predictions per repeat of
+    the design; one row per fold (of every repeat) for an external cohort."""
     if cohort == "test":
-        pooled = pat.sort_values("case_id")
-        if pooled.case_id.duplicated().any():
+        twice = pat.duplicated(["repeat", "case_id"])
+        if twice.any():
             raise BenchError(
-                f"patient(s) {pooled.case_id[pooled.case_id.duplicated()].unique()[:3].tolist()} are in the test "
-                "part of several folds of one method; the folds on disk do not come from one split."
+                f"patient(s) {pat.case_id[twice].unique()[:3].tolist()} are in the test part of several folds "
+                "of one method and repeat; the folds on disk do not come from one split."
             )
-        return pooled.label.to_numpy(), pooled.prob.to_numpy()[None, :]
-    wide = pat.pivot(index="case_id", columns="fold", values="prob").dropna()
+        wide = pat.pivot(index="case_id", columns="repeat", values="prob").dropna()
+    else:
+        wide = pat.pivot(index="case_id", columns="fold", values="prob").dropna()
     labels = pat.drop_duplicates("case_id").set_index("case_id").label.loc[wide.index]
     return labels.to_numpy(), wide.to_numpy().T
 
@@ -269,10 +314,12 @@ def _scores(pat: pd.DataFrame, cohort: str) -> tuple[np.ndarray, np.ndarray]:
 def _paired_scores(
     pair: pd.DataFrame, cohort: str, method: str, ref: str, folds: list[int]
 ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled, or per fold)."""
+    """Labels and the score rows of ``method`` then ``ref`` on their common patients (pooled per repeat, or
+    per fold)."""
     if cohort == "test":
-        wide = pair.pivot(index="case_id", columns="method", values="prob").dropna()
-        cols = [method, ref]
+        wide = pair.pivot(index="case_id", columns=["method", "repeat"], values="prob").dropna()
+        repeats = sorted(set(pair.repeat))
+        cols = [(method, r) for r in repeats] + [(ref, r) for r in repeats]
     else:
         wide = pair.pivot(index="case_id", columns=["method", "fold"], values="prob").dropna()
         cols = [(method, f) for f in folds] + [(ref, f) for f in folds]

@@ -19,11 +19,13 @@ from rich.markup import escape
 from .cli_options import (
     Device,
     Epochs,
+    Features,
     Folds,
     Format,
     Out,
     Precision,
     Quiet,
+    Repeats,
     Seed,
     TaskOpt,
     Track,
@@ -31,6 +33,7 @@ from .cli_options import (
     Workers,
     console,
     err_console,
+    feature_names,
     progress_bar,
     run_options,
     table_formats,
@@ -89,6 +92,8 @@ def run_cmd(
     quiet: Quiet = False,
     track: Track = None,
     track_uri: TrackUri = None,
+    features: Features = None,
+    repeats: Repeats = 1,
     executor: Annotated[
         str, typer.Option("--executor", help="local (this machine) | slurm (a job array via submitit).")
     ] = "local",
@@ -114,7 +119,9 @@ def run_cmd(
     # Long only because typer reads every option from the signature; the body builds option objects and delegates.
     from .jobs import parse_methods
 
-    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri)
+    opts = run_options(
+        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features, repeats
+    )
     names = parse_methods(methods)
     if executor == "local":
         _run_and_print(task, names, opts)
@@ -209,6 +216,12 @@ def sweep_cmd(
     quiet: Quiet = False,
     track: Track = None,
     track_uri: TrackUri = None,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features", help="The feature set to tune on, on a task with several (default: the first)."
+        ),
+    ] = None,
     fmt: Format = "both",
 ) -> None:
     """Nested Optuna search, one per outer fold, blind to its test patients; then <method>[best] on the folds."""
@@ -217,7 +230,9 @@ def sweep_cmd(
     from .sweep import SweepOptions
 
     formats = table_formats(fmt)
-    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri)
+    opts = run_options(
+        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features
+    )
     sw = SweepOptions(
         method=method,
         params=None if params is None else tuple(p.strip() for p in params.split(",") if p.strip()),
@@ -253,13 +268,17 @@ def ablate_cmd(
     quiet: Quiet = False,
     track: Track = None,
     track_uri: TrackUri = None,
+    features: Features = None,
+    repeats: Repeats = 1,
     fmt: Format = "both",
 ) -> None:
     """Run a method's ablation variants on the same folds, then write its ablation tables."""
     from .commands import ablate, ablation_methods
 
     base, names = ablation_methods(method)
-    opts = run_options(out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri)
+    opts = run_options(
+        out, folds, seed, epochs, device, workers, quiet, precision, track, track_uri, features, repeats
+    )
     _run_and_print(task, names, opts)
     for table in ablate(base, task, out, table_formats(fmt), console.print):
         console.print(table.markdown())
@@ -319,11 +338,20 @@ def explain_cmd(
     ] = None,
     out: Out = Path("results"),
     device: Device = "cpu",
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features", help="Whose feature set's model, on a task with several (default: the first)."
+        ),
+    ] = None,
 ) -> None:
     """Draw a slide's patches coloured by a trained model's attention and the method's own patch maps."""
     from .commands import explain
 
-    ex = explain(method, task, slide, fold, out, device, console.print)
+    chosen = feature_names(features)
+    if chosen is not None and len(chosen) > 1:
+        raise BenchError("--features: bench explain draws one feature set's model; name one.")
+    ex = explain(method, task, slide, fold, out, device, console.print, chosen[0] if chosen else None)
     line = f"{method} · {slide} · fold {ex.fold} ({ex.part}) · P(positive) {ex.prob:.3f}"
     if ex.relevance is not None:
         line += f" · localisation AUC {ex.localisation_auc:.3f} (attention vs ground-truth relevance > 0)"

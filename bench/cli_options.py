@@ -18,11 +18,13 @@ from .redact import redact
 __all__ = [
     "Device",
     "Epochs",
+    "Features",
     "Folds",
     "Format",
     "Out",
     "Precision",
     "Quiet",
+    "Repeats",
     "Seed",
     "TaskOpt",
     "Track",
@@ -30,6 +32,7 @@ __all__ = [
     "Workers",
     "console",
     "err_console",
+    "feature_names",
     "progress_bar",
     "run_options",
     "table_formats",
@@ -78,6 +81,23 @@ TrackUri = Annotated[
     ),
 ]
 TaskOpt = Annotated[str, typer.Option("--task", help="Built-in task name or path to a task YAML.")]
+Repeats = Annotated[
+    int,
+    typer.Option(
+        "--repeats",
+        help="Run the whole CV design R times, repeat r with split seed seed + r; the report's tests use every "
+        "repeat (the corrected repeated k-fold t-test).",
+        min=1,
+    ),
+]
+Features = Annotated[
+    str | None,
+    typer.Option(
+        "--features",
+        help="Comma-separated feature sets of a task that gives several (features: {name: folder}); "
+        "default: every one.",
+    ),
+]
 
 
 def run_options(
@@ -91,6 +111,8 @@ def run_options(
     precision: str = "auto",
     track: str | None = None,
     track_uri: str | None = None,
+    features: str | None = None,
+    repeats: int = 1,
 ):
     from .device import PRECISIONS, cpu_has_bf16
     from .taskdata import RunOptions
@@ -113,7 +135,19 @@ def run_options(
         quiet=quiet,
         precision=precision,
         track=tracking_spec(track, track_uri),
+        features=feature_names(features),
+        repeats=repeats,
     )
+
+
+def feature_names(features: str | None) -> tuple[str, ...] | None:
+    """``--features a,b`` as names (None: not given)."""
+    if features is None:
+        return None
+    names = tuple(f.strip() for f in features.split(",") if f.strip())
+    if not names:
+        raise BenchError("--features needs one or more feature-set names, e.g. --features uni_v2,conch_v15.")
+    return names
 
 
 def progress_bar(quiet: bool):

@@ -31,7 +31,7 @@ from .studies import storage_url
 from .sweep import SweepOptions
 from .sweep_report import write_sweep_report
 from .tables import Table, write_table
-from .taskdata import RunOptions, TaskData, prepare_task
+from .taskdata import RunOptions, TaskData, feature_sets, prepare_task
 from .tracking import open_tracker, resolve_tracking
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "ablation_methods",
     "check_data",
     "explain",
+    "prepare_views",
     "report",
     "run",
     "start_tracking",
@@ -51,27 +52,66 @@ Log = Callable[[str], Any]
 
 
 def run(task_ref: str, methods: Sequence[str], opts: RunOptions, progress: Any | None = None) -> pd.DataFrame:
-    """Run every (method, fold) job of a task not yet on disk (in this process, or ``opts.workers``
-    processes), then rebuild and return ``summary.csv``'s rows of ``methods``.
+    """Run every (method, fold) job of a task not yet on disk, on each of its feature sets and each repeat
+    of the CV design (in this process, or ``opts.workers`` processes), then rebuild and return
+    ``summary.csv``'s rows of ``methods``.
 
     Each job runs under a claim (bench/locks.py), so several ``bench run`` processes can share ``opts.out``.
     """
-    data = prepare_task(task_ref, opts)
-    for method in methods:  # bad configurations (e.g. a missing sweep result) fail before any training
-        method_config(data, method, opts)
-    opts = start_tracking(data, methods, opts)
-    run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
+    views = prepare_views(task_ref, methods, opts)
+    opts = start_tracking(views, methods, opts)
+    for data in views:
+        run_jobs(data, expand_jobs(task_ref, methods, data.folds), opts, progress)
+    data = views[0]
     summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
     summary = summary[summary.method.isin(methods)]
-    open_tracker(opts.track, opts.out).summary(data.task.name, summary)
+    open_tracker(opts.track, opts.out).summary(data.task.name, _as_tracked(summary))
     return summary
 
 
-def start_tracking(data: TaskData, methods: Sequence[str], opts: RunOptions) -> RunOptions:
+def _as_tracked(summary: pd.DataFrame) -> pd.DataFrame:
+    """Summary rows as the tracking store's method runs name them: ``<method>@<features>`` on several feature
+    sets; with repeats, the rows over all of them."""
+    if "repeat" in summary:
+        summary = summary[summary.repeat == "all"].drop(columns="repeat")
+    if "features" in summary:
+        summary = summary.assign(method=summary.method + "@" + summary.features).drop(columns="features")
+    return summary
+
+
+def prepare_views(task_ref: str, methods: Sequence[str], opts: RunOptions) -> list[TaskData]:
+    """The task's data on each feature set to run (``opts.features``, default all; one with a single set) and
+    each repeat of the CV design (``opts.repeats``), every method's configuration checked on each before any
+    training (e.g. a missing sweep result). The feature sets of one repeat share its splits, so the
+    comparison between them is paired; a set that lacks slides another has would break that, and is
+    refused."""
+    task = load_task(task_ref)
+    views = [
+        prepare_task(task_ref, opts, f, r)
+        for r in range(opts.repeats)
+        for f in feature_sets(task, opts.features)
+    ]
+    for data in views:
+        first = next(v for v in views if v.repeat == data.repeat)
+        if not data.splits.equals(first.splits):
+            raise BenchError(
+                f"{task.path}: feature sets {first.features!r} and {data.features!r} give different "
+                "slides, so their folds would differ. Give every feature set the same slides (see "
+                "`bench data check`)."
+            )
+        for method in methods:
+            method_config(data, method, opts)
+    return views
+
+
+def start_tracking(views: Sequence[TaskData], methods: Sequence[str], opts: RunOptions) -> RunOptions:
     """``opts`` with its tracking resolved (the command line's, else the task's; bench/tracking.py) and the
-    store prepared for ``methods`` before any job starts; tracking off when the store fails (warned)."""
+    store prepared for ``methods`` (on every feature set) before any job starts; tracking off when the
+    store fails (warned)."""
+    data = views[0]
     track = resolve_tracking(opts.track, data.task.tracking, opts.out)
-    if not open_tracker(track, opts.out).start(data.task.name, methods):
+    names = [v.tracked_name(m) for v in views for m in methods]
+    if not open_tracker(track, opts.out).start(data.task.name, names):
         track = None
     return dataclasses.replace(opts, track=track)
 
@@ -79,15 +119,16 @@ def start_tracking(data: TaskData, methods: Sequence[str], opts: RunOptions) -> 
 def submit(
     task_ref: str, methods: Sequence[str], opts: RunOptions, slurm: SlurmOptions
 ) -> tuple[str, list[Any]]:
-    """Submit the jobs of ``methods`` not yet on disk as one Slurm array; returns the task's name and
-    submitit's job handles (empty when everything is on disk)."""
-    data = prepare_task(task_ref, opts)
-    for name in methods:
-        method_config(data, name, opts)
-    opts = start_tracking(data, methods, opts)
-    return data.task.name, executors.submit_slurm(
-        data, expand_jobs(task_ref, methods, data.folds), opts, slurm
-    )
+    """Submit the jobs of ``methods`` not yet on disk (on each feature set) as Slurm arrays, one per feature
+    set; returns the task's name and submitit's job handles (empty when everything is on disk)."""
+    views = prepare_views(task_ref, methods, opts)
+    opts = start_tracking(views, methods, opts)
+    handles = [
+        h
+        for data in views
+        for h in executors.submit_slurm(data, expand_jobs(task_ref, methods, data.folds), opts, slurm)
+    ]
+    return views[0].task.name, handles
 
 
 def tune(
@@ -124,22 +165,25 @@ def ablate(base: str, task_ref: str, out: Path, formats: Sequence[str], log: Log
     """Write the ablation tables ``base`` declares from the variants' results on disk; returns them."""
     cls = get_method_class(base)
     task = read_task(task_ref).name
-    results = load_results(out, task)
     tables = []
-    for table_name, rows in cls.ablations.items():
-        variants = [(label, f"{base}[{v}]" if v else base) for label, v in rows]
-        caption = f"{base} {table_name.replace('_', ' ')} on {task}: AUC (%), mean ± SD over folds."
-        note = cls.ablation_notes.get(table_name)
-        table = variant_table(
-            results,
-            variants,
-            f"{caption} {note}" if note else caption,
-            f"tab:{base}-{table_name}",
-            reference=base,
-        )
-        for path in write_table(table, Path(out) / task / "report", table_name, formats):
-            log(f"wrote {path}")
-        tables.append(table)
+    for results in load_results(out, task).by_features():  # one set of tables per feature set
+        tag = "" if results.features is None else f"_{results.features}"
+        for table_name, rows in cls.ablations.items():
+            variants = [(label, f"{base}[{v}]" if v else base) for label, v in rows]
+            caption = (
+                f"{base} {table_name.replace('_', ' ')} on {results.label}: AUC (%), mean ± SD over folds."
+            )
+            note = cls.ablation_notes.get(table_name)
+            table = variant_table(
+                results,
+                variants,
+                f"{caption} {note}" if note else caption,
+                f"tab:{base}-{table_name}{tag}",
+                reference=base,
+            )
+            for path in write_table(table, Path(out) / task / "report", f"{table_name}{tag}", formats):
+                log(f"wrote {path}")
+            tables.append(table)
     return tables
 
 
@@ -172,37 +216,53 @@ def report(task_refs: Sequence[str], out: Path, ro: ReportOptions, command: str,
 
 
 def explain(
-    method: str, task_ref: str, slide: str, fold: int | None, out: Path, device: str, log: Log
+    method: str,
+    task_ref: str,
+    slide: str,
+    fold: int | None,
+    out: Path,
+    device: str,
+    log: Log,
+    features: str | None = None,
 ) -> SlideExplanation:
-    """Draw ``slide`` under a fold's model of ``method`` into ``<out>/<task>/report/explain/``."""
-    name = load_task(task_ref).name
-    ex = explain_slide(out, name, method, slide, fold, device)
-    stem = f"explain_{method}_{slide}_fold{ex.fold}".replace("[", "-").replace("]", "")
-    for path in save_figure(figure_for(ex), Path(out) / name / "report" / "explain", stem):
+    """Draw ``slide`` under a fold's model of ``method`` (on feature set ``features``; default: the task's
+    first) into ``<out>/<task>/report/explain/``."""
+    task = load_task(task_ref)
+    sets = feature_sets(task, None if features is None else [features])
+    ex = explain_slide(out, task.name, method, slide, fold, device, sets[0])
+    tag = "" if sets[0] is None else f"_{sets[0]}"
+    stem = f"explain_{method}{tag}_{slide}_fold{ex.fold}".replace("[", "-").replace("]", "")
+    for path in save_figure(figure_for(ex), Path(out) / task.name / "report" / "explain", stem):
         log(f"wrote {path}")
     return ex
 
 
 def check_data(task_ref: str) -> tuple[TaskConfig, list[str], list[str]]:
-    """A task's cohorts described (lines) and every problem found in its files and splits, without training;
-    returns the task, the lines and the problems."""
-    cfg = load_task(task_ref)
-    internal, externals, problems = load_cohorts(cfg)
-    omics = (
-        f", omics for {internal.omics.index.isin(internal.slides.case_id).sum()} patients "
-        f"x {internal.omics.shape[1]} genes"
-        if internal.omics is not None
-        else ", no omics"
-    )
-    lines = [
-        f"internal: {internal.slides.case_id.nunique()} patients, {len(internal.slides)} slides, "
-        f"D={internal.dim}{omics}"
-    ]
-    lines += [
-        f"external {name}: {c.slides.case_id.nunique()} patients, {len(c.slides)} slides, D={c.dim}"
-        for name, c in externals.items()
-    ]
-    if not internal.problems:
+    """A task's cohorts described (lines) and every problem found in its files and splits, on each of its
+    feature sets, without training; returns the task, the lines and the problems."""
+    full = load_task(task_ref)
+    lines: list[str] = []
+    problems: list[str] = []
+    for features in feature_sets(full, None):
+        cfg = full.with_features(features)
+        internal, externals, found = load_cohorts(cfg)
+        problems += [p if features is None else f"feature set {features!r}: {p}" for p in found]
+        omics = (
+            f", omics for {internal.omics.index.isin(internal.slides.case_id).sum()} patients "
+            f"x {internal.omics.shape[1]} genes"
+            if internal.omics is not None
+            else ", no omics"
+        )
+        tag = "" if features is None else f" [{features}]"
+        lines.append(
+            f"internal{tag}: {internal.slides.case_id.nunique()} patients, {len(internal.slides)} slides, "
+            f"D={internal.dim}{omics}"
+        )
+        lines += [
+            f"external {name}{tag}: {c.slides.case_id.nunique()} patients, {len(c.slides)} slides, D={c.dim}"
+            for name, c in externals.items()
+        ]
+    if not internal.problems:  # the labels are every feature set's: one split check
         try:
             if cfg.splits is not None:
                 read_splits(cfg.splits, internal.slides)
@@ -210,4 +270,4 @@ def check_data(task_ref: str) -> tuple[TaskConfig, list[str], list[str]]:
                 make_splits(internal.slides, cfg.folds, cfg.seed, cfg.val_fraction, cfg.split_by)
         except BenchError as exc:
             problems.append(str(exc))
-    return cfg, lines, problems
+    return full, lines, problems

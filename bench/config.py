@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import BenchError
 from .names import unsafe_reason
@@ -38,13 +48,37 @@ def _file_name(value: str) -> str:
 
 FileName = Annotated[str, AfterValidator(_file_name)]
 
+# A feature backbone's name: a folder under each method's results when a task has several, so it must not
+# read as one of the folders bench itself puts there.
+_BACKBONE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_RESERVED = re.compile(r"^(fold|repeat)_\d+$")
+
+
+def _backbone_name(value: str) -> str:
+    if not _BACKBONE.match(value) or _RESERVED.match(value):
+        raise ValueError(
+            f"{value!r} is not a usable feature-set name: use letters, digits, '_', '-', '.' "
+            "(starting with a letter or digit), and not fold_<k> or repeat_<r>"
+        )
+    return value
+
+
+#: ``features:``: one folder, or several feature sets (backbones) of the same slides, name -> folder
+Features = Annotated[
+    Annotated[Path, Tag("folder")]
+    | Annotated[dict[Annotated[str, AfterValidator(_backbone_name)], Path], Tag("sets")],
+    Discriminator(lambda v: "sets" if isinstance(v, dict) else "folder"),
+]
+
 
 class ExternalCohort(_Strict):
     """An external validation cohort: every fold's model is tested on it."""
 
     name: FileName = Field(description="cohort name, written in predictions.csv's 'cohort' column")
     labels: Path | None = Field(None, description="labels CSV (case_id, slide_id, <label_col>)")
-    features: Path | None = Field(None, description="folder of <slide_id>.h5 / .pt feature files")
+    features: Features | None = Field(
+        None, description="folder of <slide_id>.h5 / .pt feature files, or name -> folder per backbone"
+    )
 
 
 class OmicsSelect(_Strict):
@@ -80,7 +114,11 @@ class TaskConfig(_Strict):
         None, description="label values counted as negative; other values are errors (default: the rest)"
     )
     labels: Path | None = None
-    features: Path | None = None
+    features: Features | None = Field(
+        None,
+        description="folder of <slide_id>.h5 / .pt feature files, or several feature sets of the same "
+        "slides (backbones) as name -> folder: every method runs on each",
+    )
     omics: Path | None = Field(
         None, description="optional CSV: case_id + one column per gene (train-time only)"
     )
@@ -144,7 +182,46 @@ class TaskConfig(_Strict):
         names = [e.name for e in self.external]
         if len(set(names)) != len(names) or "test" in names:
             raise ValueError("external cohort names must be unique and must not be 'test'")
+        self._check_backbones()
         return self
+
+    def _check_backbones(self) -> None:
+        """Every cohort gives the same feature sets: one folder each, or a mapping with the same names."""
+        if isinstance(self.features, dict) and not self.features:
+            raise ValueError("'features' is an empty mapping: give a folder, or name -> folder")
+        sets = self.feature_sets
+        for ext in self.external:
+            theirs = sorted(ext.features) if isinstance(ext.features, dict) else []
+            if ext.features is not None and self.features is not None and theirs != sorted(sets):
+                want = f"a mapping with the feature sets {sets}" if sets else "one folder, as the task does"
+                raise ValueError(f"external cohort {ext.name!r} must give 'features' as {want}")
+
+    @property
+    def feature_sets(self) -> list[str]:
+        """The names of the task's feature sets in the order given; empty when ``features`` is one folder."""
+        return list(self.features) if isinstance(self.features, dict) else []
+
+    def with_features(self, name: str | None) -> TaskConfig:
+        """The task on one feature set: ``features`` (internal and external) the folder of ``name`` (None:
+        the only one there is). An unknown name, or None on a task with several, is a ``BenchError``."""
+        sets = self.feature_sets
+        if name is None and len(sets) <= 1:
+            name = sets[0] if sets else None
+        if name is None and not sets:
+            return self
+        if name not in sets:
+            given = f"its feature sets are {', '.join(sets)}" if sets else "it has one features folder"
+            raise BenchError(f"{self.path}: no feature set {name!r} in task {self.name!r}: {given}.")
+
+        def pick(features: Features | None) -> Path | None:
+            return features[name] if isinstance(features, dict) else features
+
+        return self.model_copy(
+            update={
+                "features": pick(self.features),
+                "external": [e.model_copy(update={"features": pick(e.features)}) for e in self.external],
+            }
+        )
 
 
 def builtin_task_dir() -> Path:
@@ -166,6 +243,12 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
         return None
     p = Path(os.path.expanduser(str(p)))
     return p if p.is_absolute() else (base / p).resolve()
+
+
+def _resolve_features(base: Path, features: Features | None) -> Features | None:
+    if isinstance(features, dict):
+        return {name: _resolve(base, p) for name, p in features.items()}
+    return _resolve(base, features)
 
 
 def read_task(task: str | Path) -> TaskConfig:
@@ -203,13 +286,16 @@ def read_task(task: str | Path) -> TaskConfig:
     return cfg.model_copy(
         update={
             "labels": _resolve(base, cfg.labels),
-            "features": _resolve(base, cfg.features),
+            "features": _resolve_features(base, cfg.features),
             "omics": _resolve(base, cfg.omics),
             "omics_groups": _resolve(base, cfg.omics_groups),
             "splits": _resolve(base, cfg.splits),
             "external": [
                 e.model_copy(
-                    update={"labels": _resolve(base, e.labels), "features": _resolve(base, e.features)}
+                    update={
+                        "labels": _resolve(base, e.labels),
+                        "features": _resolve_features(base, e.features),
+                    }
                 )
                 for e in cfg.external
             ],

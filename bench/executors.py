@@ -47,8 +47,8 @@ __all__ = [
 POLL_S = 1.0  # how often a process whose remaining jobs are all claimed elsewhere looks again
 
 
-def _label(job: Job) -> str:
-    return f"{job.method} fold {job.fold}"
+def _label(data: TaskData, job: Job) -> str:
+    return f"{data.tracked_name(job.method)} fold {job.fold}"
 
 
 def _is_done(data: TaskData, job: Job, opts: RunOptions) -> bool:
@@ -67,7 +67,9 @@ def run_claimed(
     plan = plan_job(data, job, opts)
     if fold_status(plan.path, plan.hash) == "done":
         return "skipped"
-    claim = try_claim(claim_path(plan.path), _label(job), Path(opts.out) / data.task.name / "claims.log")
+    claim = try_claim(
+        claim_path(plan.path), _label(data, job), Path(opts.out) / data.task.name / "claims.log"
+    )
     if claim is None:
         return "busy"
     with claim:  # run_job looks at the disk again: another process may have finished the job meanwhile
@@ -111,7 +113,7 @@ def _run_here(data: TaskData, jobs: Sequence[Job], opts: RunOptions, progress: A
     while pending:
         waiting = []
         for job in pending:
-            label = f"{data.task.name} · {job.method} · fold {job.fold}"
+            label = f"{data.task.name} · {_label(data, job)}"
             on_epoch = None
             if progress is not None:
                 if job not in handles:
@@ -191,7 +193,7 @@ def _run_pool(
                     statuses[job] = status
                     if bar is not None:
                         progress.update(
-                            bar, advance=1, description=f"{data.task.name} · {_label(job)} {status}"
+                            bar, advance=1, description=f"{data.task.name} · {_label(data, job)} {status}"
                         )
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -193,19 +193,28 @@ def _patch_maps(model: MILMethod, bag, device: torch.device) -> tuple[float, np.
 
 
 def explain_slide(
-    out: Path, task: str, method: str, slide_id: str, fold: int | None = None, device: str = "cpu"
+    out: Path,
+    task: str,
+    method: str,
+    slide_id: str,
+    fold: int | None = None,
+    device: str = "cpu",
+    features: str | None = None,
 ) -> SlideExplanation:
-    """Patch maps of ``slide_id`` under one fold's model of ``method`` (default: the fold that tested it)."""
+    """Patch maps of ``slide_id`` under one fold's model of ``method`` (default: the fold that tested it) on
+    feature set ``features`` (None: the task's only one)."""
     splits = read_saved_splits(out, task)
     if fold is None:
         fold = _test_fold(splits, slide_id)
     if fold is None:  # an external slide, or no splits on disk: the first fold with weights
         kept = [
-            k for m, k, folder in iter_fold_dirs(out, task) if m == method and (folder / MODEL_FILE).is_file()
+            loc.fold
+            for loc in iter_fold_dirs(out, task)
+            if (loc.method, loc.features) == (method, features) and (loc.path / MODEL_FILE).is_file()
         ]
         fold = kept[0] if kept else 0
     dev = resolve_device(device)
-    model, config = load_fold_model(fold_dir(out, task, method, fold), dev)
+    model, config = load_fold_model(fold_dir(out, task, method, fold, features), dev)
     cohort, path, case_id, label = _locate_slide(config, slide_id)
     bag, relevance = _bag(path, model, slide_id, case_id, label)
     prob, attention, maps = _patch_maps(model, bag, dev)
@@ -278,7 +287,7 @@ def localisation_table(
     columns = ["method", "fold", "slides", "auc", "auc_untrained"]
     rows = []
     for run in results.runs:
-        if not (run.path / MODEL_FILE).is_file():
+        if run.repeat or not (run.path / MODEL_FILE).is_file():  # the first repeat's folds, as explain draws
             continue
         pred = run.predictions
         slides = np.sort(pred.slide_id[pred.cohort == "test"].to_numpy())

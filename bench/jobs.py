@@ -143,9 +143,12 @@ def job_config(
     }
     if precision != "auto":
         hashed["precision"] = precision
+    if data.repeat:
+        hashed["repeat"] = data.repeat
     recorded = {
         **hashed,
         "split_grouping": split_grouping(data.task),
+        **({"features": data.features, "feature_sets": list(data.feature_sets)} if data.features else {}),
         "task_file": str(data.task.path),
         "synthetic": data.task.synthetic,
         "device": str(device),
@@ -196,7 +199,8 @@ def plan_job(data: TaskData, job: Job, opts: RunOptions, overrides: dict[str, An
     base, variant = parse_method_name(job.method)
     if variant == "best":  # recorded, not hashed: the configuration itself is in the hash
         config["tuned_by"] = tuned_by(opts.out, data.task.name, data.splits, data.folds, base, job.fold)
-    return JobPlan(cfg, device, config, hash_, fold_dir(opts.out, data.task.name, job.method, job.fold))
+    path = fold_dir(opts.out, data.task.name, job.method, job.fold, data.features, data.repeat)
+    return JobPlan(cfg, device, config, hash_, path)
 
 
 @dataclass
@@ -254,7 +258,7 @@ def train_fold(
         train_bags,
         val_bags,
         device,
-        seed=data.seed * 1000 + fold,
+        seed=data.split_seed * 1000 + fold,
         aggregation=data.task.patient_aggregation,
         on_epoch=on_epoch,
         precision=precision,
@@ -278,7 +282,7 @@ def run_job(
     plan = plan_job(data, job, opts, overrides)
     if fold_status(plan.path, plan.hash) == "done":
         return "skipped"
-    tracked = open_tracker(opts.track, opts.out).fold(data.task.name, job.method, job.fold)
+    tracked = open_tracker(opts.track, opts.out).fold(data.task.name, data.tracked_name(job.method), job.fold)
     ok = False
     try:
         _train_and_write(data, job, opts, plan, _with_tracking(tracked, on_epoch), tracked)

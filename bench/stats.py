@@ -15,8 +15,10 @@ or ranked.
 - The bootstrap is stratified by class (as pROC's default): positives and negatives are resampled
   separately, so every resample has both classes and the AUC is always defined.
 - **Corrected resampled t-test** (Nadeau & Bengio 2003, Machine Learning 52:239): paired differences of
-  fold AUCs ``d_j``, :math:`t = \\bar d / \\sqrt{(1/k + n_{test}/n_{train})\\, s_d^2}` with k − 1 degrees
-  of freedom; ``n_train`` counts every patient outside the fold's test part (training + validation).
+  fold AUCs ``d_j``, :math:`t = \\bar d / \\sqrt{(1/n + n_{test}/n_{train})\\, s_d^2}` with n − 1 degrees
+  of freedom over the n paired folds; ``n_train`` counts every patient outside the fold's test part
+  (training + validation). Over the folds of r repeats of a k-fold CV (n = r·k) it is Bouckaert & Frank's
+  (2004) corrected repeated k-fold CV test.
 - **DeLong's test** (DeLong, DeLong & Clarke-Pearson 1988, Biometrics 44:837), computed with the midrank
   algorithm of Sun & Xu (2014, IEEE SPL 21:1389), for any linear contrast of AUCs measured on the same
   patients: a difference of two pooled AUCs, or a difference of two means of fold AUCs (external cohort).
@@ -133,10 +135,13 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> Pa
 
 
 def corrected_resampled_ttest(diffs: Sequence[float], test_train_ratio: float) -> PairedTest:
-    """Nadeau & Bengio's corrected resampled t-test of paired fold differences (two-sided, k − 1 df).
+    """Nadeau & Bengio's corrected resampled t-test of paired fold differences (two-sided, n − 1 df).
+
+    Given the folds of r repeats of a k-fold CV (n = r·k differences) it is Bouckaert & Frank's (2004)
+    corrected repeated k-fold CV test: the same variance factor 1/n + n_test/n_train.
 
     Args:
-        diffs: per-fold differences of a score (here AUC of a method minus the reference), length k.
+        diffs: per-fold differences of a score (here AUC of a method minus the reference), length n.
         test_train_ratio: n_test / n_train (mean over the folds); 0 gives the ordinary paired t-test.
     """
     d = np.asarray(diffs, dtype=np.float64)

@@ -347,7 +347,9 @@ def search(task_ref: str, sw: SweepOptions, opts: RunOptions, progress: Any | No
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _check_sweep(sw)
-    data = prepare_task(task_ref, opts)
+    if opts.features is not None and len(opts.features) > 1:
+        raise BenchError("bench sweep tunes on one feature set: give one name to --features.")
+    data = prepare_task(task_ref, opts, opts.features[0] if opts.features else None)
     method_config(data, sw.method, opts)  # a bad task/method combination fails before any trial
     track = resolve_tracking(opts.track, data.task.tracking, opts.out)
     if not open_tracker(track, opts.out).start(data.task.name, [sw.method], "sweep"):

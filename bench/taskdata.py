@@ -4,6 +4,7 @@ training patients only. Also the options common to every command (:class:`RunOpt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from .data.genes import GeneSelection, select_genes
 from .data.omics import OmicsScaler
 from .data.splits import fold_columns, fold_parts, make_splits, membership_digest, read_splits
 from .data.task import load_task
-from .errors import DataError
+from .errors import BenchError, DataError
 from .store import write_splits
 
-__all__ = ["RunOptions", "TaskData", "fold_genes", "prepare_task", "train_cases"]
+__all__ = ["RunOptions", "TaskData", "feature_sets", "fold_genes", "prepare_task", "train_cases"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class RunOptions:
     # where folds are logged (bench/tracking.py; never part of a fold's configuration hash): as given on
     # the command line (None: not given, the task's block applies), then resolved by the command
     track: Tracking | None = None
+    # the task's feature sets to run (``--features``; None: every one the task gives)
+    features: tuple[str, ...] | None = None
+    # how many times the whole CV design runs, repeat r with split seed ``seed + r`` (``--repeats``)
+    repeats: int = 1
 
 
 @dataclass
@@ -50,24 +55,74 @@ class TaskData:
     folds: int
     seed: int
     gene_groups: tuple[int, ...] | None = None
+    # the feature set, on a task with several (its folds go to <method>/<features>/fold_<k>), and all of
+    # them in the task's order (the first is the one the others are compared with)
+    features: str | None = None
+    feature_sets: tuple[str, ...] = ()
+    # the repeat of the CV design (``--repeats``): its splits and training draws use seed + repeat
+    repeat: int = 0
     # fit once per process, keyed by the fold's split membership (a sweep's inner folds reuse fold numbers)
     gene_selections: dict[str, GeneSelection] = field(default_factory=dict)
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of this repeat's splits and training (``seed`` itself for the first repeat)."""
+        return self.seed + self.repeat
 
-def prepare_task(task_ref: str | Path, opts: RunOptions) -> TaskData:
-    """Load and check a task's cohorts, then make (or import) and save its patient-level splits."""
-    task = load_task(task_ref)
+    def tracked_name(self, method: str) -> str:
+        """``method`` as the tracking store names its runs: ``<method>@<features>`` on a task with several
+        feature sets and ``<method>/repeat_<r>`` for a repeat after the first, so each has runs of its own."""
+        name = method if self.features is None else f"{method}@{self.features}"
+        return name if not self.repeat else f"{name}/repeat_{self.repeat}"
+
+
+def feature_sets(task: TaskConfig, chosen: Sequence[str] | None) -> list[str | None]:
+    """The feature sets of ``task`` to run: ``chosen`` (each checked), else all; ``[None]`` with one."""
+    sets = task.feature_sets
+    if not chosen:
+        return list(sets) if len(sets) > 1 else [None]
+    for name in chosen:
+        task.with_features(name)  # an unknown name is a BenchError listing the task's feature sets
+    return list(dict.fromkeys(chosen)) if len(sets) > 1 else [None]
+
+
+def prepare_task(
+    task_ref: str | Path, opts: RunOptions, features: str | None = None, repeat: int = 0
+) -> TaskData:
+    """Load and check a task's cohorts on one feature set (None: the only one; on a task with several, the
+    first), then make (or import) and save the patient-level splits of repeat ``repeat`` of the CV design
+    (seed + repeat), the same for every feature set."""
+    full = load_task(task_ref)
+    if features is None and len(full.feature_sets) > 1:
+        features = full.feature_sets[0]
+    task = full.with_features(features)
     internal, externals, problems = load_cohorts(task)
     raise_problems(problems)
     folds = opts.folds or task.folds
     seed = task.seed if opts.seed is None else opts.seed
     if task.splits is not None:
+        if repeat:
+            raise BenchError(
+                f"{task.path}: --repeats draws new splits for each repeat, but the task imports its splits "
+                f"from {task.splits}. Run it with --repeats 1, or drop 'splits' to let bench draw them."
+            )
         splits = read_splits(task.splits, internal.slides)
         folds = len(fold_columns(splits))
     else:
-        splits = make_splits(internal.slides, folds, seed, task.val_fraction, task.split_by)
-    write_splits(opts.out, task.name, splits)
-    return TaskData(task, internal, externals, splits, folds, seed, _read_gene_groups(task, internal))
+        splits = make_splits(internal.slides, folds, seed + repeat, task.val_fraction, task.split_by)
+    write_splits(opts.out, task.name, splits, repeat)
+    return TaskData(
+        task,
+        internal,
+        externals,
+        splits,
+        folds,
+        seed,
+        _read_gene_groups(task, internal),
+        features if len(full.feature_sets) > 1 else None,
+        tuple(full.feature_sets) if len(full.feature_sets) > 1 else (),
+        repeat=repeat,
+    )
 
 
 def _read_gene_groups(task: TaskConfig, internal: Cohort) -> tuple[int, ...] | None:

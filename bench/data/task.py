@@ -25,6 +25,11 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
     except ValueError as exc:
         raise BenchError(f"{cfg.path}: invalid 'synthetic' settings ({exc}).") from exc
     root = materialise(spec, cache_root() / "synthetic")
+    sets = spec.feature_sets()
+
+    def features(cohort: Path) -> Path | dict[str, Path]:
+        return {name: cohort / folder for name, folder in sets.items()} if sets else cohort / "features"
+
     known = {p.name for p in root.iterdir() if p.is_dir() and p.name != "internal"}
     external = []
     for e in cfg.external:
@@ -34,14 +39,12 @@ def _materialise_synthetic(cfg: TaskConfig) -> TaskConfig:
                 f"(it makes: {', '.join(sorted(known)) or 'none'})."
             )
         external.append(
-            e.model_copy(
-                update={"labels": root / e.name / "labels.csv", "features": root / e.name / "features"}
-            )
+            e.model_copy(update={"labels": root / e.name / "labels.csv", "features": features(root / e.name)})
         )
     return cfg.model_copy(
         update={
             "labels": root / "internal" / "labels.csv",
-            "features": root / "internal" / "features",
+            "features": features(root / "internal"),
             "omics": root / "internal" / "omics.csv",
             "external": external,
         }

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import provenance
-from ..analysis import TaskStats, analyse
+from ..analysis import TaskStats, analyse, backbone_tests
 from ..data.synthetic import spec_record
 from ..explain import explain_slide, figure_for, localisation_table
 from ..figures import (
@@ -30,7 +30,15 @@ from ..tables import Table, safe_stem, write_table
 from ..train import MONITORS
 from . import prose
 from .results_tables import calibration_table, operating_points_table, table1, table2
-from .stats_tables import headline_table, localisation_md_table, method_reports_table, runs_table, tests_table
+from .stats_tables import (
+    backbone_tests_table,
+    backbones_table,
+    headline_table,
+    localisation_md_table,
+    method_reports_table,
+    runs_table,
+    tests_table,
+)
 
 __all__ = ["write_report"]
 
@@ -73,6 +81,11 @@ def _data_lines(st: TaskStats) -> list[str]:
         f"by the **{st.aggregation}** of their probabilities; every metric is patient-level."
     )
     lines.append(_grouping_line(config))
+    if st.features is not None:
+        lines.append(
+            f"- Feature set **{st.features}** (D = {config.get('in_dim')}); the task's other feature sets are "
+            "reported beside it, on the same splits."
+        )
     for c in st.cohorts:
         rows = s[s.cohort == c]
         if rows.empty:
@@ -156,14 +169,16 @@ def write_report(
     computed from them. Tables and figures go to ``<out>/<task>/report/`` (one task) or ``<out>/report/``.
     """
     out = Path(out)
-    results = {t: load_results(out, t) for t in tasks}
-    analyses = [analyse(results[t], reference, n_boot, seed) for t in tasks]
+    # one entry per task, or per feature set of a task with several: methods are never pooled across them
+    results = {view.label: view for t in tasks for view in load_results(out, t).by_features()}
+    analyses = [analyse(r, reference, n_boot, seed) for r in results.values()]
     methods = sorted({m for st in analyses for m in st.summary.method})
     folder = out / "report" if len(tasks) > 1 else out / tasks[0] / "report"
     doc = _Document(out, folder, formats, log)
     _head(doc, tasks, command)
     _what_was_run(doc, analyses)
     _comparisons(doc, analyses, methods)
+    _backbones(doc, analyses, methods)
     _figures(doc, results, analyses, methods)
     if loc_slides > 0:
         _localisation(doc, results, analyses, methods, loc_slides, seed, device)
@@ -171,8 +186,8 @@ def write_report(
     doc.table(table1(results), "table1_internal")
     doc.table(table2(results), "table2_external")
     doc.text("## Accuracy and F1 at two operating points", "")
-    for t in tasks:
-        doc.table(operating_points_table(results[t], methods), f"operating_points_{t}")
+    for st in analyses:
+        doc.table(operating_points_table(results[st.task], methods), f"operating_points_{st.stem}")
     doc.text(
         *prose.how_computed(
             n_boot, seed, reference is not None, [f"{st.task.upper()}: {st.reference}" for st in analyses]
@@ -201,7 +216,7 @@ def _what_was_run(doc: _Document, analyses: Sequence[TaskStats]) -> None:
     doc.text("## What was run", "")
     for st in analyses:
         doc.text(f"### {st.task.upper()}", "", *_data_lines(st), "")
-        doc.table(runs_table(st), f"runs_{st.task}")
+        doc.table(runs_table(st), f"runs_{st.stem}")
         doc.text(*[f"- Left out: {note}." for note in st.notes], *([""] if st.notes else []))
 
 
@@ -212,7 +227,7 @@ def _comparisons(doc: _Document, analyses: Sequence[TaskStats], methods: Sequenc
     doc.text("## Paired comparisons with the reference method", "")
     for st in analyses:
         if len(st.tests):
-            doc.table(tests_table(st), f"tests_{st.task}")
+            doc.table(tests_table(st), f"tests_{st.stem}")
         else:
             doc.text(
                 f"{st.task.upper()}: no other method shares folds with {st.reference}; nothing to compare.",
@@ -222,6 +237,22 @@ def _comparisons(doc: _Document, analyses: Sequence[TaskStats], methods: Sequenc
     if reports is not None:
         doc.text("## What the methods report about their trained models", "")
         doc.table(reports, "table_method_reports")
+
+
+def _backbones(doc: _Document, analyses: Sequence[TaskStats], methods: Sequence[str]) -> None:
+    """Tasks run on several feature sets: every method on each, and each set against the first (paired)."""
+    by_task: dict[str, list[TaskStats]] = {}
+    for st in analyses:
+        if st.features is not None:
+            by_task.setdefault(st.name, []).append(st)
+    if not any(len(views) > 1 for views in by_task.values()):
+        return
+    doc.text("## Feature sets (backbones) side by side", "")
+    for name, views in by_task.items():
+        if len(views) > 1:
+            tests = backbone_tests(views)
+            doc.table(backbones_table(views, tests, methods), f"backbones_{name}")
+            doc.table(backbone_tests_table(views, tests), f"backbone_tests_{name}")
 
 
 def _figures(
@@ -235,7 +266,7 @@ def _figures(
         order = [m for m in methods if m in set(st.summary.method)]
         doc.figure(
             fold_auc_figure(st.fold_auc, f"{st.task.upper()}: AUC of each fold", order, st.reference),
-            f"fold_auc_{st.task}",
+            f"fold_auc_{st.stem}",
             f"{st.task.upper()}: patient-level AUC of every fold, per method and cohort (reference {st.reference} in bold).",
         )
         learning = _learning_curves(st)
@@ -246,7 +277,7 @@ def _figures(
                     f"{st.task.upper()}: validation score during training",
                     sorted(set(learning.method)),
                 ),
-                f"learning_curves_{st.task}",
+                f"learning_curves_{st.stem}",
                 f"{st.task.upper()}: each fold's validation score (the method's own selection score) against "
                 "optimiser updates; a dot marks the kept epoch, a dashed line a fold that ended on its epoch cap, "
                 "not on a plateau.",
@@ -255,7 +286,7 @@ def _figures(
             curves, calib = _curves(st, cohort)
             where = "pooled out-of-fold test predictions" if cohort == "test" else f"external cohort {cohort}"
             how = "" if cohort == "test" else " (mean of the folds' ROC curves; legend: mean fold AUC)"
-            stem = f"{st.task}_{'internal' if cohort == 'test' else safe_stem(cohort)}"
+            stem = f"{st.stem}_{'internal' if cohort == 'test' else safe_stem(cohort)}"
             doc.figure(
                 roc_figure(curves, f"{st.task.upper()}: {where}", colors),
                 f"roc_{stem}",
@@ -270,7 +301,7 @@ def _figures(
             )
         calibration = calibration_table(results[st.task], methods)
         if calibration is not None:
-            doc.table(calibration, f"calibration_{st.task}")
+            doc.table(calibration, f"calibration_{st.stem}")
 
 
 def _localisation(
@@ -293,11 +324,11 @@ def _localisation(
             continue
         slide, fold = _example_slide(st, loc[st.task])
         for method in sorted(set(loc[st.task].method[loc[st.task].fold == fold])):
-            ex = explain_slide(doc.out, st.task, method, slide, fold, device)
+            ex = explain_slide(doc.out, st.name, method, slide, fold, device, st.features)
             extra = "".join(f", {title}" for title in ex.maps)
             doc.figure(
                 figure_for(ex),
-                f"explain_{st.task}_{safe_stem(method)}",
+                f"explain_{st.stem}_{safe_stem(method)}",
                 f"{st.task.upper()}, {method}: patches of test slide {slide} (fold {fold}) coloured by "
                 f"attention percentile{extra}, beside the ground-truth relevance; localisation AUC "
                 f"{ex.localisation_auc:.2f}.",
@@ -315,7 +346,7 @@ def _learning_curves(st: TaskStats) -> pd.DataFrame:
             if "updates" in record and key in record:
                 kept = record["epoch"] == r.metrics.get("best_epoch")
                 rows.append(
-                    (r.method, r.fold, record["updates"], record[key], kept, capped, key.removeprefix("val_"))
+                    (r.method, r.unit, record["updates"], record[key], kept, capped, key.removeprefix("val_"))
                 )
     return pd.DataFrame(rows, columns=["method", "fold", "updates", "score", "kept", "capped", "metric"])
 
@@ -346,7 +377,7 @@ def _curves(st: TaskStats, cohort: str) -> tuple[dict, dict]:
 def _example_slide(st: TaskStats, loc: pd.DataFrame) -> tuple[str, int]:
     """A positive test slide of the first fold with weights (reference method's predictions), sorted by id."""
     fold = int(loc.fold.min())
-    runs = [r for r in st.runs if r.fold == fold and r.method in set(loc.method)]
+    runs = [r for r in st.runs if (r.repeat, r.fold) == (0, fold) and r.method in set(loc.method)]
     run = next((r for r in runs if r.method == st.reference), runs[0])
     test = run.predictions[run.predictions.cohort == "test"].sort_values("slide_id")
     positive = test[test.label == 1]

@@ -44,7 +44,9 @@ def how_computed(n_boot: int, seed: int, reference_given: bool, references: Sequ
         + ("given by `--vs`" if reference_given else "the best mean internal AUC")
         + f" ({'; '.join(references)}).",
         "- The corrected resampled t-test (Nadeau & Bengio 2003) widens the paired t-test's variance by "
-        "1/k + n_test/n_train for the overlap of the folds' training sets, so it reflects training variability; "
+        "1/n + n_test/n_train (n paired folds; with repeats of the CV design, every repeat's folds: the "
+        "corrected repeated k-fold test of Bouckaert & Frank 2004) for the overlap of the folds' training sets, "
+        "so it reflects training variability; "
         "DeLong's test treats the trained models as fixed and reflects only which patients were sampled. "
         "p-values are not corrected for multiple comparisons.",
         "",

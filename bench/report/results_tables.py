@@ -56,7 +56,11 @@ def _stats(long: pd.DataFrame) -> pd.DataFrame:
 
 def summary_rich_table(summary: pd.DataFrame, title: str) -> RichTable:
     """Rows method × cohort, columns AUC, then ACC/BACC/F1 at the validation-chosen threshold and at the
-    argmax, mean ± SD (the terminal table of ``bench run``)."""
+    argmax, mean ± SD (the terminal table of ``bench run``); ``method · features`` on several feature sets."""
+    if "repeat" in summary:  # with repeats: the rows over every repeat's folds
+        summary = summary[summary.repeat == "all"]
+    if "features" in summary:
+        summary = summary.assign(method=summary.method + " · " + summary.features)
     table = RichTable(
         title=title, title_justify="left", caption=prose.OPERATING_POINTS, caption_justify="left"
     )
@@ -137,7 +141,7 @@ def table2(results: Mapping[str, TaskResults], methods: Sequence[str] | None = N
 def operating_points_table(results: TaskResults, methods: Sequence[str] | None = None) -> Table:
     """Rows method × cohort: the validation-chosen threshold, then ACC / BACC / F1 (%) at it and at the
     argmax, mean ± SD over folds. The authors' ``test.py`` reports both operating points."""
-    task = results.task
+    task = results.label
     long = results.metrics(names=(*METRIC_NAMES, "threshold"))
     stats = _stats(long)
     rows_methods = method_order(sorted(set(long.method)), methods)
@@ -162,13 +166,15 @@ def operating_points_table(results: TaskResults, methods: Sequence[str] | None =
         "negative). F1 is the positive class's. Table 2 and the terminal table of `bench run` show the "
         "validation-threshold ones as ACC and F1."
     )
-    return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:operating-points-{task}")
+    return Table(
+        header, rows, [[False] * len(header) for _ in rows], caption, f"tab:operating-points-{results.stem}"
+    )
 
 
 def calibration_table(results: TaskResults, methods: Sequence[str] | None = None) -> Table | None:
     """Rows method × cohort: Brier score and ECE of each fold's patients, mean ± SD over folds, and the number
     of ECE bins; None when no fold on disk has them (folds written before they existed)."""
-    task = results.task
+    task = results.label
     long = results.metrics(names=(*CALIBRATION_NAMES, "ece_bins"))
     if long.empty:
         return None
@@ -188,7 +194,9 @@ def calibration_table(results: TaskResults, methods: Sequence[str] | None = None
                 + [str(lo) if lo == hi else f"{lo}–{hi}"]
             )
     caption = f"{task.upper()}: {prose.CALIBRATION}"
-    return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:calibration-{task}")
+    return Table(
+        header, rows, [[False] * len(header) for _ in rows], caption, f"tab:calibration-{results.stem}"
+    )
 
 
 def variant_table(

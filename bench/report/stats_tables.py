@@ -11,12 +11,15 @@ import pandas as pd
 from methods import get_method_class
 
 from ..analysis import TaskStats
+from ..store import FoldRun
 from ..tables import Table, bold_best, cohort_label, fmt, fmt_ci, fmt_diff, fmt_p, method_order
 
 __all__ = [
     "ALPHA",
     "MARK_DELONG",
     "MARK_T",
+    "backbone_tests_table",
+    "backbones_table",
     "headline_table",
     "localisation_md_table",
     "marks",
@@ -78,40 +81,115 @@ def headline_table(analyses: Sequence[TaskStats], methods: Sequence[str] | None 
     return Table(header, rows, bold, caption, "tab:headline")
 
 
-def tests_table(st: TaskStats) -> Table:
-    """Each method against the task's reference: AUC differences (points of %) and the tests' p-values."""
-    t = st.tests.set_index(["method", "cohort", "test"])
-    methods = sorted(set(st.tests.method))
-    header = ["Method", "Internal ΔAUC (fold mean)", "corrected t p", "Internal ΔAUC (pooled)", "DeLong p"]
-    for c in st.cohorts[1:]:
+def _test_rows(
+    tests: pd.DataFrame, keys: list[str], cohorts: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
+    """The columns and rows of a tests table: per row of ``keys`` (method, or method and feature set), the
+    internal ΔAUC (fold mean) and corrected-t p, the pooled ΔAUC and DeLong p, then each external cohort's."""
+    t = tests.set_index([*keys, "cohort", "test"])
+    header = ["Internal ΔAUC (fold mean)", "corrected t p", "Internal ΔAUC (pooled)", "DeLong p"]
+    for c in cohorts[1:]:
         header += [f"{cohort_label(c)} ΔAUC", f"{cohort_label(c)} DeLong p"]
+
+    def get(key: tuple, c: str, test: str, col: str) -> float:
+        return float(t.loc[(*key, c, test), col]) if (*key, c, test) in t.index else float("nan")
+
     rows = []
-
-    def get(m: str, c: str, test: str, col: str) -> float:
-        return float(t.loc[(m, c, test), col]) if (m, c, test) in t.index else float("nan")
-
-    for m in methods:
-        row = [
-            m,
-            fmt_diff(get(m, "test", "corrected t", "diff")),
-            fmt_p(get(m, "test", "corrected t", "p")),
-            fmt_diff(get(m, "test", "DeLong", "diff")),
-            fmt_p(get(m, "test", "DeLong", "p")),
+    for key in sorted(set(map(tuple, tests[keys].to_numpy()))):
+        row = [" · ".join(key)]
+        row += [
+            fmt_diff(get(key, "test", "corrected t", "diff")),
+            fmt_p(get(key, "test", "corrected t", "p")),
         ]
-        for c in st.cohorts[1:]:
-            row += [fmt_diff(get(m, c, "DeLong", "diff")), fmt_p(get(m, c, "DeLong", "p"))]
+        row += [fmt_diff(get(key, "test", "DeLong", "diff")), fmt_p(get(key, "test", "DeLong", "p"))]
+        for c in cohorts[1:]:
+            row += [fmt_diff(get(key, c, "DeLong", "diff")), fmt_p(get(key, c, "DeLong", "p"))]
         rows.append(row)
-    bold = [[False] * len(header) for _ in rows]
+    return header, rows
+
+
+def _tests_how(st: TaskStats) -> str:
     ratio, source = st.test_train_ratio
-    caption = (
-        f"{st.task.upper()}: each method minus the reference {st.reference} (ΔAUC in points of %), on the folds "
-        f"both have. Corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs, variance factor "
-        f"1/k + n_test/n_train with n_test/n_train = {ratio:.3f} ({source}), k − 1 degrees of freedom. "
+    return (
+        f"Corrected resampled t-test (Nadeau & Bengio 2003) over fold AUCs, variance factor "
+        f"1/n + n_test/n_train with n_test/n_train = {ratio:.3f} ({source}), n − 1 degrees of freedom, n the "
+        "folds both have (with repeats of the CV design: the folds of every repeat, Bouckaert & Frank 2004's "
+        "corrected repeated k-fold test). "
         "DeLong's test (fast algorithm of Sun & Xu 2014): on the pooled out-of-fold predictions internally, on "
         "the difference of the mean fold AUCs externally (all folds' predictions of the same patients). "
         "Two-sided, uncorrected for multiple comparisons."
     )
-    return Table(header, rows, bold, caption, f"tab:tests-{st.task}")
+
+
+def tests_table(st: TaskStats) -> Table:
+    """Each method against the task's reference: AUC differences (points of %) and the tests' p-values."""
+    header, rows = _test_rows(st.tests, ["method"], st.cohorts)
+    caption = (
+        f"{st.task.upper()}: each method minus the reference {st.reference} (ΔAUC in points of %), on the folds "
+        f"both have. {_tests_how(st)}"
+    )
+    return Table(
+        ["Method", *header],
+        rows,
+        [[False] * (len(header) + 1) for _ in rows],
+        caption,
+        f"tab:tests-{st.stem}",
+    )
+
+
+def backbones_table(
+    views: Sequence[TaskStats], tests: pd.DataFrame, methods: Sequence[str] | None = None
+) -> Table:
+    """Methods × (feature set, cohort) of one task: AUC (%) mean ± SD over folds, with † / ‡ where a feature
+    set differs from the first one (``views[0]``) for the same method (:func:`bench.analysis.backbone_tests`)."""
+    ref = views[0]
+    rows_methods = method_order(sorted({m for st in views for m in st.summary.method}), methods)
+    columns = [(st, c) for st in views for c in ref.cohorts]
+    header = ["Method"] + [f"{st.features} {cohort_label(c)}" for st, c in columns]
+    rows, bold = [[m] for m in rows_methods], [[False] for _ in rows_methods]
+    p = tests.set_index(["method", "features", "cohort", "test"]).p
+    for i, m in enumerate(rows_methods):
+        cells = []
+        for st, c in columns:
+            s = st.summary[(st.summary.method == m) & (st.summary.cohort == c)]
+            if s.empty:
+                cells.append((float("nan"), "–"))
+                continue
+            mark = ""
+            if st is not ref:
+                mark += MARK_T if p.get((m, st.features, c, "corrected t"), 1.0) < ALPHA else ""
+                mark += MARK_DELONG if p.get((m, st.features, c, "DeLong"), 1.0) < ALPHA else ""
+            cells.append((float(s["mean"].iloc[0]), fmt(s["mean"].iloc[0], s["sd"].iloc[0]) + mark))
+        for c in ref.cohorts:  # bold: the best feature set of this method, per cohort
+            idx = [j for j, (_, cc) in enumerate(columns) if cc == c]
+            flags = bold_best([cells[j][0] for j in idx])
+            for j, flag in zip(idx, flags, strict=True):
+                cells[j] = (cells[j][0], cells[j][1], flag)
+        rows[i] += [cell[1] for cell in cells]
+        bold[i] += [cell[2] for cell in cells]
+    caption = (
+        f"{ref.name.upper()}: every method on each feature set (backbone), patient-level AUC (%), mean ± SD over "
+        "folds. The feature sets share their splits, so each comparison is paired by fold and patient. "
+        f"{marks_caption(f'the same method on {ref.features}')} Bold: the best feature set of each method, per "
+        "cohort."
+    )
+    return Table(header, rows, bold, caption, f"tab:backbones-{ref.name}")
+
+
+def backbone_tests_table(views: Sequence[TaskStats], tests: pd.DataFrame) -> Table:
+    """Each method on each feature set minus the same method on the first: ΔAUC (points of %) and p-values."""
+    header, rows = _test_rows(tests, ["method", "features"], views[0].cohorts)
+    caption = (
+        f"{views[0].name.upper()}: each method on each feature set minus the same method on "
+        f"{views[0].features} (ΔAUC in points of %), on the folds both have. {_tests_how(views[0])}"
+    )
+    return Table(
+        ["Method · features", *header],
+        rows,
+        [[False] * (len(header) + 1) for _ in rows],
+        caption,
+        f"tab:backbone-tests-{views[0].name}",
+    )
 
 
 def localisation_md_table(results: dict[str, pd.DataFrame], methods: Sequence[str] | None = None) -> Table:
@@ -145,7 +223,8 @@ def runs_table(st: TaskStats) -> Table:
     versions."""
     rows = []
     for method in sorted({r.method for r in st.runs}):
-        runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.fold)
+        runs = sorted((r for r in st.runs if r.method == method), key=lambda r: r.unit)
+        repeats = sorted({r.repeat for r in runs})
         epochs_run = [r.metrics.get("epochs_run") for r in runs]
         stopped = [r.metrics.get("stopped") for r in runs]
         versions = {
@@ -156,8 +235,9 @@ def runs_table(st: TaskStats) -> Table:
         rows.append(
             [
                 method,
-                f"{len(runs)} of {runs[0].config.get('folds', '?')} ({', '.join(str(r.fold) for r in runs)})",
-                ", ".join(sorted({str(r.config.get("seed")) for r in runs})),
+                _folds_done(runs, repeats),
+                ", ".join(sorted({str(r.config.get("seed")) for r in runs}))
+                + (" (repeat r: split seed + r)" if len(repeats) > 1 else ""),
                 str(cfg.get("epochs", "?")),
                 f"{np.mean([e for e in epochs_run if e is not None]):.1f}" if epochs_run else "–",
                 f"{stopped.count('plateau')} of {len(runs)}" if any(stopped) else "–",
@@ -180,7 +260,18 @@ def runs_table(st: TaskStats) -> Table:
         "whose training ended on a validation plateau (the method's early-stopping rule met), not on the epoch "
         "cap; – for folds written before bench recorded it."
     )
-    return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.task}")
+    return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:runs-{st.stem}")
+
+
+def _folds_done(runs: Sequence[FoldRun], repeats: list[int]) -> str:
+    """``n of k (folds)``, per repeat when there are several (``repeat r: ...``)."""
+    k = runs[0].config.get("folds", "?")
+    parts = []
+    for rep in repeats:
+        mine = [r for r in runs if r.repeat == rep]
+        text = f"{len(mine)} of {k} ({', '.join(str(r.fold) for r in mine)})"
+        parts.append(text if len(repeats) == 1 else f"repeat {rep}: {text}")
+    return "; ".join(parts)
 
 
 def method_reports_table(analyses: Sequence[TaskStats]) -> Table | None:

@@ -126,7 +126,7 @@ def test_summary_uses_one_fold_design(tmp_path):
     assert auc["n"] == 5 and auc["mean"] == pytest.approx(0.8)
     s = write_summary(tmp_path, "t")  # no design given: the one most folds share, as the report
     assert s[(s.metric == "auc")].iloc[0]["n"] == 5
-    assert [k for _, k, _ in iter_fold_dirs(tmp_path, "t")] == [0, 1, 2, 3, 4, 6]
+    assert [loc.fold for loc in iter_fold_dirs(tmp_path, "t")] == [0, 1, 2, 3, 4, 6]
 
 
 def test_concurrent_summary_writers_take_a_lock(tmp_path, monkeypatch):

@@ -245,7 +245,7 @@ def test_slurm_array_tasks_log_too(small_task, tmp_path):
 
     opts = _opts(tmp_path, epochs=1, track=Tracking(backend="tensorboard"))
     data = prepare_task(str(small_task), opts)
-    opts = start_tracking(data, ["abmil"], opts)
+    opts = start_tracking([data], ["abmil"], opts)
     handles = submit_slurm(data, [Job(str(small_task), "abmil", 1)], opts, SlurmOptions(), cluster="local")
     assert [h.result() for h in handles] == ["trained"]
     events = EventAccumulator(str(tmp_path / "tensorboard" / "toy" / "abmil" / "fold_1"))

@@ -33,6 +33,7 @@ the per-slide layout and features (``_layout``, ``_features``) are the seam to s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,7 @@ class _World:
 
 def _draw_world(spec: SyntheticSpec) -> _World:
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0]))
-    k, g, d, t = len(PROGRAMS), spec.n_genes, spec.feature_dim, len(TISSUES)
+    k, g = len(PROGRAMS), spec.n_genes
     chol = np.linalg.cholesky(_PROGRAM_CORR)
     thresholds, score_noise = {}, {}
     for col, w in _TASK_WEIGHTS.items():
@@ -125,14 +126,55 @@ def _draw_world(spec: SyntheticSpec) -> _World:
     strength = spec.gene_loading * rng.uniform(0.5, 1.5, size=g) * rng.choice([-1.0, 1.0], size=g)
     loadings[np.arange(g), primary] += np.where(has_primary, strength, 0.0)
     dispersion = spec.gene_dispersion * np.exp(rng.normal(0.0, 0.5, size=g))
+    return _World(chol, thresholds, score_noise, gene_base, loadings, dispersion, *_draw_extractor(spec, rng))
 
+
+def _draw_extractor(
+    spec: SyntheticSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A feature extractor's part of the world, in ``spec.feature_dim`` dimensions: the basis (tissue
+    prototypes and structure directions), the stain directions and the program directions."""
+    k, d, t = len(PROGRAMS), spec.feature_dim, len(TISSUES)
     prototypes = rng.standard_normal((t, d))
     structure = np.stack([_orthonormal_rows(rng, _STRUCTURE_RANK, d) for _ in range(t)])
     structure *= spec.structure_scale * math.sqrt(d / _STRUCTURE_RANK)
     stain = _orthonormal_rows(rng, _STAIN_RANK, d) * math.sqrt(d / _STAIN_RANK)
     signal = _orthonormal_rows(rng, k, d)
     basis = np.concatenate([prototypes, structure.reshape(t * _STRUCTURE_RANK, d)]).astype(np.float32)
-    return _World(chol, thresholds, score_noise, gene_base, loadings, dispersion, basis, stain, signal)
+    return basis, stain, signal
+
+
+@dataclass
+class _Backbone:
+    """One feature set of every cohort: the spec its features are drawn with (its width, noise, signal and
+    visibility), its part of the world, its folder, and its index (0: the main one; part of its seeds)."""
+
+    spec: SyntheticSpec
+    world: _World
+    folder: str
+    index: int
+
+    def seed(self, *key: int) -> np.random.SeedSequence:
+        """The seed of a draw ``key`` of this backbone (the main backbone's seeds are the key alone, as they
+        were before there were several)."""
+        return np.random.SeedSequence([*key] if self.index == 0 else [*key, 100 + self.index])
+
+
+def _backbones(spec: SyntheticSpec, world: _World) -> list[_Backbone]:
+    """The main feature set, then each of ``spec.backbones`` with its own extractor (its own stream)."""
+    out = [_Backbone(spec, world, "features", 0)]
+    for i, b in enumerate(spec.backbones, start=1):
+        view = spec.for_backbone(b)
+        extractor = _draw_extractor(view, np.random.default_rng(np.random.SeedSequence([spec.seed, 4, i])))
+        out.append(
+            _Backbone(
+                view,
+                dataclasses.replace(world, **dict(zip(("basis", "stain", "signal"), extractor, strict=True))),
+                f"features_{b.name}",
+                i,
+            )
+        )
+    return out
 
 
 def _orthonormal_rows(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
@@ -159,9 +201,13 @@ class _Scanner:
         return (feats @ self.mixing_t) * self.scale + self.offset
 
 
-def _external_scanner(spec: SyntheticSpec, ext: ExternalSpec, index: int) -> _Scanner:
-    """Scanner of external cohort ``index``: its own stain directions and the affine feature map."""
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0, index]))
+def _scanner(backbone: _Backbone, ext: ExternalSpec | None, index: int) -> _Scanner:
+    """How cohort ``index`` was scanned, as ``backbone`` sees it: the internal stain (``ext`` None), or an
+    external cohort's own stain directions and affine feature map."""
+    spec = backbone.spec
+    if ext is None:
+        return _Scanner(backbone.world.stain * spec.stain_scale)
+    rng = np.random.default_rng(backbone.seed(spec.seed, 0, index))
     d, f = spec.feature_dim, ext.feature_shift
     stain = _orthonormal_rows(rng, _STAIN_RANK, d) * ext.stain_scale * math.sqrt(d / _STAIN_RANK)
     mixing = np.eye(d) + 0.2 * f * rng.standard_normal((d, d)) / math.sqrt(d)
@@ -181,29 +227,19 @@ class _Cohort:
     bag_min: int
     bag_max: int
     latent_shift: np.ndarray  # (K,)
-    internal: bool  # drawn from the internal distribution (omics, sites), not at an external site
-    scanner: _Scanner
-    index: int  # 0 internal, i for the i-th external cohort (part of every seed)
+    internal: bool  # drawn from the internal distribution (omics, sites, scanner), not at an external site
+    ext: ExternalSpec | None  # None: the internal distribution
+    index: int  # 0 internal, _HELDOUT_INDEX held-out, i for the i-th external cohort (part of every seed)
 
 
 def generate(spec: SyntheticSpec, out: Path) -> None:
     """Write every cohort of ``spec`` (the internal one, the held-out one if any, then each external one) into
     ``out/<cohort name>/``."""
     world = _draw_world(spec)
+    backbones = _backbones(spec, world)
     no_shift = np.zeros(len(PROGRAMS))
-    internal_scanner = _Scanner(world.stain * spec.stain_scale)
     cohorts = [
-        _Cohort(
-            "internal",
-            "SYN",
-            spec.n_patients,
-            spec.bag_min,
-            spec.bag_max,
-            no_shift,
-            True,
-            internal_scanner,
-            0,
-        )
+        _Cohort("internal", "SYN", spec.n_patients, spec.bag_min, spec.bag_max, no_shift, True, None, 0)
     ]
     if spec.heldout:  # the internal distribution, from seed streams of its own
         cohorts.append(
@@ -215,7 +251,7 @@ def generate(spec: SyntheticSpec, out: Path) -> None:
                 spec.bag_max,
                 no_shift,
                 True,
-                internal_scanner,
+                None,
                 _HELDOUT_INDEX,
             )
         )
@@ -229,39 +265,49 @@ def generate(spec: SyntheticSpec, out: Path) -> None:
                 ext.bag_max,
                 np.asarray(ext.latent_shift),
                 False,
-                _external_scanner(spec, ext, i),
+                ext,
                 i,
             )
         )
-    sites = _sites(spec)
+    sites = _sites(spec, backbones)
     for cohort in cohorts:
-        _write_cohort(spec, world, cohort, out / cohort.folder, sites if cohort.internal else None)
+        _write_cohort(spec, world, backbones, cohort, out / cohort.folder, sites if cohort.internal else None)
 
 
 def _write_cohort(
-    spec: SyntheticSpec, world: _World, cohort: _Cohort, out: Path, sites: _Sites | None
+    spec: SyntheticSpec,
+    world: _World,
+    backbones: list[_Backbone],
+    cohort: _Cohort,
+    out: Path,
+    sites: _Sites | None,
 ) -> None:
-    """Patients (latent programs, labels, omics) and their slides of one cohort; ``sites``: the sites its
-    patients belong to (the internal and held-out cohorts, when there are sites)."""
+    """Patients (latent programs, labels, omics) and their slides of one cohort, in every feature set;
+    ``sites``: the sites its patients belong to (the internal distribution's, when there are sites)."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1, cohort.index]))
     n, k = cohort.n_patients, len(PROGRAMS)
     z = rng.standard_normal((n, k)) @ world.corr_chol.T + cohort.latent_shift  # (n, K)
     of = None if sites is None else sites.members(spec, cohort.index, n)
-    if sites is not None:
+    if of is not None:
         z += sites.latent_shift[of]
     scores = {c: z @ w + world.score_noise[c] * rng.standard_normal(n) for c, w in _TASK_WEIGHTS.items()}
     n_slides = 1 + (rng.random(n) < spec.second_slide_fraction)
     case_ids = [f"{cohort.prefix}-{i + 1:04d}" for i in range(n)]
 
-    (out / "features").mkdir(parents=True)
+    views = [
+        _View(b, _scanner(b, cohort.ext, cohort.index), None if sites is None else sites.offset[b.index])
+        for b in backbones
+    ]
+    for b in backbones:
+        (out / b.folder).mkdir(parents=True)
     rows = []
     for i, case_id in enumerate(case_ids):
         labels = [LABEL_VALUES[c][0 if scores[c][i] > world.thresholds[c] else 1] for c in _TASK_WEIGHTS]
         for j in range(n_slides[i]):
             slide_id = f"{case_id}-{j + 1:02d}"
-            slide_rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 2, cohort.index, i, j]))
-            offset = None if of is None else sites.offset[of[i]]
-            _write_slide(spec, world, cohort, z[i], slide_rng, out / "features" / f"{slide_id}.h5", offset)
+            key = (spec.seed, 2, cohort.index, i, j)
+            site = None if of is None else of[i]
+            _write_slide(spec, views, cohort, z[i], key, site, out, f"{slide_id}.h5")
             rows.append([case_id, slide_id, *labels, *([] if of is None else [f"site_{of[i] + 1:02d}"])])
     header = ["case_id", "slide_id", *_TASK_WEIGHTS, *([] if sites is None else ["site"])]
     _write_csv(out / LABELS_FILE, header, rows)
@@ -286,24 +332,30 @@ class _Sites:
 
     share: np.ndarray  # (S,) Dirichlet(2) share of the patients at each site
     latent_shift: np.ndarray  # (S, K) shift of the program means of each site's patients
-    offset: np.ndarray  # (S, D) float32 constant feature offset of each site's slides
+    offset: list[np.ndarray]  # per backbone, (S, D_b) float32 constant feature offset of each site's slides
 
     def members(self, spec: SyntheticSpec, index: int, n: int) -> np.ndarray:
-        """``(n,)`` site of each patient of cohort ``index``, from a stream of its own."""
+        """``(n,)`` site of each patient of cohort ``index`` (internal or held-out), from a stream of its own."""
         rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 3, index]))
         return rng.choice(len(self.share), size=n, p=self.share)
 
 
-def _sites(spec: SyntheticSpec) -> _Sites | None:
-    """The sites (sizes, latent shifts, feature offsets) from a stream of their own; None without."""
+def _sites(spec: SyntheticSpec, backbones: list[_Backbone]) -> _Sites | None:
+    """The sites (sizes, latent shifts, feature offsets per backbone), from a stream of their own; None
+    without."""
     if not spec.n_sites:
         return None
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 3]))
     s = spec.n_sites
     share = rng.dirichlet(np.full(s, 2.0))
     shift = rng.normal(0.0, spec.site_latent_shift, size=(s, len(PROGRAMS)))
-    offset = rng.normal(0.0, spec.site_stain_scale, size=(s, spec.feature_dim)).astype(np.float32)
-    return _Sites(share, shift, offset)
+    offsets = [rng.normal(0.0, spec.site_stain_scale, size=(s, spec.feature_dim)).astype(np.float32)]
+    for b in backbones[1:]:
+        brng = np.random.default_rng(b.seed(spec.seed, 3))
+        offsets.append(
+            brng.normal(0.0, spec.site_stain_scale, size=(s, b.spec.feature_dim)).astype(np.float32)
+        )
+    return _Sites(share, shift, offsets)
 
 
 def _omics(spec: SyntheticSpec, world: _World, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -322,31 +374,46 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 # ------------------------------------------------------------------------------------------------- slides
 
 
+@dataclass
+class _View:
+    """One cohort as one backbone sees it: the backbone, the cohort's scanner, its sites' offsets (or None)."""
+
+    backbone: _Backbone
+    scanner: _Scanner
+    site_offsets: np.ndarray | None  # (S, D_b)
+
+
 def _write_slide(
     spec: SyntheticSpec,
-    world: _World,
+    views: list[_View],
     cohort: _Cohort,
     z: np.ndarray,
-    rng: np.random.Generator,
-    path: Path,
-    site_offset: np.ndarray | None = None,
+    key: tuple[int, ...],
+    site: int | None,
+    out: Path,
+    name: str,
 ) -> None:
-    """One slide's TRIDENT file; ``site_offset`` (D,): its site's constant feature offset, if any."""
+    """One slide's TRIDENT file in each feature set: one layout (drawn from the slide's seed ``key``), each
+    backbone's features of it (the main one's from the same stream, as before there were several)."""
+    rng = np.random.default_rng(np.random.SeedSequence(key))
     n = round(math.exp(rng.uniform(math.log(cohort.bag_min), math.log(cohort.bag_max))))
     composition = _composition(z, rng)
     layout = _layout(n, composition, spec.max_informative_fraction, rng)
-    feats = cohort.scanner.apply(_features(spec, world, cohort.scanner, layout, z, rng))
-    if site_offset is not None:
-        feats += site_offset
-    write_trident_h5(
-        path,
-        feats.astype(spec.feature_dtype),
-        layout.coords * _PATCH_SIZE_LEVEL0,
-        patch_size=_PATCH_SIZE,
-        patch_size_level0=_PATCH_SIZE_LEVEL0,
-        encoder=f"synthetic-v{GENERATOR_VERSION}",
-        extras={"relevance": layout.relevance, "tissue": layout.tissue},
-    )
+    for view in views:
+        b = view.backbone
+        brng = rng if b.index == 0 else np.random.default_rng(b.seed(*key))
+        feats = view.scanner.apply(_features(b.spec, b.world, view.scanner, layout, z, brng))
+        if view.site_offsets is not None and site is not None:
+            feats += view.site_offsets[site]
+        write_trident_h5(
+            out / b.folder / name,
+            feats.astype(spec.feature_dtype),
+            layout.coords * _PATCH_SIZE_LEVEL0,
+            patch_size=_PATCH_SIZE,
+            patch_size_level0=_PATCH_SIZE_LEVEL0,
+            encoder=f"synthetic-v{GENERATOR_VERSION}" + (f"-{b.folder}" if b.index else ""),
+            extras={"relevance": layout.relevance, "tissue": layout.tissue},
+        )
 
 
 def _composition(z: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -14,7 +14,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GENERATOR_VERSION", "HELDOUT", "PROGRAMS", "ExternalSpec", "SyntheticSpec", "spec_hash"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "HELDOUT",
+    "PROGRAMS",
+    "BackboneSpec",
+    "ExternalSpec",
+    "SyntheticSpec",
+    "spec_hash",
+]
 
 #: bump whenever a change alters generated files: it is part of the cache key.
 GENERATOR_VERSION = 2
@@ -58,7 +66,9 @@ def _check(spec: SyntheticSpec | ExternalSpec) -> None:
         raise ValueError(f"bag_max ({spec.bag_max}) must be >= bag_min ({spec.bag_min})")
 
 
-def _check_non_negative(spec: SyntheticSpec | ExternalSpec, names: tuple[str, ...], of: str = "") -> None:
+def _check_non_negative(
+    spec: SyntheticSpec | ExternalSpec | BackboneSpec, names: tuple[str, ...], of: str = ""
+) -> None:
     """Each setting in ``names`` is >= 0; ``of`` names the cohort in the message (e.g. ``" of 'site_b'"``)."""
     for name in names:
         if getattr(spec, name) < 0:
@@ -110,6 +120,41 @@ class ExternalSpec:
 
 
 @dataclass(frozen=True)
+class BackboneSpec:
+    """Another feature extractor looking at the same patches (a second foundation model): its own feature
+    width, noise and view of the programs, its own prototypes, stain and program directions.
+
+    Attributes:
+        name: the feature set's name in the task (``features_<name>/`` beside ``features/`` in each cohort).
+        feature_dim, noise_scale, signal_strength, program_visibility: as :class:`SyntheticSpec`'s, for this
+            extractor (program_visibility None: the main extractor's).
+    """
+
+    name: str
+    feature_dim: int = 256
+    noise_scale: float = 1.0
+    signal_strength: float = 2.0
+    program_visibility: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"backbone name {self.name!r} must be letters, digits, '_' or '-'")
+        if self.program_visibility is not None:
+            object.__setattr__(self, "program_visibility", tuple(float(v) for v in self.program_visibility))
+            if len(self.program_visibility) != len(PROGRAMS) or min(self.program_visibility) < 0:
+                raise ValueError(
+                    f"program_visibility of backbone {self.name!r} needs {len(PROGRAMS)} values >= 0"
+                )
+        if self.feature_dim < 1:
+            raise ValueError(f"feature_dim of backbone {self.name!r} must be >= 1, got {self.feature_dim}")
+        _check_non_negative(self, ("noise_scale", "signal_strength"), of=f" of backbone {self.name!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneSpec:
+        return cls(**_known(cls, d, "backbone"))
+
+
+@dataclass(frozen=True)
 class SyntheticSpec:
     """Every setting of the generator; the defaults are the built-in tasks' data.
 
@@ -150,6 +195,11 @@ class SyntheticSpec:
         site_latent_shift: sd of each site's shift of the latent program means ``N(0, σ² I_K)``: sites differ in
             case mix, so in prevalence, which a model can exploit through the site signature when a site is on
             both sides of a split (Howard et al., Nature Communications 2021).
+        backbones: further feature sets of the same patches (:class:`BackboneSpec`), each in
+            ``features_<name>/``; with any, the task reads the feature sets ``{backbone: features/, <name>:
+            features_<name>/, ...}``. Empty (the default): one feature set, and ``backbone`` and ``backbones``
+            are left out of the cache key and ``spec.json``.
+        backbone: the name of the main feature set (``features/``) when there are ``backbones``.
     """
 
     seed: int = 0
@@ -178,6 +228,8 @@ class SyntheticSpec:
     n_sites: int = 0
     site_stain_scale: float = 0.5
     site_latent_shift: float = 0.5
+    backbones: tuple[BackboneSpec, ...] = ()
+    backbone: str = "main"
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -185,6 +237,14 @@ class SyntheticSpec:
             "external",
             tuple(e if isinstance(e, ExternalSpec) else ExternalSpec.from_dict(e) for e in self.external),
         )
+        object.__setattr__(
+            self,
+            "backbones",
+            tuple(b if isinstance(b, BackboneSpec) else BackboneSpec.from_dict(b) for b in self.backbones),
+        )
+        names = [self.backbone, *(b.name for b in self.backbones)]
+        if len(set(names)) != len(names) or not _NAME.match(self.backbone):
+            raise ValueError(f"backbone names must be unique letters, digits, '_' or '-', got {names}")
         object.__setattr__(self, "program_visibility", tuple(float(v) for v in self.program_visibility))
         _check(self)
         if len(self.program_visibility) != len(PROGRAMS) or min(self.program_visibility) < 0:
@@ -226,10 +286,9 @@ class SyntheticSpec:
     def from_dict(cls, d: dict[str, Any]) -> SyntheticSpec:
         """Build from a plain mapping (a task YAML's generator settings); unknown keys are an error."""
         kwargs = _known(cls, d, "synthetic")
-        if "external" in kwargs:
-            ext = kwargs["external"]
-            if not isinstance(ext, list | tuple):
-                raise ValueError(f"synthetic setting 'external' must be a list of cohorts, got {ext!r}")
+        for key in ("external", "backbones"):
+            if key in kwargs and not isinstance(kwargs[key], list | tuple):
+                raise ValueError(f"synthetic setting {key!r} must be a list, got {kwargs[key]!r}")
         return cls(**kwargs)  # ``__post_init__`` builds each external cohort
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,7 +299,32 @@ class SyntheticSpec:
         if not self.n_sites:
             for name in _SITE_SETTINGS:
                 d.pop(name)
+        if self.backbones:
+            d["backbones"] = [
+                dict(b, program_visibility=None if v is None else list(v))
+                for b, v in zip(d["backbones"], (b.program_visibility for b in self.backbones), strict=True)
+            ]
+        else:
+            del d["backbones"], d["backbone"]
         return d
+
+    def feature_sets(self) -> dict[str, str]:
+        """Feature-set name -> its folder in each cohort (empty with one feature set: the task's plain path)."""
+        if not self.backbones:
+            return {}
+        return {self.backbone: "features", **{b.name: f"features_{b.name}" for b in self.backbones}}
+
+    def for_backbone(self, b: BackboneSpec) -> SyntheticSpec:
+        """This spec with ``b``'s feature settings: what the generator draws ``b``'s features with."""
+        visibility = self.program_visibility if b.program_visibility is None else b.program_visibility
+        return dataclasses.replace(
+            self,
+            feature_dim=b.feature_dim,
+            noise_scale=b.noise_scale,
+            signal_strength=b.signal_strength,
+            program_visibility=visibility,
+            backbones=(),
+        )
 
     @property
     def prevalences(self) -> dict[str, float]:
