@@ -12,11 +12,15 @@ the fold's test patients, the held-out cohort and the external cohort:
   (``relevance`` > 0): ground truth no real cohort has;
 - **omics only**: the same probe on log2(count + 1), on the patients with omics (internal and held-out;
   the external cohort has none);
-- **latent score**: the AUC of the true label score ``w·z`` (the Bayes ceiling, from ``latent.csv``).
+- **latent score**: the AUC of the true latent score ``w·z`` without the label noise (the Bayes ceiling,
+  from ``latent.csv``).
 
-With ``--abmil`` it also runs ``bench run --methods abmil`` on each task (results under ``--out``) and
-reads back ABMIL's per-fold AUCs (train, validation, test, held-out, external), their SD over folds and the
-training time per fold: the power of the held-out cohort (issue 16).
+With ``--abmil`` it first runs ``bench run --methods abmil`` on each task (results under ``--out``; finished
+folds are kept, so a rerun resumes) and reads back ABMIL's per-fold AUCs (validation, test, held-out,
+external), their SD over folds and the training time per fold; with the probes it then runs the report's
+paired test on the held-out cohort (DeLong contrast of fold-mean AUCs, ``bench.stats.delong_contrast``) between
+ABMIL and the mean-pooling probe and prints the smallest difference it resolves: the power of the held-out
+cohort (issue 16). ``--no-probes``: ABMIL only.
 
     BENCH_CACHE=... python benchmarks/calibrate_synthetic.py --tasks odx,her2,pr --abmil --out /tmp/calib
 
@@ -43,6 +47,9 @@ from sklearn.preprocessing import StandardScaler
 
 from bench.commands import run
 from bench.data.splits import fold_parts
+from bench.data.synthetic import HELDOUT, PROGRAMS
+from bench.data.synthetic.generator import _TASK_WEIGHTS  # the label weights w (the Bayes ceiling)
+from bench.stats import delong_contrast
 from bench.taskdata import RunOptions, prepare_task
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
@@ -101,28 +108,69 @@ def log_omics(cohort) -> pd.DataFrame | None:
 
 
 def latent_auc(cohort, y: pd.Series, column: str) -> float:
+    """AUC of the true latent score ``w·z`` (without the label noise): the Bayes ceiling."""
     latent = pd.read_csv(folder(cohort) / "latent.csv", dtype={"case_id": str}).set_index("case_id")
-    return float(roc_auc_score(y, latent.loc[y.index, f"score_{column}"]))
+    return float(roc_auc_score(y, latent.loc[y.index, list(PROGRAMS)].to_numpy() @ _TASK_WEIGHTS[column]))
+
+
+def ceilings(task: str, out: Path) -> list[dict]:
+    """The latent-score AUC of each cohort of the task."""
+    data = prepare_task(task_path(task), RunOptions(out=out, quiet=True))
+    return [
+        {"task": data.task.name, "fold": -1, "predictor": "latent score", "cohort": n, "auc": a}
+        for n, c in {"internal": data.internal, **data.externals}.items()
+        for a in [latent_auc(c, c.patients.set_index("case_id").label, data.task.label_col)]
+    ]
+
+
+def power(y: pd.Series, abmil: pd.DataFrame, probe_scores: dict[int, pd.Series]) -> dict:
+    """The report's paired test on the held-out cohort (DeLong contrast of two fold-mean AUCs on the same
+    patients, bench.stats) between ABMIL and the mean-pooling probe: the difference, its SE, and the smallest
+    difference it resolves (two-sided α = 0.05: 1.96 SE; with 80 % power: 2.80 SE). ``abmil``: case_id x fold
+    patient probabilities."""
+    folds = sorted(probe_scores)
+    cases = list(y.index)
+    scores = np.stack(
+        [abmil.loc[cases, k].to_numpy() for k in folds]
+        + [probe_scores[k].loc[cases].to_numpy() for k in folds]
+    )
+    k = len(folds)
+    test = delong_contrast(y.to_numpy(), scores, [1.0 / k] * k + [-1.0 / k] * k)
+    alone = delong_contrast(y.to_numpy(), scores[:k], [1.0 / k] * k)
+    se = abs(test.estimate / test.statistic)
+    return {
+        "difference": test.estimate,
+        "p": test.p_value,
+        "se_difference": se,
+        "resolves_alpha05": 1.96 * se,
+        "resolves_power80": 2.80 * se,
+        "se_abmil_fold_mean": abs(alone.estimate / alone.statistic) if alone.statistic else float("nan"),
+    }
+
+
+def abmil_heldout(out: Path, task: str) -> pd.DataFrame | None:
+    """ABMIL's held-out patient probabilities (case_id x fold; slides averaged, as bench does), if on disk."""
+    files = sorted((out / task / "abmil").glob("fold_*/predictions.csv"))
+    if not files:
+        return None
+    cols = {}
+    for f in files:
+        pred = pd.read_csv(f, dtype={"case_id": str, "slide_id": str})
+        pred = pred[pred.cohort == HELDOUT]
+        cols[int(f.parent.name.split("_")[1])] = pred.groupby("case_id").prob.mean()
+    return pd.DataFrame(cols)
 
 
 def calibrate(task: str, out: Path) -> list[dict]:
-    """One row per (fold, predictor, cohort) of the probes above."""
+    """One row per (fold, predictor, cohort) of the probes above; with ABMIL's folds on disk (``--abmil``),
+    also the paired test on the held-out cohort (:func:`power`), printed."""
     data = prepare_task(task_path(task), RunOptions(out=out, quiet=True))
     task = data.task.name
     cohorts = {"internal": data.internal, **data.externals}
     labels = {n: c.patients.set_index("case_id").label for n, c in cohorts.items()}
     feats = {n: pooled(c) for n, c in cohorts.items()}
     omics = {n: o for n, c in cohorts.items() if (o := log_omics(c)) is not None}
-    rows = [
-        {
-            "task": task,
-            "fold": -1,
-            "predictor": "latent score",
-            "cohort": n,
-            "auc": latent_auc(c, labels[n], data.task.label_col),
-        }
-        for n, c in cohorts.items()
-    ]
+    rows, heldout_scores = [], {}
     for fold in range(data.folds):
         parts = fold_parts(data.splits, fold)
         slides = data.internal.slides.set_index("slide_id").case_id
@@ -135,6 +183,9 @@ def calibrate(task: str, out: Path) -> list[dict]:
         ]:
             model = probe(x["internal"], labels["internal"], fit_on, data.seed)
             c = float(model[-1].C_[0])
+            if name == "mean pooling" and HELDOUT in x:
+                h = x[HELDOUT].loc[labels[HELDOUT].index]
+                heldout_scores[fold] = pd.Series(model.predict_proba(h.to_numpy())[:, 1], index=h.index)
             scored = {"train": ("internal", fit_on), "test": ("internal", test)}
             scored.update({n: (n, list(labels[n].index)) for n in x if n != "internal"})
             for where, (cohort, cases) in scored.items():
@@ -148,6 +199,14 @@ def calibrate(task: str, out: Path) -> list[dict]:
                         "auc": auc(model, x[cohort], labels[cohort], cases),
                     }
                 )
+    ab = abmil_heldout(out, task)
+    if ab is not None and heldout_scores and set(heldout_scores) <= set(ab.columns):
+        result = power(labels[HELDOUT], ab, heldout_scores)
+        print(
+            f"{task}: paired test on the held-out cohort, ABMIL - mean pooling: "
+            + ", ".join(f"{k} {100 * v:.2f}" if k != "p" else f"p {v:.2g}" for k, v in result.items())
+            + " (AUC points)"
+        )
     return rows
 
 
@@ -217,6 +276,7 @@ def main() -> None:
     print(f"load average at start {', '.join(f'{v:.2f}' for v in os.getloadavg())}, {os.cpu_count()} CPUs")
     rows = []
     for task in args.tasks.split(","):
+        rows += ceilings(task, args.out)
         if args.abmil:
             rows += abmil(task, args.out)
         if not args.no_probes:
