@@ -127,8 +127,8 @@ def power(y: pd.Series, abmil: pd.DataFrame, probe_scores: dict[int, pd.Series])
     """The report's paired test on the held-out cohort (DeLong contrast of two fold-mean AUCs on the same
     patients, bench.stats) between ABMIL and the mean-pooling probe: the difference, its SE, and the smallest
     difference it resolves (two-sided α = 0.05: 1.96 SE; with 80 % power: 2.80 SE). ``abmil``: case_id x fold
-    patient probabilities."""
-    folds = sorted(probe_scores)
+    patient probabilities (the folds ABMIL has finished)."""
+    folds = sorted(set(probe_scores) & set(abmil.columns))  # the folds both have
     cases = list(y.index)
     scores = np.stack(
         [abmil.loc[cases, k].to_numpy() for k in folds]
@@ -200,7 +200,7 @@ def calibrate(task: str, out: Path) -> list[dict]:
                     }
                 )
     ab = abmil_heldout(out, task)
-    if ab is not None and heldout_scores and set(heldout_scores) <= set(ab.columns):
+    if ab is not None and set(heldout_scores) & set(ab.columns):
         result = power(labels[HELDOUT], ab, heldout_scores)
         print(
             f"{task}: paired test on the held-out cohort, ABMIL - mean pooling: "
