@@ -39,6 +39,7 @@ from .taskdata import RunOptions, TaskData
 __all__ = [
     "POLL_S",
     "SlurmOptions",
+    "process_pool",
     "run_claimed",
     "run_jobs",
     "submit_slurm",
@@ -137,14 +138,19 @@ def _run_here(data: TaskData, jobs: Sequence[Job], opts: RunOptions, progress: A
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(
-    slots: Any, workers: int, data: TaskData, opts: RunOptions, env: dict[str, str], cwd: str
+def _enter_worker(
+    env: dict[str, str], cwd: str, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]
 ) -> None:
     gc.freeze()  # the objects forked from the server: the collector never writes to (so never copies) them
     os.environ.clear()  # a forkserver's children start with the server's environment and folder, not ours
     os.environ.update(env)
     os.chdir(cwd)
     plain_warnings()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def _init_worker(slots: Any, workers: int, data: TaskData, opts: RunOptions) -> None:
     device = bind_worker(opts.device, slots.get(), workers)
     _WORKER.update(data=data, opts=dataclasses.replace(opts, device=str(device), quiet=True))
 
@@ -153,14 +159,33 @@ def _run_in_worker(job: Job) -> str:
     return run_claimed(_WORKER["data"], job, _WORKER["opts"])
 
 
-def _pool_context() -> Any:
+def _pool_context(preload: Sequence[str] = ()) -> Any:
     """The start method of the pool's workers: ``forkserver`` (see the module docstring; the server is a new
-    process, so nothing of this one's state, CUDA included, is forked), else ``spawn``."""
+    process, so nothing of this one's state, CUDA included, is forked), else ``spawn``. ``preload``: more
+    modules the server imports, when this call starts it."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", __name__])
+    ctx.set_forkserver_preload(["__main__", __name__, *preload])
     return ctx
+
+
+def process_pool(
+    workers: int,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+    preload: Sequence[str] = (),
+    context: Any | None = None,
+) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes forked from the forkserver (else spawned), each starting in this
+    process's environment and folder with the server's pages frozen, then running ``initializer``."""
+    ctx = context or _pool_context(preload)
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=ctx,
+        initializer=_enter_worker,
+        initargs=(dict(os.environ), os.getcwd(), initializer, initargs),
+    )
 
 
 def _run_pool(
@@ -174,12 +199,7 @@ def _run_pool(
     if progress is not None:
         bar = progress.add_task(f"{data.task.name} · {len(jobs)} jobs on {workers} workers", total=len(jobs))
     statuses: dict[Job, str] = {}
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=ctx,
-        initializer=_init_worker,
-        initargs=(slots, workers, data, opts, dict(os.environ), os.getcwd()),
-    ) as pool:
+    with process_pool(workers, _init_worker, (slots, workers, data, opts), context=ctx) as pool:
         pending = list(jobs)
         while pending:
             futures = {pool.submit(_run_in_worker, job): job for job in pending}

@@ -48,11 +48,10 @@ bench/studies.py, best.yaml in bench/best.py, tables and figures in bench/sweep_
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ from .best import write_best_record
 from .data.splits import check_splits, membership_digest
 from .device import bind_worker, resolve_device
 from .errors import BenchError
+from .executors import process_pool
 from .jobs import check_method, method_config, train_fold
 from .locks import HOST
 from .redact import redact
@@ -306,9 +306,10 @@ def _shares(
 def _run_workers(
     data: TaskData, sw: SweepOptions, opts: RunOptions, url: str, plan: list[list[_Share]], advance: Any
 ) -> None:
-    """Each worker's shares in its own spawned process; ``advance`` updates the progress every two seconds."""
+    """Each worker's shares in its own process (forked from the forkserver as ``bench run``'s pool workers,
+    bench/executors.py); ``advance`` updates the progress every two seconds."""
     workers = len(plan)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with process_pool(workers, preload=[__name__]) as pool:
         futures = [
             pool.submit(_worker, data, sw, opts, url, shares, i, workers) for i, shares in enumerate(plan)
         ]

@@ -180,19 +180,20 @@ def _train_epoch(
     the number of optimiser updates made."""
     cfg = model.cfg
     accumulation = max(1, cfg.accumulation_steps)
-    backward_scale = 1.0 / accumulation if cfg.accumulation_mean else 1.0
+    backward_scale = 1.0 / accumulation if cfg.accumulation_mean else None
     loss_sum, updates = torch.zeros((), device=device), 0
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)  # entered once per bag
     if not cfg.carry_partial_window:
         pending = False
         optimizer.zero_grad(set_to_none=True)
     for i, idx in enumerate(order):
         bag = bags[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with amp:
             out = model(bag)
             terms = model.loss(bag, out)
         if terms:
-            total = torch.stack([t.float() for t in terms.values()]).sum()
-            (total * backward_scale).backward()
+            total = _sum_terms(terms)
+            (total if backward_scale is None else total * backward_scale).backward()
             loss_sum += total.detach()
             pending = True
         if pending and (i + 1) % accumulation == 0:
@@ -260,6 +261,14 @@ def fit(
     model.eval()
     stopped = "plateau" if history and best.should_stop(epoch) else "cap"
     return TrainResult(model, best.epoch, epoch + 1, float(best.score), history, stopped)
+
+
+def _sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss terms' sum in fp32; one term is itself (no stack and sum in the step's graph)."""
+    values = list(terms.values())
+    if len(values) == 1:
+        return values[0].float()
+    return torch.stack([t.float() for t in values]).sum()
 
 
 def _step(model: MILMethod, optimizer: torch.optim.Optimizer, cfg: MethodCfg) -> None:

@@ -199,8 +199,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_gatv2_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One GATv2 layer D -> 2 x 128, forward + backward: PyG's ``GATv2Conv`` vs the padded fast path."""
+    """One GATv2 layer D -> 2 x 128, forward + backward: PyG's ``GATv2Conv`` vs the padded fast path; and
+    the first layer's three linear maps of x (``lin_l``, ``lin_r``, the residual map) apart vs as one product."""
     import torch
+    import torch.nn.functional as F
 
     from bench.data.graph import knn_edge_index
     from methods.graph_layers import GATv2Encoder, gatv2_padded, in_neighbour_table
@@ -209,7 +211,8 @@ def run_gatv2_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     rows = []
     for n in args.sizes:
-        conv = GATv2Encoder(args.dim, 256).train().gat1
+        encoder = GATv2Encoder(args.dim, 256).train()
+        conv, res = encoder.gat1, encoder.res1
         x = torch.randn(n, args.dim)
         edge_index = torch.from_numpy(knn_edge_index(tissue_coords(n), 8))
 
@@ -219,10 +222,20 @@ def run_gatv2_layer(args: argparse.Namespace) -> list[dict[str, Any]]:
         def fast(conv=conv, x=x, edge_index=edge_index, n=n) -> None:
             gatv2_padded(conv, x, in_neighbour_table(edge_index, n)).sum().backward()
 
-        def linear_maps(conv=conv, x=x) -> None:
-            (conv.lin_l(x).sum() + conv.lin_r(x).sum()).backward()
+        def linear_maps(conv=conv, x=x, res=res) -> None:
+            (conv.lin_l(x).sum() + conv.lin_r(x).sum() + res(x).sum()).backward()
 
-        paths = {"pyg GATv2Conv": pyg, "fast path": fast, "linear maps only": linear_maps}
+        def fused_maps(conv=conv, x=x, res=res) -> None:  # the three maps of x as one product
+            maps = (conv.lin_l, conv.lin_r, res)
+            out = F.linear(x, torch.cat([m.weight for m in maps]), torch.cat([m.bias for m in maps]))
+            sum(part.sum() for part in out.split([m.weight.shape[0] for m in maps], 1)).backward()
+
+        paths = {
+            "pyg GATv2Conv": pyg,
+            "fast path": fast,
+            "linear maps only": linear_maps,
+            "linear maps fused": fused_maps,
+        }
         for fn in paths.values():
             for _ in range(args.warmup):
                 fn()
