@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -47,6 +47,7 @@ MODERATE = SyntheticSpec(
     feature_dim=16,
     bag_min=10,
     bag_max=40,
+    heldout=200,
     external=(
         ExternalSpec(name="shifted", n_patients=150, bag_min=10, bag_max=40),
         ExternalSpec(
@@ -209,6 +210,8 @@ def test_spec_from_dict_and_validation() -> None:
         {"feature_dtype": "int8"},
         {"external": [{"name": "a"}, {"name": "a"}]},
         {"external": [{"name": "internal"}]},
+        {"external": [{"name": "heldout"}]},
+        {"heldout": -1},
         {"external": [{"latent_shift": [0, 1]}]},
         {"program_visibility": [1.0, 1.0]},
     ]
@@ -219,8 +222,10 @@ def test_spec_from_dict_and_validation() -> None:
 
 def test_prevalence_close_to_target(moderate: Path) -> None:
     patients = pd.read_csv(moderate / "internal" / "labels.csv", dtype=str).drop_duplicates("case_id")
+    heldout = pd.read_csv(moderate / "heldout" / "labels.csv", dtype=str).drop_duplicates("case_id")
     for col, target in MODERATE.prevalences.items():
         assert abs((patients[col] == POSITIVE[col]).mean() - target) < 0.06, col
+        assert abs((heldout[col] == POSITIVE[col]).mean() - target) < 0.08, col  # the internal prevalences
     # The external cohort's latent shift (more ERBB2 and proliferation, less luminal) moves prevalences.
     shifted = pd.read_csv(moderate / "shifted" / "labels.csv", dtype=str).drop_duplicates("case_id")
     assert (shifted.her2 == "positive").mean() > MODERATE.prevalence_her2
@@ -260,12 +265,16 @@ def test_external_feature_shift(moderate: Path) -> None:
         )
 
     internal, shifted, same = slide_means("internal"), slide_means("shifted"), slide_means("same")
+    heldout = slide_means("heldout")
     spread = internal.std(0)
 
     def distance(other: np.ndarray) -> float:
         return float(np.mean(np.abs(other.mean(0) - internal.mean(0)) / spread))
 
     assert distance(shifted) > 3 * distance(same)
+    # The held-out cohort is the internal distribution: its slide means sit where the internal ones do.
+    assert distance(shifted) > 3 * distance(heldout)
+    assert np.allclose(heldout.std(0) / spread, 1.0, atol=0.25)
 
 
 def test_sites_are_opt_in_and_add_a_constant_offset_per_site(tiny: Path, tmp_path: Path) -> None:
@@ -290,3 +299,54 @@ def test_sites_are_opt_in_and_add_a_constant_offset_per_site(tiny: Path, tmp_pat
     for site, v in shifts.items():
         assert all(np.abs(d - means[site]).max() < 0.02 for d in v)
     assert min(np.abs(means[s] - means[t]).max() for s in means for t in means if s < t) > 0.5
+
+
+def test_heldout_cohort_is_more_of_the_internal_distribution(tiny: Path, tmp_path: Path) -> None:
+    """The held-out cohort has its own patients, drawn as the internal ones are (same bags, scanner, omics) from
+    streams of their own: adding it changes no file of the other cohorts."""
+    root = materialise(dataclasses.replace(TINY, heldout=40), tmp_path)
+    for name in ("internal/labels.csv", "internal/omics.csv", "internal/latent.csv", "external/labels.csv"):
+        assert (root / name).read_bytes() == (tiny / name).read_bytes()
+    for cohort in ("internal", "external"):
+        a, b = _slides(root, cohort), _slides(tiny, cohort)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k]["features"], b[k]["features"]) for k in a)
+    labels = pd.read_csv(root / "heldout" / "labels.csv", dtype=str)
+    assert labels.case_id.nunique() == 40 and labels.case_id.iloc[0] == "HELDOUT-0001"
+    assert list(labels.columns) == list(pd.read_csv(tiny / "internal" / "labels.csv").columns)
+    latent = pd.read_csv(root / "heldout" / "latent.csv").drop(columns="case_id")
+    internal = pd.read_csv(tiny / "internal" / "latent.csv").drop(columns="case_id")
+    assert not np.isin(latent.to_numpy(), internal.to_numpy()).any()  # other patients
+    assert (root / "heldout" / "omics.csv").is_file()
+    assert spec_record(root / "heldout" / "labels.csv")["spec"]["heldout"] == 40
+    for s in _slides(root, "heldout").values():
+        assert TINY.bag_min <= len(s["features"]) <= TINY.bag_max
+
+
+def test_pooling_probes_generalise_and_the_informative_patches_carry_the_signal(moderate: Path) -> None:
+    """With patients >> D a linear probe on the mean patch feature (C by inner CV) cannot memorise its training
+    patients (training AUC close to test AUC), and pooling only the truly informative patches beats pooling all
+    of them on every label: the mean dilutes the signal."""
+    labels = pd.read_csv(moderate / "internal" / "labels.csv", dtype=str)
+    slides = _slides(moderate, "internal")
+    pooled = {"mean": {}, "oracle": {}}
+    for sid, cid in zip(labels.slide_id, labels.case_id, strict=True):
+        x, rel = slides[sid]["features"].astype(np.float64), slides[sid]["relevance"]
+        pooled["mean"].setdefault(cid, []).append(x.mean(0))
+        pooled["oracle"].setdefault(cid, []).append(x[rel > 0].mean(0))
+    patients = labels.drop_duplicates("case_id").set_index("case_id")
+    cv = StratifiedKFold(3, shuffle=True, random_state=0)
+    for col, positive in POSITIVE.items():
+        y = (patients[col] == positive).to_numpy()
+        auc = {}
+        for kind, rows in pooled.items():
+            x = np.stack([np.mean(rows[c], 0) for c in patients.index])
+            folds = []
+            for train, test in cv.split(x, y):  # (training AUC, test AUC) of each fold
+                model = make_pipeline(
+                    StandardScaler(), LogisticRegressionCV(Cs=[0.01, 0.1, 1.0], cv=3, scoring="roc_auc")
+                )
+                model.fit(x[train], y[train])
+                folds.append([roc_auc_score(y[p], model.predict_proba(x[p])[:, 1]) for p in (train, test)])
+            auc[kind] = np.mean(folds, axis=0)
+        assert auc["mean"][0] - auc["mean"][1] < 0.15 and auc["mean"][0] < 0.9, (col, auc)
+        assert auc["oracle"][1] > auc["mean"][1] + 0.05, (col, auc)

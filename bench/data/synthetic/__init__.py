@@ -10,10 +10,11 @@
 from .cache import materialise, spec_record
 from .generator import LABEL_VALUES, TISSUES, label_posterior
 from .outcomes import OUTCOMES_FILE, OUTCOMES_TABLE, SUBTYPES, ensure_outcomes
-from .spec import GENERATOR_VERSION, PROGRAMS, ExternalSpec, SyntheticSpec, spec_hash
+from .spec import GENERATOR_VERSION, HELDOUT, PROGRAMS, ExternalSpec, SyntheticSpec, spec_hash
 
 __all__ = [
     "GENERATOR_VERSION",
+    "HELDOUT",
     "LABEL_VALUES",
     "OUTCOMES_FILE",
     "OUTCOMES_TABLE",

@@ -21,6 +21,8 @@ The generative model (full description and measured calibration in ``docs/synthe
    program means of its patients (its case mix, so its prevalences) and adds a constant offset to every
    patch feature of its slides (its stain and scanner signature); drawn from a stream of their own, so the
    rest of the cohort is drawn as without sites.
+6. Optionally (``heldout`` > 0) a held-out cohort of more patients from the internal distribution (its
+   latent programs, scanner, bags, sites and omics), from seed streams of its own: inference only.
 
 Everything is drawn from ``numpy`` generators seeded by ``(seed, cohort, patient, slide)``, so a cohort is
 identical whatever order it is generated in. Nothing here is tuned for any method: it is a known truth.
@@ -42,7 +44,7 @@ from scipy.ndimage import binary_dilation, gaussian_filter
 from scipy.special import ndtr, ndtri
 
 from ..formats import write_trident_h5
-from .spec import GENERATOR_VERSION, PROGRAMS, ExternalSpec, SyntheticSpec
+from .spec import GENERATOR_VERSION, HELDOUT, PROGRAMS, ExternalSpec, SyntheticSpec
 
 __all__ = ["LABELS_FILE", "LABEL_VALUES", "TISSUES", "generate", "label_posterior"]
 
@@ -84,7 +86,8 @@ _STRUCTURE_RANK = 8  # rank of the within-type structured noise
 _STAIN_RANK = 4  # rank of the slide-level stain offset
 _INTERFACE_RELEVANCE = 0.5  # relevance of stroma patches touching tumour (tumour patches: 1.0)
 _NOISE_GENE_FRACTION = 0.15  # genes with no primary program
-_PATCH_SIZE, _PATCH_SIZE_LEVEL0 = 256, 512  # 20x patches of a 40x slide, as TRIDENT names them
+_PATCH_SIZE, _PATCH_SIZE_LEVEL0 = 256, 512
+_HELDOUT_INDEX = 1000  # the held-out cohort's seed index (internal 0, external cohorts 1, 2, ...)  # 20x patches of a 40x slide, as TRIDENT names them
 
 
 # ---------------------------------------------------------------------------------------------- the world
@@ -236,19 +239,34 @@ class _Cohort:
     bag_min: int
     bag_max: int
     latent_shift: np.ndarray  # (K,)
-    with_omics: bool
-    ext: ExternalSpec | None  # None: the internal cohort
-    index: int  # 0 internal, i for the i-th external cohort (part of every seed)
+    internal: bool  # drawn from the internal distribution (omics, sites, scanner), not at an external site
+    ext: ExternalSpec | None  # None: the internal distribution
+    index: int  # 0 internal, _HELDOUT_INDEX held-out, i for the i-th external cohort (part of every seed)
 
 
 def generate(spec: SyntheticSpec, out: Path) -> None:
-    """Write every cohort of ``spec`` (the internal one, then each external one) into ``out/<cohort name>/``."""
+    """Write every cohort of ``spec`` (the internal one, the held-out one if any, then each external one) into
+    ``out/<cohort name>/``."""
     world = _draw_world(spec)
     backbones = _backbones(spec, world)
     no_shift = np.zeros(len(PROGRAMS))
     cohorts = [
         _Cohort("internal", "SYN", spec.n_patients, spec.bag_min, spec.bag_max, no_shift, True, None, 0)
     ]
+    if spec.heldout:  # the internal distribution, from seed streams of its own
+        cohorts.append(
+            _Cohort(
+                HELDOUT,
+                HELDOUT.upper(),
+                spec.heldout,
+                spec.bag_min,
+                spec.bag_max,
+                no_shift,
+                True,
+                None,
+                _HELDOUT_INDEX,
+            )
+        )
     for i, ext in enumerate(spec.external, start=1):
         cohorts.append(
             _Cohort(
@@ -263,20 +281,27 @@ def generate(spec: SyntheticSpec, out: Path) -> None:
                 i,
             )
         )
+    sites = _sites(spec, backbones)
     for cohort in cohorts:
-        _write_cohort(spec, world, backbones, cohort, out / cohort.folder)
+        _write_cohort(spec, world, backbones, cohort, out / cohort.folder, sites if cohort.internal else None)
 
 
 def _write_cohort(
-    spec: SyntheticSpec, world: _World, backbones: list[_Backbone], cohort: _Cohort, out: Path
+    spec: SyntheticSpec,
+    world: _World,
+    backbones: list[_Backbone],
+    cohort: _Cohort,
+    out: Path,
+    sites: _Sites | None,
 ) -> None:
-    """Patients (latent programs, labels, omics) and their slides of one cohort, in every feature set."""
+    """Patients (latent programs, labels, omics) and their slides of one cohort, in every feature set;
+    ``sites``: the sites its patients belong to (the internal distribution's, when there are sites)."""
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1, cohort.index]))
     n, k = cohort.n_patients, len(PROGRAMS)
     z = rng.standard_normal((n, k)) @ world.corr_chol.T + cohort.latent_shift  # (n, K)
-    sites = _sites(spec, n, backbones) if cohort.index == 0 else None
-    if sites is not None:
-        z += sites.latent_shift[sites.of]
+    of = None if sites is None else sites.members(spec, cohort.index, n)
+    if of is not None:
+        z += sites.latent_shift[of]
     scores = {c: z @ w + world.score_noise[c] * rng.standard_normal(n) for c, w in _TASK_WEIGHTS.items()}
     n_slides = 1 + (rng.random(n) < spec.second_slide_fraction)
     case_ids = [f"{cohort.prefix}-{i + 1:04d}" for i in range(n)]
@@ -293,9 +318,9 @@ def _write_cohort(
         for j in range(n_slides[i]):
             slide_id = f"{case_id}-{j + 1:02d}"
             key = (spec.seed, 2, cohort.index, i, j)
-            site = None if sites is None else sites.of[i]
+            site = None if of is None else of[i]
             _write_slide(spec, views, cohort, z[i], key, site, out, f"{slide_id}.h5")
-            rows.append([case_id, slide_id, *labels, *([] if sites is None else [sites.name(i)])])
+            rows.append([case_id, slide_id, *labels, *([] if of is None else [f"site_{of[i] + 1:02d}"])])
     header = ["case_id", "slide_id", *_TASK_WEIGHTS, *([] if sites is None else ["site"])]
     _write_csv(out / LABELS_FILE, header, rows)
     _write_csv(
@@ -306,7 +331,7 @@ def _write_cohort(
             for i, cid in enumerate(case_ids)
         ],
     )
-    if cohort.with_omics:
+    if cohort.internal:
         counts = _omics(spec, world, z, rng)
         keep = np.flatnonzero(rng.random(n) < spec.omics_fraction)
         genes = [f"gene_{g + 1:04d}" for g in range(spec.n_genes)]
@@ -315,23 +340,26 @@ def _write_cohort(
 
 @dataclass
 class _Sites:
-    """The internal cohort's tissue source sites (``n_sites`` > 0)."""
+    """The tissue source sites of the internal distribution (``n_sites`` > 0)."""
 
-    of: np.ndarray  # (n,) site index of each patient
+    share: np.ndarray  # (S,) Dirichlet(2) share of the patients at each site
     latent_shift: np.ndarray  # (S, K) shift of the program means of each site's patients
     offset: list[np.ndarray]  # per backbone, (S, D_b) float32 constant feature offset of each site's slides
 
-    def name(self, patient: int) -> str:
-        return f"site_{self.of[patient] + 1:02d}"
+    def members(self, spec: SyntheticSpec, index: int, n: int) -> np.ndarray:
+        """``(n,)`` site of each patient of cohort ``index`` (internal or held-out), from a stream of its own."""
+        rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 3, index]))
+        return rng.choice(len(self.share), size=n, p=self.share)
 
 
-def _sites(spec: SyntheticSpec, n: int, backbones: list[_Backbone]) -> _Sites | None:
-    """Sites of the ``n`` internal patients (Dirichlet(2) sizes), from a stream of their own; None without."""
+def _sites(spec: SyntheticSpec, backbones: list[_Backbone]) -> _Sites | None:
+    """The sites (sizes, latent shifts, feature offsets per backbone), from a stream of their own; None
+    without."""
     if not spec.n_sites:
         return None
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 3]))
     s = spec.n_sites
-    of = rng.choice(s, size=n, p=rng.dirichlet(np.full(s, 2.0)))
+    share = rng.dirichlet(np.full(s, 2.0))
     shift = rng.normal(0.0, spec.site_latent_shift, size=(s, len(PROGRAMS)))
     offsets = [rng.normal(0.0, spec.site_stain_scale, size=(s, spec.feature_dim)).astype(np.float32)]
     for b in backbones[1:]:
@@ -339,7 +367,7 @@ def _sites(spec: SyntheticSpec, n: int, backbones: list[_Backbone]) -> _Sites | 
         offsets.append(
             brng.normal(0.0, spec.site_stain_scale, size=(s, b.spec.feature_dim)).astype(np.float32)
         )
-    return _Sites(of, shift, offsets)
+    return _Sites(share, shift, offsets)
 
 
 def _omics(spec: SyntheticSpec, world: _World, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
