@@ -44,6 +44,7 @@ from .jobs import task_identity
 from .provenance import versions
 from .store import config_hash, fold_dir, fold_status, write_fold
 from .taskdata import TaskData
+from .tasktypes import task_type
 
 __all__ = [
     "C_GRID",
@@ -257,7 +258,10 @@ def _path(data: TaskData, out: Path, name: str, fold: int) -> Path:
 
 def ensure_references(data: TaskData, out: Path, log: Callable[[str], Any] = lambda _: None) -> list[str]:
     """Compute and write every reference row that applies to the task (the floor; the ceilings when it is
-    synthetic) on each fold not yet on disk with the same configuration; returns the rows that apply."""
+    synthetic) on each fold not yet on disk with the same configuration; returns the rows that apply. The
+    rows are binary probes, so a multiclass or survival task has none yet."""
+    if task_type(data.task).name != "binary":
+        return []
     agg = data.task.patient_aggregation
     applied = []
     for name, ref in REFERENCES.items():

@@ -189,13 +189,15 @@ def km_figure(
     time_unit: str = "days",
     max_cols: int = 3,
 ) -> Figure:
-    """Kaplan-Meier curves (lifelines' ``KaplanMeierFitter``) of the predicted low- and high-risk patients,
-    one panel per method, the log-rank p in the panel's title.
+    """Kaplan-Meier curves (SciPy's ``stats.ecdf`` of right-censored times) of the predicted low- and
+    high-risk patients, one panel per method, the log-rank p in the panel's title.
 
     Args:
         groups: method -> (time ``(N,)``, event ``(N,)``, high risk ``(N,)`` bool, log-rank p).
     """
-    from lifelines import KaplanMeierFitter  # imported when used: lifelines is slow to load
+    from scipy.stats import ecdf
+
+    from .stats import right_censored
 
     methods = list(groups)
     cols = max(1, min(max_cols, len(methods)))
@@ -209,8 +211,15 @@ def km_figure(
             time, event, high, p = groups[method]
             for mask, name, color in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
                 if mask.any():
-                    km = KaplanMeierFitter().fit(time[mask], event[mask], label=f"{name} ({int(mask.sum())})")
-                    km.plot_survival_function(ax=ax, ci_show=False, color=color, lw=0.8)
+                    km = ecdf(right_censored(time[mask], event[mask])).sf
+                    ax.step(
+                        np.r_[0.0, km.quantiles],
+                        np.r_[1.0, km.probabilities],
+                        where="post",
+                        color=color,
+                        lw=0.8,
+                        label=f"{name} ({int(mask.sum())})",
+                    )
             ax.set(
                 title=f"{method} (log-rank p = {p:.3g})", xlabel=time_unit, ylabel="survival", ylim=(0, 1.02)
             )

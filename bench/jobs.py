@@ -440,13 +440,17 @@ def privileged_models() -> list[str]:
 def with_ceiling_models(data: TaskData, methods: Sequence[str]) -> list[str]:
     """``methods``, plus each privileged-information model whose label-only twin is among them when the task
     has ground truth (synthetic) and a method of ``methods`` distils from omics: the gap each distillation
-    method closes is measured between the two."""
+    method closes is measured between the two. Binary tasks only, as the report's gap shares are AUCs."""
 
     def distils(name: str) -> bool:
         base, variant = check_method(name)
         return resolve_config(base if variant == "best" else name).needs().omics
 
-    if data.privileged is None or not any(distils(m) for m in methods):
+    if (
+        data.privileged is None
+        or task_type(data.task).name != "binary"
+        or not any(distils(m) for m in methods)
+    ):
         return list(methods)
     students = [m for m in privileged_models() if get_method_class(m).label_only_twin in methods]
     return list(dict.fromkeys([*methods, *students]))

@@ -321,7 +321,7 @@ def resampled_cindex(
     Pair (i, j) is comparable when patient i had the event before j's time (``t_i < t_j``, ``e_i = 1``) and
     concordant when ``r_i > r_j`` (a tie counts half); a resample drawing patient i ``a_i`` times has
     ``C = Σ a_i a_j conc_ij / Σ a_i a_j comp_ij``: one matrix product per row. With every count 1 it is
-    Harrell's c-index (torchsurv's and lifelines' without tied times; tests check it).
+    Harrell's c-index (torchsurv's, which a test checks against a hand count of concordant pairs).
 
     Returns:
         shape ``(B,)``.
@@ -357,16 +357,23 @@ def bootstrap_cindex_ci(
 
 
 def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> float:
-    """p-value of the log-rank test of two groups (``group`` bool), lifelines' ``logrank_test``; NaN when a
-    group is empty or there is no event."""
-    from lifelines.statistics import logrank_test  # imported when used: lifelines is slow to load
-
+    """p-value of the two-sided log-rank test of two groups (``group`` bool), SciPy's ``stats.logrank`` on
+    right-censored data (lifelines' ``logrank_test`` gives the same p; not a dependency, as it pins
+    pandas < 3); NaN when a group is empty or there is no event."""
     group = np.asarray(group, dtype=bool)
     event = np.asarray(event).astype(int)
     if group.all() or not group.any() or event.sum() == 0:
         return float("nan")
-    result = logrank_test(time[group], time[~group], event[group], event[~group])
-    return float(result.p_value)
+    return float(
+        sps.logrank(
+            right_censored(time[group], event[group]), right_censored(time[~group], event[~group])
+        ).pvalue
+    )
+
+
+def right_censored(time: np.ndarray, event: np.ndarray) -> sps.CensoredData:
+    """Follow-up times as SciPy's censored data: an event (1) is observed, a 0 is censored at its time."""
+    return sps.CensoredData.right_censored(np.asarray(time, dtype=float), np.asarray(event) == 0)
 
 
 def gap_share(

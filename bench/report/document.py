@@ -400,7 +400,7 @@ def _figures(
                         if cohort == "test"
                         else " (high risk: the mean over the folds' models of risk minus cut is positive)"
                     )
-                    + "; log-rank p in each panel (lifelines).",
+                    + "; log-rank p in each panel (SciPy's two-sided log-rank test).",
                 )
             continue
         if st.multiclass:
