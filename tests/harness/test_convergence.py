@@ -13,7 +13,7 @@ import bench.train as train
 from bench.config import list_builtin_tasks
 from bench.convergence import resolve_epochs, rule_problems, update_cap, updates_per_epoch
 from bench.errors import BenchError
-from bench.jobs import Job, method_config, plan_job, run_job
+from bench.jobs import Job, method_config, parse_methods, plan_job, run_job
 from bench.taskdata import RunOptions, prepare_task
 from methods import Bag, get_method_class, list_methods, resolve_config
 
@@ -129,7 +129,7 @@ def her2_data(small_task, tmp_path):
 
 def test_protocol_paper_resolves_to_each_methods_published_settings(her2_data, tmp_path):
     data = prepare_task(her2_data, RunOptions(out=tmp_path / "res"))
-    for name in list_methods():
+    for name in parse_methods("all"):  # the compared methods (not the privileged-information ceiling)
         published = resolve_config(name)
         cfg = method_config(data, name, RunOptions(protocol="paper"))
         assert (cfg.epochs, cfg.patience, cfg.min_epochs, cfg.keep_tied_best, cfg.max_updates) == (
