@@ -71,7 +71,8 @@ def run(task_ref: str, methods: Sequence[str], opts: RunOptions, progress: Any |
     data = views[0]
     summary = write_summary(opts.out, data.task.name, (data.folds, data.seed))
     summary = summary[summary.method.isin([*methods, *references])]
-    open_tracker(opts.track, opts.out).summary(data.task.name, _as_tracked(summary))
+    tracked = summary[summary.method.isin(methods)]  # the reference rows have no runs in the store
+    open_tracker(opts.track, opts.out).summary(data.task.name, _as_tracked(tracked))
     return summary
 
 

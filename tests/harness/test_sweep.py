@@ -48,9 +48,9 @@ def _spy_search(monkeypatch) -> tuple[list, list]:
     read, scored, state = [], [], {"outer": None}
     real_bags, real_val_auc, real_objective = jobs._bags, jobs.FoldFit.val_auc, sweep._objective
 
-    def spy_bags(cohort, slide_ids, cfg, omics):
+    def spy_bags(cohort, slide_ids, cfg, omics, *rest):
         read.append((state["outer"], cohort.name, set(slide_ids)))
-        return real_bags(cohort, slide_ids, cfg, omics)
+        return real_bags(cohort, slide_ids, cfg, omics, *rest)
 
     def spy_val_auc(self, aggregation):
         scored.append((state["outer"], set(self.val.case_id)))
