@@ -42,6 +42,7 @@ TINY = SyntheticSpec(
 # with the internal biology, the internal stain variation and no feature shift.
 MODERATE = SyntheticSpec(
     seed=3,
+    signal_strength=0.6,  # the draw these properties were checked on (the default is 1.0 since)
     n_patients=500,
     n_genes=200,
     feature_dim=16,

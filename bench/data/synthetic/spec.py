@@ -216,7 +216,7 @@ class SyntheticSpec:
     label_noise: float = 0.35
     gene_loading: float = 0.6
     gene_dispersion: float = 0.2
-    signal_strength: float = 0.6
+    signal_strength: float = 1.0
     program_visibility: tuple[float, ...] = (0.85, 0.9, 1.2, 1.0, 1.0, 1.0)
     max_informative_fraction: float = 0.20
     noise_scale: float = 1.0
