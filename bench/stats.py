@@ -222,9 +222,7 @@ def bootstrap_auc_ci(
         return float("nan"), float("nan")
     cp, cn = stratified_counts(m, n, n_boot, seed)
     boots = resampled_aucs(y, scores, cp, cn)
-    tail = (1 - level) / 2
-    lo, hi = np.quantile(boots, [tail, 1 - tail])
-    return float(lo), float(hi)
+    return percentile_ci(boots, level)
 
 
 # ---------------------------------------------------------------- multiclass: macro one-vs-rest AUC
@@ -278,9 +276,7 @@ def bootstrap_macro_auc_ci(
     if len(np.unique(y)) < 2 or n_boot == 0:
         return float("nan"), float("nan")
     boots = resampled_macro_aucs(y, scores, class_counts(y, n_boot, seed))
-    tail = (1 - level) / 2
-    lo, hi = np.quantile(boots, [tail, 1 - tail])
-    return float(lo), float(hi)
+    return percentile_ci(boots, level)
 
 
 def paired_bootstrap_test(
@@ -351,9 +347,7 @@ def bootstrap_cindex_ci(
     if event.sum() == 0 or n_boot == 0:
         return float("nan"), float("nan")
     boots = resampled_cindex(time, event, risks, class_counts(event, n_boot, seed))
-    tail = (1 - level) / 2
-    lo, hi = np.nanquantile(boots, [tail, 1 - tail])
-    return float(lo), float(hi)
+    return percentile_ci(boots, level, skip_nan=True)
 
 
 def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> float:
@@ -408,9 +402,7 @@ def gap_share(
     if not keep.any():
         return share, float("nan"), float("nan")
     shares = (mm[keep] - b[keep]) / (t[keep] - b[keep])
-    tail = (1 - level) / 2
-    lo, hi = np.quantile(shares, [tail, 1 - tail])
-    return float(share), float(lo), float(hi)
+    return float(share), *percentile_ci(shares, level)
 
 
 # ---------------------------------------------------------------- calibration
@@ -418,6 +410,14 @@ def gap_share(
 
 #: patients per calibration bin aimed at, and the range of the number of bins
 PATIENTS_PER_BIN, MIN_BINS, MAX_BINS = 15, 3, 10
+
+
+def percentile_ci(boots: np.ndarray, level: float = 0.95, skip_nan: bool = False) -> tuple[float, float]:
+    """The two-sided percentile interval of bootstrap replicates ``boots`` (``skip_nan``: NaN replicates, a
+    resample without a comparable pair, left out)."""
+    tail = (1 - level) / 2
+    lo, hi = (np.nanquantile if skip_nan else np.quantile)(boots, [tail, 1 - tail])
+    return float(lo), float(hi)
 
 
 def calibration_bins(n: int) -> int:
