@@ -59,6 +59,8 @@ def in_neighbour_table(edge_index: Tensor, num_nodes: int, block_slots: int = 40
         num_nodes: N.
         block_slots: at most this many (row, slot) pairs per block (rows x width), which bounds the
             temporaries of :func:`gatv2_padded` to ``block_slots x heads x channels`` elements.
+
+    The blocks are cut where the degree changes, as few as pay for the padding they save (:func:`_partition`).
     """
     device = edge_index.device
     nodes = torch.arange(num_nodes, device=device)
@@ -101,7 +103,7 @@ def _partition(degree: list[int], block_slots: int) -> tuple[tuple[int, int, int
     j = len(bounds) - 1
     while j > 0:
         i = best[j][1]
-        w, per_block = degree[bounds[i]], max(1, block_slots // degree[bounds[i]])
+        per_block = max(1, block_slots // degree[bounds[i]])
         blocks[:0] = [
             (first, min(bounds[j], first + per_block), degree[first])
             for first in range(bounds[i], bounds[j], per_block)
@@ -115,7 +117,7 @@ class _PaddedGATv2Attention(torch.autograd.Function):
 
     Nothing of size ``E x heads x channels`` is stored: the backward pass recomputes each block's gathered
     neighbours from ``x_l``, so memory is the inputs plus ``(N, K, heads)`` attention weights. Each pass
-    works in two block-sized buffers (``out=`` and in-place ops), so no large temporary is allocated per block.
+    works in two block-sized buffers (``out=`` and in-place ops, kept between calls in a :class:`Workspace`).
     Inputs: ``x_l``, ``x_r`` of shape ``(N, H, C)``, ``att`` of shape ``(H, C)``; output ``(N, H, C)``.
     """
 
