@@ -96,7 +96,7 @@ def time_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
             updates: list[int] = []
             start = now()
             loss, _, _ = _train_epoch(
-                model, optimizer, bags, order, device, False, False, lambda _, done: updates.append(done)
+                model, optimizer, bags, order, device, False, False, lambda _, done, u=updates: u.append(done)
             )
             float(loss)  # the epoch's one host read, as the trainer does
             elapsed = now() - start
@@ -234,7 +234,7 @@ def _interleaved(codes: list[Path], argv: list[str], args: argparse.Namespace) -
                 line = next(x for x in reversed(out.splitlines()) if x.startswith("ROW "))
                 rows.extend(json.loads(line[4:]))
     frame = pd.DataFrame(rows)
-    timings = [c for c in frame.columns if c[:1] in "tu" and c[1:].isdigit() or c == "fixed_ms"]
+    timings = [c for c in frame.columns if (c[:1] in "tu" and c[1:].isdigit()) or c == "fixed_ms"]
     summary = frame.groupby(["method", "code"], sort=False)[timings].median()
     summary["load"] = frame.groupby(["method", "code"], sort=False)["load"].mean()
     first = summary.xs(codes[0].name if args.label is None else args.label, level="code")

@@ -94,7 +94,14 @@ def _epochs(model, bags, orders, optimizer) -> list[tuple[float, bool, int, list
         model.on_epoch_start(epoch)
         updates: list[int] = []
         loss, pending, done = train._train_epoch(
-            model, optimizer, bags, order, torch.device("cpu"), False, pending, lambda _, n: updates.append(n)
+            model,
+            optimizer,
+            bags,
+            order,
+            torch.device("cpu"),
+            False,
+            pending,
+            lambda _, n, u=updates: u.append(n),
         )
         out.append((float(loss), pending, done, updates))
     return out
