@@ -230,7 +230,7 @@ def _interleaved(codes: list[Path], argv: list[str], args: argparse.Namespace) -
                     "--row-json",
                 ]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                print(f"round {r}: " + out.strip().splitlines()[-2], flush=True)  # the child's row
+                print(f"round {r}: " + " / ".join(out.strip().splitlines()[:-1]), flush=True)  # header, row
                 line = next(x for x in reversed(out.splitlines()) if x.startswith("ROW "))
                 rows.extend(json.loads(line[4:]))
     frame = pd.DataFrame(rows)

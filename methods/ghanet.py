@@ -197,7 +197,9 @@ class GHANetCfg(MethodCfg):
     (``accumulation_mean``: a window's gradient is the mean of its 32 bags', so under Adam the weight decay
     keeps its weight against it), the optimiser steps when ``(batch_idx + 1) % gc == 0`` and nothing zeroes
     the gradients between epochs, so a partial last window joins the next epoch's first one
-    (``carry_partial_window``; the last epoch's remainder is never applied).
+    (``carry_partial_window``; the last epoch's remainder is never applied). bench runs each window (and the
+    carried partial one) as one batched forward and backward (``batched_windows``, :meth:`GHANet.window_loss`):
+    the same gradient as the code's 32 backward passes, the dropout masks drawn in another order.
     """
 
     optimizer: str = "adam"
@@ -266,6 +268,12 @@ class GHANet(MILMethod):
     the parameter set is fixed before :meth:`prepare`); a group with no selected gene has nothing to
     reconstruct and its decoder is frozen (the reference would build a 0-wide layer and a NaN MSE). Bags
     without omics train on CE alone.
+
+    Computation (the same maths, reordered): the cross-attention's key and value maps are applied to the 6
+    token queries instead of every patch (:meth:`_MultiHeadAttention.attend_context`), and a window of bags
+    (training, ``gc`` = 32) or a chunk of bags (inference) runs in one forward: the per-patch maps on the
+    packed patches, the token-level work batched over the bags, padded to the largest bag with the missing
+    patches masked out of every softmax and hyperedge (each bag's own top 20 %).
     """
 
     cfg_class = GHANetCfg

@@ -231,10 +231,16 @@ class MKD(MILMethod):
 
     over the pairs (m, s), (o, s), (o, m). The reference back-propagates each slide's CE at once and the KD
     terms at the window's end, then steps; the sum of those gradients is the gradient of the window's sum,
-    so here ``loss`` buffers each slide's terms (with their graphs) and returns the whole window's terms on
-    its W-th slide (``{}`` before), with ``accumulation_steps = W``: one optimiser step per window, the same
-    gradient. A partial last window is dropped, as the reference's ``zero_grad`` at epoch end does
-    (``on_epoch_start`` clears the buffer).
+    so here, with ``accumulation_steps = W``, the trainer hands the whole window to :meth:`window_loss`
+    (``batched_windows``, default): each of the three models runs once on the window's slides (the student
+    and the multimodal teacher's pathology branch on their packed patches, the omics teacher on the stacked
+    tokens), and one backward of the window's terms gives the reference's gradient; one optimiser step per
+    window. Dropout is elementwise, so the window draws from the same distribution as slide by slide, in
+    another order (the one difference from the reference's run). ``batched_windows=False`` keeps the
+    reference's slide-by-slide schedule: ``loss`` buffers each slide's terms (with their graphs) and returns
+    the whole window's terms on its W-th slide (``{}`` before). Either way a partial last window is dropped,
+    as the reference's ``zero_grad`` at epoch end does (``on_epoch_start`` clears the buffer;
+    ``window_loss`` returns ``{}`` for it).
 
     Inference: the student alone (``forward`` never reads omics). The omics vector is cut into tokens of 512
     genes; a width that is not a multiple of 512 is zero-padded to the next multiple (the reference needs
