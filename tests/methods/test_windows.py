@@ -3,6 +3,8 @@ loss terms and gradients without dropout, through the trainer too (steps, carrie
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,12 +50,20 @@ def _per_bag(model, bags) -> dict[str, torch.Tensor]:
     return summed
 
 
+@pytest.mark.parametrize("head", ["classification", "survival"])
 @pytest.mark.parametrize("name", ["ghanet", "mkd"])
-def test_window_gives_the_per_bag_terms_and_gradients(name, bag_maker):
+def test_window_gives_the_per_bag_terms_and_gradients(name, head, bag_maker):
     """Bags of unequal sizes, two without omics (the KD and reconstruction terms skip them); fp32, the
-    gradient at the scale the trainer back-propagates it (G-HANet: the window's mean, ``loss / gc``)."""
-    model = _model(name, accumulation_steps=len(SIZES))
+    gradient at the scale the trainer back-propagates it (G-HANet: the window's mean, ``loss / gc``); the
+    survival head's likelihood summed over the window as each slide's."""
+    survival = {"head": "survival", "num_classes": 4} if head == "survival" else {}
+    model = _model(name, accumulation_steps=len(SIZES), **survival)
     bags = bag_maker(SIZES, D, G, seed=4, no_omics=2)
+    if survival:
+        bags = [
+            dataclasses.replace(b, label=torch.tensor(i % 4), event=torch.tensor(i // 4 % 2))
+            for i, b in enumerate(bags)
+        ]
     bags[6].omics = None
     model.prepare(bags)
     want = _per_bag(model, bags)
