@@ -17,7 +17,7 @@ synthetic ones, each evaluated on the task's own folds, cohorts and metrics.
 
 Each row's folds are written as fold folders (``<out>/<task>/<row>/fold_<k>/``, ``kind`` floor or ceiling in
 ``config.yaml``) with a configuration hash, so they are computed once (seconds: the features are read once
-and every fit is a small logistic regression) and recomputed only when the task, its splits or
+and every fit is a small logistic regression, BLAS on one thread) and recomputed only when the task, its splits or
 :data:`VERSION` change. Computed by ``bench run`` after its jobs and by ``bench report`` where missing.
 """
 
@@ -34,6 +34,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from .data.cohort import Cohort, read_slide_cached
 from .data.groundtruth import bayes_probability
@@ -94,7 +95,15 @@ Inputs = dict[str, pd.DataFrame]
 def fit_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[Any, dict[str, Any]]:
     """Scaler + logistic regression on ``x`` (rows: training slides), ``C`` chosen from :data:`C_GRID` by a
     stratified CV grouped by patient (``groups``) of the AUC; refit on every row. Nothing but these rows is
-    read, so the caller decides what "training" is. Returns the fitted pipeline and what was chosen."""
+    read, so the caller decides what "training" is. Returns the fitted pipeline and what was chosen.
+
+    BLAS runs on one thread: these matrices are small (hundreds of rows), and a multi-threaded BLAS beside
+    busy training workers spends most of its time waiting for a core."""
+    with threadpool_limits(limits=1):
+        return _fit_probe(x, y, groups, seed)
+
+
+def _fit_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[Any, dict[str, Any]]:
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     per_class = pd.Series(groups).groupby(y).nunique()
     k = int(min(INNER_FOLDS, per_class.min())) if len(per_class) == 2 else 0
