@@ -41,7 +41,7 @@ from methods.base import Bag, MethodCfg
 from methods.packing import chunk_bags
 
 from .convergence import Selection, resolve_epochs, update_cap
-from .device import resolve_precision
+from .device import keep_freed_memory, resolve_precision
 from .evaluate import (
     patient_auc,
     predict,
@@ -290,6 +290,7 @@ def fit(
     can make)."""
     if cfg.monitor not in MONITORS:
         raise ValueError(f"unknown monitor {cfg.monitor!r}; use one of {', '.join(MONITORS)}")
+    keep_freed_memory()
     seed_everything(seed)
     autocast = resolve_precision(precision, device)
     epoch_cap = cfg.epochs  # None: the update budget alone ends training

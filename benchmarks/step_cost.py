@@ -69,8 +69,11 @@ def time_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import methods
+    from bench import device as bench_device
     from bench.train import _train_epoch
 
+    if hasattr(bench_device, "keep_freed_memory"):  # as bench.train.fit does, in checkouts that have it
+        bench_device.keep_freed_memory()
     cfg = methods.resolve_config(name)
     now = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device("cpu")
