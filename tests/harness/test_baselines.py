@@ -87,12 +87,12 @@ def test_probe_reads_training_patients_only(small_task, tmp_path):
     cohorts, chosen = baselines._fold(data, inputs, 0)
     parts = fold_parts(data.splits, 0)
     others = parts["val"] + parts["test"]
-    scrambled = {k: v.copy() for k, v in inputs.items()}
+    scrambled = {k: v.copy() for k, v in inputs.tables.items()}
     scrambled["internal"].loc[others] = 1e3 * np.random.default_rng(0).normal(
         size=(len(others), data.internal.dim)
     )
     scrambled["ext"] = scrambled["ext"] * -50.0
-    cohorts2, chosen2 = baselines._fold(data, scrambled, 0)
+    cohorts2, chosen2 = baselines._fold(data, baselines.RowInputs(scrambled), 0)
     assert chosen2 == chosen
     pd.testing.assert_frame_equal(cohorts2["train"], cohorts["train"])
     assert not np.allclose(cohorts2["test"].prob, cohorts["test"].prob)
