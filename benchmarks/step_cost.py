@@ -93,7 +93,9 @@ def time_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
             elif args.compile:
                 row[f"warmup_s{n}"] = now() - start
         row[f"t{n}"] = statistics.median(times)
-        if n == min(args.sizes) and cfg.accumulation_steps <= 1:  # a windowed method's loss waits for its window
+        if (
+            n == min(args.sizes) and cfg.accumulation_steps <= 1
+        ):  # a windowed method's loss waits for its window
             parts = _parts(model, optimizer, bags[0], now)
     row.update(parts)
     x = np.array(args.sizes, dtype=float)
