@@ -118,11 +118,16 @@ def test_cox_likelihood_is_torchsurvs_breslow_and_the_fit_is_its_penalised_optim
 
 @pytest.mark.parametrize(
     ("task", "columns"),
-    [("grade_task", prob_columns(3)), ("os_task", ["time", "event", *survival_columns(4)])],
+    [
+        ("small_task", ["prob"]),
+        ("grade_task", prob_columns(3)),
+        ("os_task", ["time", "event", *survival_columns(4)]),
+    ],
 )
 def test_floor_probe_of_each_type_reads_training_patients_only(task, columns, request, tmp_path):
-    """The floor's predictions are in the columns a method's fold writes; scrambling every validation, test
-    and external slide's features leaves the chosen C and the training predictions unchanged."""
+    """The floor's predictions (binary, multiclass, survival) are in the columns a method's fold writes; scaler
+    and C are fit on the fold's training slides: scrambling every validation, test and external slide's
+    features leaves the chosen C and the training predictions unchanged."""
     data = _data(request.getfixturevalue(task), tmp_path)
     inputs = baselines._floor_inputs(data)
     cohorts, chosen = baselines._fold(data, inputs, 0)
