@@ -2,7 +2,10 @@
 
 Per epoch: ``on_epoch_start``; for each bag (class-balanced sampling with replacement when the method's
 config says so): forward, the method's named loss terms summed, backward; an optimiser step every
-``accumulation_steps`` bags, gradient clipping, then ``after_step``. A partial last window is stepped at
+``accumulation_steps`` bags, gradient clipping, then ``after_step``. A method that ``batches_windows``
+(MILMethod's opt-in hook) instead gets each window of ``accumulation_steps`` bags of the epoch order in one
+``window_loss`` call: one forward and one backward per window, the same gradient as its bags one by one (the
+same windows, steps, carried windows and loss bookkeeping; only the order of dropout draws differs). A partial last window is stepped at
 the epoch's end, or, with ``carry_partial_window``, its gradients are carried into the next epoch's first
 window (G-HANet's code, which never zeroes them between epochs); with ``accumulation_mean`` each bag's loss
 is divided by ``accumulation_steps`` before its backward (G-HANet's ``loss / gc``: the window's gradient is
@@ -158,35 +161,45 @@ def _train_epoch(
     """One epoch over ``bags`` in ``order``: forward, summed loss terms, backward, a step every
     ``accumulation_steps`` bags, each followed by ``after_update(loss sum so far, bags done)``, which ends
     the epoch early by returning True; returns the loss sum (on the device), whether gradients are pending,
-    and the number of bags trained on."""
+    and the number of bags trained on. A method that ``batches_windows`` gets each window of the order
+    (``order[0:W]``, ``order[W:2W]``, ..., the last one possibly shorter) in one ``window_loss`` call and one
+    backward; any other, one bag per forward and backward."""
     cfg = model.cfg
     accumulation = max(1, cfg.accumulation_steps)
+    unit = accumulation if model.batches_windows else 1  # bags per forward and backward
     backward_scale = 1.0 / accumulation if cfg.accumulation_mean else None
     loss_sum = torch.zeros((), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)  # entered once per bag
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)  # entered once per unit
     if not cfg.carry_partial_window:
         pending = False
         optimizer.zero_grad(set_to_none=True)
-    for i, idx in enumerate(order):
-        bag = bags[idx]
+    for start in range(0, len(order), unit):
         with amp:
-            out = model(bag)
-            terms = model.loss(bag, out)
+            terms = _unit_loss(model, [bags[i] for i in order[start : start + unit]])
         if terms:
             total = _sum_terms(terms)
             (total if backward_scale is None else total * backward_scale).backward()
             loss_sum += total.detach()
             pending = True
-        if pending and (i + 1) % accumulation == 0:
+        done = min(start + unit, len(order))
+        if pending and done % accumulation == 0:
             _step(model, optimizer, cfg)
             pending = False
-            if after_update(loss_sum, i + 1):
-                return loss_sum, False, i + 1
+            if after_update(loss_sum, done):
+                return loss_sum, False, done
     if pending and not cfg.carry_partial_window:
         _step(model, optimizer, cfg)
         pending = False
         after_update(loss_sum, len(order))
     return loss_sum, pending, len(order)
+
+
+def _unit_loss(model: MILMethod, bags: list[Bag]) -> dict[str, torch.Tensor]:
+    """The loss terms of one bag (``forward`` + ``loss``) or of one window (``window_loss``)."""
+    if model.batches_windows:
+        return model.window_loss(bags)
+    out = model(bags[0])
+    return model.loss(bags[0], out)
 
 
 class _Checks:

@@ -129,6 +129,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import methods
+    from bench.train import _train_epoch
     from methods.base import Bag
 
     torch.set_num_threads(args.threads)
@@ -161,20 +162,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     window = max(1, cfg.accumulation_steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    def train_window() -> None:
+    window_bags = [bags[i % 2] for i in range(window)]
+
+    def train_window() -> None:  # the trainer's own loop: one bag per pass, or the window (window_loss)
         model.train()
-        for i in range(window):
-            bag = bags[i % 2]
-            with autocast:
-                out = model(bag)
-                terms = model.loss(bag, out)
-            if terms:
-                torch.stack([t.float() for t in terms.values()]).sum().backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.after_step()
+        _train_epoch(
+            model, optimizer, window_bags, list(range(window)), device, args.bf16, False, lambda *_: False
+        )
         if cuda:  # the step's kernels finish inside the timed region
             torch.cuda.synchronize(device)
 

@@ -8,12 +8,18 @@ sizes gives ``a``, the cost of a step at N -> 0 (Python dispatch, autograd bookk
 per-step allocations), and ``b``, the cost per patch. At the smallest size the step is also split into
 forward + loss, backward and the optimiser step alone, beside the megabytes of weights.
 
-``--code DIR`` imports bench and methods from another checkout (e.g. a worktree of main), so that the same
-script times the code before and after a change; run the two alternately (``--clock cpu`` with
-``--threads 1`` counts the work done, not the time spent descheduled on a shared machine):
+A method that steps once per window of W bags (``accumulation_steps``: MKD 16, G-HANet 32) is also timed
+per optimiser UPDATE (``u<N>``: the epoch's time over the updates it made; ``--bags`` a multiple of W), the
+unit its convergence rule counts.
 
-    python benchmarks/step_cost.py --methods abmil --code /tmp/base     # before
-    python benchmarks/step_cost.py --methods abmil                      # after
+``--code DIR`` imports bench and methods from another checkout (e.g. ``git archive main | tar -x -C
+/tmp/base``), so that the same script times the code before and after a change. Several checkouts,
+comma-separated, are timed interleaved: ``--rounds`` rounds, each running every checkout once per method in
+a fresh subprocess, in turn; the table gives each checkout's median over the rounds and its ratio to the
+first checkout (``--clock cpu`` with ``--threads 1`` counts the work done, not the time spent descheduled on
+a shared machine):
+
+    python benchmarks/step_cost.py --methods mkd,ghanet --sizes 100,350,600 --dim 128 --code /tmp/base,.
 
 Prints one row per method (and the per-size times) and appends them to ``--out``/step_cost.csv.
 """
@@ -21,9 +27,11 @@ Prints one row per method (and the per-size times) and appends them to ``--out``
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,17 +90,24 @@ def time_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
             model.forward = torch.compile(model.forward, dynamic=True)
         optimizer, _ = model.configure_optimizer()
         order = list(range(len(bags)))
-        times = []
+        times, per_update = [], []
         for r in range(args.repeats + 1):
             model.on_epoch_start(r)
+            updates: list[int] = []
             start = now()
-            loss, _, _ = _train_epoch(model, optimizer, bags, order, device, False, False, lambda *_: False)
+            loss, _, _ = _train_epoch(
+                model, optimizer, bags, order, device, False, False, lambda _, done, u=updates: u.append(done)
+            )
             float(loss)  # the epoch's one host read, as the trainer does
+            elapsed = now() - start
             if r:  # the first epoch is the warm-up
-                times.append((now() - start) / len(bags))
+                times.append(elapsed / len(bags))
+                per_update.append(elapsed / max(1, len(updates)))
             elif args.compile:
-                row[f"warmup_s{n}"] = now() - start
+                row[f"warmup_s{n}"] = elapsed
         row[f"t{n}"] = statistics.median(times)
+        if cfg.accumulation_steps > 1:
+            row[f"u{n}"] = statistics.median(per_update)
         if (
             n == min(args.sizes) and cfg.accumulation_steps <= 1
         ):  # a windowed method's loss waits for its window
@@ -142,7 +157,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed epochs per size (after one warm-up)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    p.add_argument("--code", type=Path, default=ROOT, help="checkout whose bench and methods are timed")
+    p.add_argument(
+        "--code",
+        default=str(ROOT),
+        help="checkout(s) whose bench and methods are timed; several, comma-separated: interleaved runs",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (several --code checkouts)")
+    p.add_argument("--row-json", action="store_true", help=argparse.SUPPRESS)  # a child of an interleaved run
     p.add_argument("--label", default=None, help="the row's label (default: the checkout's folder name)")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile(dynamic=True) the forward (warm-up s reported)"
@@ -150,26 +171,76 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    sys.path.insert(0, str(args.code.resolve()))
-    import torch
-
-    import methods
-
-    torch.set_num_threads(args.threads)
-    label = (args.label or args.code.resolve().name) + (" compiled" if args.compile else "")
-    print(
-        f"code {methods.__file__}, torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, "
-        f"D = {args.dim}, {args.bags} bags x {args.repeats} epochs, load {os.getloadavg()[0]:.2f}"
-    )
+    codes = [Path(c).resolve() for c in args.code.split(",") if c.strip()]
+    if len(codes) > 1:
+        frame = _interleaved(codes, sys.argv[1:], args)
+    else:
+        frame = _one_checkout(codes[0], args)
+        if args.row_json:
+            print("ROW " + frame.to_json(orient="records"), flush=True)
+            return
     import pandas as pd
 
-    rows = [{"code": label, **time_method(m.strip(), args)} for m in args.methods.split(",") if m.strip()]
-    frame = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         print(frame.to_string(index=False))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "step_cost.csv"
     frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+def _one_checkout(code: Path, args: argparse.Namespace) -> Any:
+    """Every method of ``--methods`` timed with ``code``'s bench and methods, in this process."""
+    sys.path.insert(0, str(code))
+    import pandas as pd
+    import torch
+
+    import methods
+
+    torch.set_num_threads(args.threads)
+    label = (args.label or code.name) + (" compiled" if args.compile else "")
+    print(
+        f"code {methods.__file__}, torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, "
+        f"D = {args.dim}, {args.bags} bags x {args.repeats} epochs, load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    rows = [{"code": label, **time_method(m.strip(), args)} for m in args.methods.split(",") if m.strip()]
+    return pd.DataFrame(rows)
+
+
+def _interleaved(codes: list[Path], argv: list[str], args: argparse.Namespace) -> Any:
+    """``--rounds`` rounds of one subprocess per checkout and method, in turn; per checkout and method the
+    median of each timing over the rounds, the load average's mean, and each timing's ratio to the first
+    checkout's (``<timing>/first``)."""
+    import pandas as pd
+
+    base = [a for i, a in enumerate(argv) if a != "--code" and (i == 0 or argv[i - 1] != "--code")]
+    base = [a for a in base if not a.startswith("--code=")]
+    rows = []
+    for r in range(args.rounds):
+        for method in (m.strip() for m in args.methods.split(",") if m.strip()):
+            for code in codes:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    *base,
+                    "--code",
+                    str(code),
+                    "--methods",
+                    method,
+                    "--row-json",
+                ]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                print(f"round {r}: " + " / ".join(out.strip().splitlines()[:-1]), flush=True)  # header, row
+                line = next(x for x in reversed(out.splitlines()) if x.startswith("ROW "))
+                rows.extend(json.loads(line[4:]))
+    frame = pd.DataFrame(rows)
+    timings = [c for c in frame.columns if (c[:1] in "tu" and c[1:].isdigit()) or c == "fixed_ms"]
+    summary = frame.groupby(["method", "code"], sort=False)[timings].median()
+    summary["load"] = frame.groupby(["method", "code"], sort=False)["load"].mean()
+    first = summary.xs(codes[0].name if args.label is None else args.label, level="code")
+    for c in timings:
+        summary[f"{c}/first"] = summary[c] / first[c].reindex(summary.index.get_level_values("method")).values
+    return summary.reset_index()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ are the authors' own. The trainer, evaluator and runner only ever call the metho
 
 - ``forward(bag) -> MILOutput``: the H&E-only path (logits, patch attention, slide embedding);
 - ``loss(bag, out) -> dict[str, Tensor]``: every named term, already weighted; the trainer sums them;
+- ``batches_windows`` and ``window_loss(bags)``: opt-in, a method that steps once per window of bags
+  takes the whole window in one forward (the trainer then calls it instead of ``forward`` + ``loss``);
 - ``prepare(train_bags)``: optional one-off fitting on the training split (k-means memory init, gene masks, ...);
 - ``after_step()``: optional hook after each optimiser step (EMA memory updates, ...);
 - ``on_epoch_start(epoch)``, ``on_epoch_end(epoch)``, ``training_report()``: optional hooks (window
@@ -49,7 +51,12 @@ HEADS = ("classification", "survival")
 
 
 def discrete_time_nll(
-    logits: Tensor, bin_index: Tensor, event: Tensor, alpha: float = 0.0, eps: float = 1e-7
+    logits: Tensor,
+    bin_index: Tensor,
+    event: Tensor,
+    alpha: float = 0.0,
+    eps: float = 1e-7,
+    reduction: str = "mean",
 ) -> Tensor:
     r"""Negative log-likelihood of the discrete-time survival model (Zadeh & Schmid 2020) in the form of
     ``nll_loss`` of Patch-GCN / MCAT / G-HANet (``utils/utils.py``): hazards :math:`h = \sigma(z)` over the
@@ -61,7 +68,8 @@ def discrete_time_nll(
         L = (1 - lpha)(L_{unc} + L_{cens}) + lpha L_{unc}
 
     every log clamped at ``eps``; α = ``alpha`` (G-HANet's ``--alpha_surv`` default 0). Shapes: logits
-    ``(K,)`` or ``(B, K)``, bin index and event ``()`` or ``(B,)`` -> the mean over rows.
+    ``(K,)`` or ``(B, K)``, bin index and event ``()`` or ``(B,)`` -> the mean over rows (``reduction="sum"``:
+    their sum).
     """
     z = logits.reshape(-1, logits.shape[-1])
     y = bin_index.reshape(-1, 1).long()
@@ -72,7 +80,8 @@ def discrete_time_nll(
         padded.gather(1, y).clamp(min=eps).log() + hazards.gather(1, y).clamp(min=eps).log()
     )
     censored = -c * padded.gather(1, y + 1).clamp(min=eps).log()
-    return ((1 - alpha) * (uncensored + censored) + alpha * uncensored).mean()
+    rows = (1 - alpha) * (uncensored + censored) + alpha * uncensored
+    return rows.sum() if reduction == "sum" else rows.mean()
 
 
 def survival_curves(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -314,9 +323,25 @@ class MILMethod(nn.Module):
 
         The trainer sums the terms and back-propagates once per bag; an empty dict means "nothing to
         back-propagate for this bag" (a method that works on windows of bags returns the whole window's
-        terms on the window's last bag and sets ``accumulation_steps`` to the window length).
+        terms on the window's last bag and sets ``accumulation_steps`` to the window length; it may also
+        offer :meth:`window_loss`, the same terms from one batched forward of the window).
         """
         return {self.task_term: self.task_loss(out.logits, bag)}
+
+    @property
+    def batches_windows(self) -> bool:
+        """Whether the trainer hands this method each window of ``accumulation_steps`` bags at once
+        (:meth:`window_loss`) instead of one bag at a time (default: no)."""
+        return False
+
+    def window_loss(self, bags: Sequence[Bag]) -> dict[str, Tensor]:
+        """The named loss terms of one window of bags (the trainer's chunk of ``accumulation_steps`` bags of
+        the epoch order, or its shorter last one), in one batched forward: their sum is the sum over the
+        window's bags of what :meth:`loss` returns bag by bag (so one backward of it gives the per-bag path's
+        accumulated gradient; the trainer applies ``accumulation_mean`` to it as to each bag's), and ``{}``
+        where that path back-propagates nothing (e.g. a partial window a method drops). Only called when
+        :attr:`batches_windows` is True."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch its windows")
 
     @property
     def task_term(self) -> str:
@@ -332,6 +357,17 @@ class MILMethod(nn.Module):
                 raise ValueError(f"survival head: slide {bag.slide_id!r} has no event indicator (bag.event)")
             return discrete_time_nll(logits, bag.label, bag.event, self.cfg.surv_alpha)
         return F.cross_entropy(logits.unsqueeze(0), bag.label.view(1))
+
+    def task_loss_sum(self, logits: Tensor, bags: Sequence[Bag]) -> Tensor:
+        """:meth:`task_loss` of each row of ``logits`` ``(B, C)`` against its bag, summed (one call)."""
+        labels = torch.stack([b.label for b in bags]).view(-1)
+        if self.cfg.head == "survival":
+            missing = [b.slide_id for b in bags if b.event is None]
+            if missing:
+                raise ValueError(f"survival head: slide {missing[0]!r} has no event indicator (bag.event)")
+            events = torch.stack([b.event for b in bags]).view(-1)
+            return discrete_time_nll(logits, labels, events, self.cfg.surv_alpha, reduction="sum")
+        return F.cross_entropy(logits, labels, reduction="sum")
 
     def prepare(self, train_bags: Sequence[Bag]) -> None:
         """Fit anything that needs the training split before the first step (default: nothing)."""

@@ -22,20 +22,21 @@ from torch import Tensor, nn
 
 from .base import Bag, DataNeeds, MethodCfg, MILMethod, MILOutput
 from .layers import GatedAttention
-from .packing import pack_bags
+from .packing import PackedBags, pack_bags, pad_segments, padding_mask
 from .registry import register_method
 
 __all__ = ["GHANet", "GHANetCfg", "hyperedge_weights", "sce_loss", "welch_gene_mask"]
 
 
-def sce_loss(x: Tensor, y: Tensor, alpha: float = 3.0) -> Tensor:
+def sce_loss(x: Tensor, y: Tensor, alpha: float = 3.0, reduction: str = "mean") -> Tensor:
     r"""Scaled cosine error of ``coattn_train_utils.sce_loss``: :math:`\mathrm{mean}((1 - \cos(x, y))^\alpha)`
-    along the last axis.
+    along the last axis (``reduction="sum"``: the sum over rows, for a window of slides).
 
     Shapes: ``(..., G)``, ``(..., G)`` -> scalar.
     """
     cos = (F.normalize(x, dim=-1) * F.normalize(y, dim=-1)).sum(-1)
-    return (1 - cos).pow(alpha).mean()
+    err = (1 - cos).pow(alpha)
+    return err.sum() if reduction == "sum" else err.mean()
 
 
 def welch_gene_mask(omics: np.ndarray, labels: np.ndarray, p_threshold: float) -> np.ndarray:
@@ -65,15 +66,19 @@ def welch_gene_mask(omics: np.ndarray, labels: np.ndarray, p_threshold: float) -
 
 
 @torch.no_grad()
-def hyperedge_weights(sim: Tensor, ratio: float) -> Tensor:
+def hyperedge_weights(sim: Tensor, ratio: float, sizes: Sequence[int] | None = None) -> Tensor:
     """Detached hyperedge weights of ``G_HANet_Surv.forward``: scores averaged over heads, each token's
     hyperedge = its top ``int(N * ratio)`` patches (at least one), softmax of the scores over the hyperedge.
 
-    Shapes: ``(H, T, N)`` -> ``(T, N)``, rows summing to one, zero outside the hyperedge.
+    Shapes: ``(H, T, N)`` -> ``(T, N)``, rows summing to one, zero outside the hyperedge; or a padded window
+    ``(B, H, T, N_max)`` whose scores past bag b's ``sizes[b]`` patches are ``-inf`` -> ``(B, T, N_max)``,
+    each bag's hyperedges of its own top ``int(sizes[b] * ratio)`` patches.
     """
-    s = sim.mean(0)
-    k = max(1, int(s.shape[1] * ratio))
-    threshold = s.topk(k, dim=1).values[:, -1:]
+    s = sim.mean(-3)
+    ks = [max(1, int(m * ratio)) for m in ([s.shape[-1]] if sizes is None else sizes)]
+    top = s.topk(max(ks), dim=-1).values  # (..., T, k_max)
+    last = torch.tensor(ks, device=s.device) - 1  # each bag's k-th largest: its threshold
+    threshold = top.gather(-1, last.view(-1, *([1] * (top.dim() - 1))).expand(*top.shape[:-1], 1))
     return s.masked_fill(s < threshold, float("-inf")).softmax(-1)
 
 
@@ -92,12 +97,14 @@ class _FeedForward(nn.Module):
 
 
 class _MultiHeadAttention(nn.Module):
-    """Multi-head attention of ``attention_modules.Cross_Attention`` / ``Self_Attention``: bias-free q, k, v,
+    r"""Multi-head attention of ``attention_modules.Cross_Attention`` / ``Self_Attention``: bias-free q, k, v,
     dropout on the attention map, output Linear(h*dh -> h*dh).
 
-    ``keys_values`` and ``attend`` are split so that G-HANet's two cross-attention rounds, which reuse one
-    module on the same context, project the N patches only once (the reference projects them twice: the
-    same values)."""
+    :meth:`attend_context` is the cross-attention over N patches with the key and value maps moved to the
+    T queries (:math:`q_h \cdot W_{k,h} c_n = (W_{k,h}^\top q_h) \cdot c_n`,
+    :math:`\sum_n a_{hn} W_{v,h} c_n = W_{v,h} \sum_n a_{hn} c_n`): the same products in another order, so
+    the patches are never projected (2 T H d multiply-adds per patch and round instead of 2 d^2 per patch
+    once: with G-HANet's T = 6 tokens, H = 4 heads, d = 512 and two rounds, about 10x fewer)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float) -> None:
         super().__init__()
@@ -110,27 +117,45 @@ class _MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _split(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(0, 1)  # (n, h*dh) -> (h, n, dh)
+        return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # (..., n, h*dh) -> (..., h, n, dh)
 
     def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """``(N, dim)`` -> keys and values ``(h, N, dh)``."""
+        """``(..., N, dim)`` -> keys and values ``(..., h, N, dh)``."""
         return self._split(self.to_k(context)), self._split(self.to_v(context))
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries ``(T, dim)`` over keys/values ``(h, N, dh)`` -> output ``(T, h*dh)``, pre-softmax scaled
-        scores ``(h, T, N)``."""
-        sim = self._split(self.to_q(x)) @ k.transpose(1, 2) * self.scale  # (h, T, N)
-        out = self.dropout(sim.softmax(-1)) @ v  # (h, T, dh)
-        return self.to_out(out.transpose(0, 1).flatten(1)), sim
+        """Queries ``(..., T, dim)`` over keys/values ``(..., h, N, dh)`` -> output ``(..., T, h*dh)``,
+        pre-softmax scaled scores ``(..., h, T, N)``."""
+        sim = self._split(self.to_q(x)) @ k.transpose(-1, -2) * self.scale  # (..., h, T, N)
+        out = self.dropout(sim.softmax(-1)) @ v  # (..., h, T, dh)
+        return self.to_out(out.transpose(-3, -2).flatten(-2)), sim
+
+    def attend_context(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`attend` of queries ``(..., T, dim)`` over ``to_k(context)``, ``to_v(context)`` for a
+        context ``(B, N, dim)``, without projecting the context (see the class docstring); ``mask`` ``(B, N)``:
+        the patches that exist (a padded window; the others score ``-inf``). Returns the output
+        ``(B, T, h*dh)`` and the pre-softmax scaled scores ``(B, h, T, N)``."""
+        h, t = self.heads, x.shape[-2]
+        w_k = self.to_k.weight.view(h, -1, self.to_k.in_features)  # (h, dh, dim)
+        w_v = self.to_v.weight.view(h, -1, self.to_v.in_features)
+        # (einsum: one product per head over all bags, not a copy of the weights per bag)
+        q = torch.einsum("...htd,hde->...hte", self._split(self.to_q(x)), w_k)  # (..., h, T, dim)
+        sim = (q.flatten(-3, -2) @ context.transpose(-1, -2)).unflatten(-2, (h, t)) * self.scale
+        if mask is not None:
+            sim = sim.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attn = self.dropout(sim.softmax(-1))  # (B, h, T, N)
+        pooled = (attn.flatten(-3, -2) @ context).unflatten(-2, (h, t))  # (B, h, T, dim)
+        out = torch.einsum("bhte,hde->bhtd", pooled, w_v)  # (B, h, T, dh): the values' map after pooling
+        return self.to_out(out.transpose(-3, -2).flatten(-2)), sim
 
     def forward(self, x: Tensor) -> Tensor:
-        """Self-attention: ``(T, dim)`` -> ``(T, h*dh)``."""
+        """Self-attention: ``(..., T, dim)`` -> ``(..., T, h*dh)``."""
         return self.attend(x, *self.keys_values(x))[0]
 
 
 class _HyperAttention(nn.Module):
     r"""``Hyper_attention``: :math:`x' = G h`, :math:`y = \mathrm{ReLU}(\mathrm{LN}(W_2\,\mathrm{ReLU}(
-    \mathrm{LN}(W_1 x')))) + x'`. Shapes: ``(N, d)``, hyperedges ``(T, N)`` -> ``(T, d)``."""
+    \mathrm{LN}(W_1 x')))) + x'`. Shapes: ``(..., N, d)``, hyperedges ``(..., T, N)`` -> ``(..., T, d)``."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -149,6 +174,17 @@ class _HyperAttention(nn.Module):
 
 
 @dataclass
+class _Window:
+    """:meth:`GHANet._window` of B bags: logits ``(B, C)``, embeddings ``(B, T * 256)``, gated attention
+    ``e_1`` ``(B, N_max)`` (zero past each bag's patches), token reconstructions ``r`` ``(B, T, 512)``."""
+
+    logits: Tensor
+    embedding: Tensor
+    attention: Tensor
+    tokens: Tensor
+
+
+@dataclass
 class GHANetCfg(MethodCfg):
     """Defaults from ``main.py`` and ``models/`` of ZacharyWang-007/G-HANet.
 
@@ -159,7 +195,9 @@ class GHANetCfg(MethodCfg):
     (``accumulation_mean``: a window's gradient is the mean of its 32 bags', so under Adam the weight decay
     keeps its weight against it), the optimiser steps when ``(batch_idx + 1) % gc == 0`` and nothing zeroes
     the gradients between epochs, so a partial last window joins the next epoch's first one
-    (``carry_partial_window``; the last epoch's remainder is never applied).
+    (``carry_partial_window``; the last epoch's remainder is never applied). bench runs each window (and the
+    carried partial one) as one batched forward and backward (``batched_windows``, :meth:`GHANet.window_loss`):
+    the same gradient as the code's 32 backward passes, the dropout masks drawn in another order.
     """
 
     optimizer: str = "adam"
@@ -184,6 +222,9 @@ class GHANetCfg(MethodCfg):
     p_threshold: float = 0.05
     gene_groups: tuple[int, ...] | None = None  # group index (0..num_tokens-1) per gene; None = contiguous
     share_cross_attention: bool = True  # the code reuses cross_attention0 in round two
+    #: one batched forward and backward per window of ``gc`` bags (``window_loss``); False: one bag at a
+    #: time, as the code (the same gradient; the dropout masks drawn in the code's order)
+    batched_windows: bool = True
 
     def needs(self) -> DataNeeds:
         """As every method's, plus the gene groups: the harness fills ``gene_groups`` from ``omics_groups``."""
@@ -225,6 +266,12 @@ class GHANet(MILMethod):
     the parameter set is fixed before :meth:`prepare`); a group with no selected gene has nothing to
     reconstruct and its decoder is frozen (the reference would build a 0-wide layer and a NaN MSE). Bags
     without omics train on CE alone.
+
+    Computation (the same maths, reordered): the cross-attention's key and value maps are applied to the 6
+    token queries instead of every patch (:meth:`_MultiHeadAttention.attend_context`), and a window of bags
+    (training, ``gc`` = 32) or a chunk of bags (inference) runs in one forward: the per-patch maps on the
+    packed patches, the token-level work batched over the bags, padded to the largest bag with the missing
+    patches masked out of every softmax and hyperedge (each bag's own top 20 %).
     """
 
     cfg_class = GHANetCfg
@@ -304,75 +351,79 @@ class GHANet(MILMethod):
             sel.copy_(mask[getattr(self, f"genes_{i}").cpu()].to(sel.device))
             decoder.requires_grad_(bool(sel.any()))  # nothing to reconstruct: the decoder is unused
 
-    def _keys_values(self, x: Tensor) -> list[Tensor]:
-        """Keys and values ``(N, H*dh)`` of the patches for both cross-attention rounds (one pair when the
-        rounds share a module)."""
-        context = self.ln[1](self.assoc_fc(x))  # (N, 512)
-        first, second = self.cross_attention[0], self.cross_attention[-1]
-        kv = [first.to_k(context), first.to_v(context)]
-        if second is not first:
-            kv += [second.to_k(context), second.to_v(context)]
-        return kv
-
-    def _hyper_maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The hyper-attention branch's patch embeddings ``g`` ``(N, 512)`` and gate scores ``(N, 1)``."""
-        g = self.wsi_fc(x)
-        return g, self.gate(g)
-
-    def _association(self, kv: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """One slide's token reconstruction ``r`` ``(T, 512)`` and round-two scores ``S`` ``(H, T, N)`` from
-        its :meth:`_keys_values`."""
-        ln = self.ln
-        first, second = self.cross_attention[0], self.cross_attention[-1]
-        kv = [first._split(t) for t in kv]  # (H, N, dh) each
-        r, _ = first.attend(ln[0](self.tokens), *kv[:2])  # (T, 512)
+    def _window(self, packed: PackedBags) -> _Window:
+        """The packed bags' forward: every patch-level map once on all their patches, the token-level work
+        (both cross-attention rounds, the FFNs, hyperedges, hyper-attention, fusion, classifier) batched over
+        the bags, padded to the largest with the missing patches masked out: each bag's values as alone."""
+        ln, (first, second) = self.ln, (self.cross_attention[0], self.cross_attention[-1])
+        x, sizes = packed.features, packed.sizes
+        mask = None if packed.num_bags == 1 else padding_mask(packed)  # (B, N_max)
+        context = pad_segments(ln[1](self.assoc_fc(x)), packed)  # (B, N_max, 512)
+        r, _ = first.attend_context(ln[0](self.tokens), context, mask)  # (B, T, 512): one query set
         r = self.ffn0(ln[2](r)) + r
-        r, sim = second.attend(ln[3](self.tokens + r), *kv[-2:])  # (T, 512), (H, T, N)
-        return ln[5](self.ffn1(ln[4](r)) + r), sim
-
-    def _fuse(self, r: Tensor, sim: Tensor, g: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One slide's logits ``(C,)``, embedding ``(T * 256,)`` and attention ``e_1`` ``(N,)``."""
-        e1 = gate.T.softmax(-1)  # (1, N)
-        e2 = hyperedge_weights(sim, self.cfg.hyperedge_ratio)  # (T, N), no gradient
-        y = self.hyper(g, (e1 + e2) / 2)  # (T, 512)
+        r, sim = second.attend_context(ln[3](self.tokens + r), context, mask)  # and (B, H, T, N_max)
+        r = ln[5](self.ffn1(ln[4](r)) + r)
+        g = self.wsi_fc(x)  # hyper-attention branch: (T_all, 512)
+        e1 = pad_segments(self.gate(g).squeeze(-1), packed, float("-inf")).softmax(-1)  # (B, N_max)
+        e2 = hyperedge_weights(sim, self.cfg.hyperedge_ratio, sizes)  # (B, T, N_max), no gradient
+        y = self.hyper(pad_segments(g, packed), (e1.unsqueeze(1) + e2) / 2)  # (B, T, 512)
         u = (y + r) / 2
         u = self.self_attention(u) + u
         u = self.ffn(self.ln_fusion(u)) + u
-        z = self.compress(u).flatten()  # (T * 256,)
-        return self.classifier(z), z, e1.squeeze(0)
+        z = self.compress(u).flatten(-2)  # (B, T * 256)
+        return _Window(self.classifier(z), z, e1, r)
 
     def forward(self, bag: Bag) -> MILOutput:
-        r, sim = self._association(self._keys_values(bag.features))  # association branch
-        logits, z, attention = self._fuse(r, sim, *self._hyper_maps(bag.features))  # hyper-attention
+        w = self._window(pack_bags([bag]))
         extras: dict[str, Any] = {}
         if self.training:
-            extras["reconstruction"] = [dec(r[i]) for i, dec in enumerate(self.decoders)]
-        return MILOutput(logits=logits, embedding=z, attention=attention, extras=extras)
+            extras["reconstruction"] = [dec(w.tokens[0, i]) for i, dec in enumerate(self.decoders)]
+        return MILOutput(
+            logits=w.logits[0], embedding=w.embedding[0], attention=w.attention[0], extras=extras
+        )
 
     def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
-        """The per-patch maps of all bags in one packed pass; the token attention and fusion per bag."""
-        packed = pack_bags(bags)
-        kv, (g, gate) = self._keys_values(packed.features), self._hyper_maps(packed.features)
-        rows = []
-        for s in packed.slices():
-            r, sim = self._association([t[s] for t in kv])
-            rows.append(self._fuse(r, sim, g[s], gate[s])[0])
-        return torch.stack(rows)
+        """All bags in one batched forward (:meth:`_window`)."""
+        return self._window(pack_bags(bags)).logits
+
+    @property
+    def batches_windows(self) -> bool:
+        return self.cfg.batched_windows
+
+    def window_loss(self, bags: Sequence[Bag]) -> dict[str, Tensor]:
+        """The window's terms in one batched forward: the sums over its bags of :meth:`loss`'s (the trainer
+        divides them by ``gc`` as each bag's). With dropout the masks are drawn in another order than bag by
+        bag (one draw per layer for the whole window), so a run differs from the per-bag one by its dropout
+        draws alone; without dropout the gradients are the same (``tests/methods/test_windows.py``)."""
+        w = self._window(pack_bags(bags))
+        recon = [dec(w.tokens[:, i]) for i, dec in enumerate(self.decoders)]  # (B, genes of group i) each
+        return self._terms(w.logits, recon, bags)
 
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
-        terms = {self.task_term: self.task_loss(out.logits, bag)}
         recon = out.extras.get("reconstruction")
-        if bag.omics is None or recon is None:
+        return self._terms(
+            out.logits.unsqueeze(0), None if recon is None else [o[None] for o in recon], [bag]
+        )
+
+    def _terms(self, logits: Tensor, recon: list[Tensor] | None, bags: Sequence[Bag]) -> dict[str, Tensor]:
+        """CE and the weighted reconstruction terms, each summed over the bags (the reconstruction over the
+        bags with omics): logits ``(B, C)``, each group's reconstruction ``(B, genes of the group)``."""
+        terms = {self.task_term: self.task_loss_sum(logits, bags)}
+        rows = [i for i, b in enumerate(bags) if b.omics is not None]
+        if not rows or recon is None:
             return terms
+        omics = torch.stack([bags[i].omics for i in rows]).float()  # (B', G)
+        keep = None if len(rows) == len(bags) else torch.tensor(rows, device=logits.device)
         sce, mse = [], []
         for i, o_hat in enumerate(recon):
             sel = getattr(self, f"selected_{i}")
             idx = getattr(self, f"genes_{i}")[sel]
             if idx.numel() == 0:
                 continue
-            pred, target = o_hat[sel].float(), bag.omics[idx].float()
-            sce.append(sce_loss(pred, target, self.cfg.sce_alpha))
-            mse.append(F.mse_loss(pred, target))
+            pred = (o_hat if keep is None else o_hat[keep])[:, sel].float()
+            target = omics[:, idx]
+            sce.append(sce_loss(pred, target, self.cfg.sce_alpha, reduction="sum"))
+            mse.append((pred - target).pow(2).mean(-1).sum())  # each slide's F.mse_loss, summed
         if sce:
             terms["sce"] = self.cfg.recon_weight * torch.stack(sce).sum()
             terms["mse"] = self.cfg.recon_weight * torch.stack(mse).sum()

@@ -8,6 +8,7 @@ between them (``fast=``) without touching its weights.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -15,10 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import Workspace
+
 if TYPE_CHECKING:
     from torch_geometric.nn import GATv2Conv
 
 __all__ = ["GATv2Encoder", "NeighbourTable", "gatv2_padded", "in_neighbour_table"]
+
+#: a block's fixed cost (its Python dispatch and op launches in both passes) in table slots: the partition of
+#: :func:`in_neighbour_table` pads a block rather than start a new one when that costs fewer slots
+BLOCK_COST_SLOTS = 128
 
 
 class NeighbourTable(NamedTuple):
@@ -52,6 +59,8 @@ def in_neighbour_table(edge_index: Tensor, num_nodes: int, block_slots: int = 40
         num_nodes: N.
         block_slots: at most this many (row, slot) pairs per block (rows x width), which bounds the
             temporaries of :func:`gatv2_padded` to ``block_slots x heads x channels`` elements.
+
+    The blocks are cut where the degree changes, as few as pay for the padding they save (:func:`_partition`).
     """
     device = edge_index.device
     nodes = torch.arange(num_nodes, device=device)
@@ -73,13 +82,34 @@ def in_neighbour_table(edge_index: Tensor, num_nodes: int, block_slots: int = 40
     index[rows, slot] = src
     mask = torch.zeros(num_nodes, width, dtype=torch.bool, device=device)
     mask[rows, slot] = True
-    blocks, first, host_degree = [], 0, sorted_degree.tolist()
-    while first < num_nodes:
-        w = host_degree[first]
-        end = min(num_nodes, first + max(1, block_slots // w))
-        blocks.append((first, end, w))
-        first = end
-    return NeighbourTable(index, mask, order, tuple(blocks))
+    return NeighbourTable(index, mask, order, _partition(sorted_degree.tolist(), block_slots))
+
+
+def _partition(degree: list[int], block_slots: int) -> tuple[tuple[int, int, int], ...]:
+    """Blocks ``(first row, end row, width)`` of rows sorted by degree (largest first) that minimise the
+    padded slots plus :data:`BLOCK_COST_SLOTS` per block, each block at most ``block_slots`` slots (or one
+    row): a dynamic programme over the runs of equal degree, whose boundaries are the only useful cuts."""
+    starts = [i for i in range(len(degree)) if i == 0 or degree[i] != degree[i - 1]]
+    bounds = [*starts, len(degree)]
+    best: list[tuple[float, int]] = [(0.0, 0)] + [(math.inf, 0)] * len(starts)  # cost, previous bound
+    for j in range(1, len(bounds)):
+        for i in range(j):  # rows bounds[i]:bounds[j] padded to the width of their first row
+            w, rows = degree[bounds[i]], bounds[j] - bounds[i]
+            per_block = max(1, block_slots // w)
+            cost = best[i][0] + rows * w + BLOCK_COST_SLOTS * math.ceil(rows / per_block)
+            if cost < best[j][0]:
+                best[j] = (cost, i)
+    blocks: list[tuple[int, int, int]] = []
+    j = len(bounds) - 1
+    while j > 0:
+        i = best[j][1]
+        per_block = max(1, block_slots // degree[bounds[i]])
+        blocks[:0] = [
+            (first, min(bounds[j], first + per_block), degree[first])
+            for first in range(bounds[i], bounds[j], per_block)
+        ]
+        j = i
+    return tuple(blocks)
 
 
 class _PaddedGATv2Attention(torch.autograd.Function):
@@ -87,7 +117,7 @@ class _PaddedGATv2Attention(torch.autograd.Function):
 
     Nothing of size ``E x heads x channels`` is stored: the backward pass recomputes each block's gathered
     neighbours from ``x_l``, so memory is the inputs plus ``(N, K, heads)`` attention weights. Each pass
-    works in two block-sized buffers (``out=`` and in-place ops), so no large temporary is allocated per block.
+    works in two block-sized buffers (``out=`` and in-place ops, kept between calls in a :class:`Workspace`).
     Inputs: ``x_l``, ``x_r`` of shape ``(N, H, C)``, ``att`` of shape ``(H, C)``; output ``(N, H, C)``.
     """
 
@@ -101,6 +131,7 @@ class _PaddedGATv2Attention(torch.autograd.Function):
         slope: float,
         p: float,
         training: bool,
+        workspace: Workspace | None,
     ) -> Tensor:
         n, heads, ch = x_l.shape
         dtype, hc = x_l.dtype, heads * ch
@@ -108,7 +139,7 @@ class _PaddedGATv2Attention(torch.autograd.Function):
         out = x_l.new_empty(n, hc)
         alpha = torch.zeros((*table.index.shape, heads), dtype=torch.float32, device=x_l.device)
         scale = F.dropout(torch.ones_like(alpha), p) if training and p > 0 else None
-        gathered, work = _block_buffers(x_l, table, hc)
+        gathered, work = _block_buffers(x_l, table, hc, workspace)
         for first, end, w in table.blocks:
             b, slots = end - first, (end - first) * w
             neighbour_ids, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
@@ -130,14 +161,14 @@ class _PaddedGATv2Attention(torch.autograd.Function):
             )
             out.index_copy_(0, targets, weighted.sum(1).view(b, hc))
         ctx.save_for_backward(x_l, x_r, att, alpha, scale)
-        ctx.table, ctx.slope = table, slope
+        ctx.table, ctx.slope, ctx.workspace = table, slope, workspace
         return out.view(n, heads, ch)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_l, x_r, att, alpha, scale = ctx.saved_tensors
-        table, slope = ctx.table, ctx.slope
+        table, slope, workspace = ctx.table, ctx.slope, ctx.workspace
         n, heads, ch = x_l.shape
         dtype, hc = x_l.dtype, heads * ch
         x_l2, x_r2, att_c = x_l.reshape(n, hc), x_r.reshape(n, hc).to(dtype), att.to(dtype)
@@ -145,7 +176,7 @@ class _PaddedGATv2Attention(torch.autograd.Function):
         grad_l = torch.zeros(n, hc, dtype=dtype, device=x_l.device)
         grad_r = torch.empty(n, hc, dtype=dtype, device=x_l.device)
         grad_att = torch.zeros(heads, ch, dtype=torch.float32, device=att.device)
-        gathered, work = _block_buffers(x_l, table, hc)
+        gathered, work = _block_buffers(x_l, table, hc, workspace)
         for first, end, w in table.blocks:
             b, slots = end - first, (end - first) * w
             neighbour_ids, targets = table.index[first:end, :w].reshape(-1), table.order[first:end]
@@ -168,16 +199,23 @@ class _PaddedGATv2Attention(torch.autograd.Function):
             grad_r.index_copy_(0, targets, grad_z.view(b, w, hc).sum(1))
             grad_z.view(b, w, heads, ch).addcmul_(a_drop.to(dtype).unsqueeze(-1), go)  # w.r.t. gathered x_l
             grad_l.index_add_(0, neighbour_ids, grad_z.view(slots, hc))
-        return grad_l.view_as(x_l), grad_r.view_as(x_r), grad_att.to(att.dtype), None, None, None, None
+        return grad_l.view_as(x_l), grad_r.view_as(x_r), grad_att.to(att.dtype), None, None, None, None, None
 
 
-def _block_buffers(like: Tensor, table: NeighbourTable, width: int) -> tuple[Tensor, Tensor]:
+def _block_buffers(
+    like: Tensor, table: NeighbourTable, width: int, workspace: Workspace | None
+) -> tuple[Tensor, Tensor]:
     """Two ``(largest block's slots, width)`` work buffers shared by all blocks of one pass."""
     slots = max(((end - first) * w for first, end, w in table.blocks), default=0)
-    return like.new_empty(slots, width), like.new_empty(slots, width)
+    if workspace is None:
+        return like.new_empty(slots, width), like.new_empty(slots, width)
+    gathered, work = workspace.buffers(like, (slots, width), 2)
+    return gathered, work
 
 
-def gatv2_padded(conv: GATv2Conv, x: Tensor, table: NeighbourTable) -> Tensor:
+def gatv2_padded(
+    conv: GATv2Conv, x: Tensor, table: NeighbourTable, workspace: Workspace | None = None
+) -> Tensor:
     r"""``conv(x, edge_index)`` computed on a padded neighbour table, with ``conv``'s own parameters.
 
     .. math::
@@ -186,6 +224,7 @@ def gatv2_padded(conv: GATv2Conv, x: Tensor, table: NeighbourTable) -> Tensor:
         x'_i = \sum_j \mathrm{Dropout}(\alpha_{ij})\, W_l x_j + b
 
     Supports what MoMKD uses: one node set, self loops, ``concat=True``, no edge features, no residual.
+    ``workspace``: work buffers kept between calls (:class:`Workspace`); None: fresh ones each pass.
 
     Shapes:
         x ``(N, in_dim)``, a table built for the same N -> ``(N, heads * out_channels)``.
@@ -199,7 +238,9 @@ def gatv2_padded(conv: GATv2Conv, x: Tensor, table: NeighbourTable) -> Tensor:
     x_l = conv.lin_l(x).view(n, heads, ch)
     x_r = x_l if conv.share_weights else conv.lin_r(x).view(n, heads, ch)
     att = conv.att.view(heads, ch)
-    out = _PaddedGATv2Attention.apply(x_l, x_r, att, table, conv.negative_slope, conv.dropout, conv.training)
+    out = _PaddedGATv2Attention.apply(
+        x_l, x_r, att, table, conv.negative_slope, conv.dropout, conv.training, workspace
+    )
     out = out.reshape(n, heads * ch)
     return out if conv.bias is None else out + conv.bias
 
@@ -285,12 +326,14 @@ class GATv2Encoder(nn.Module):
         # slide's graph is the same every epoch, so the table is built once per slide and the step neither
         # rebuilds it nor waits on the device for its block sizes
         self._tables: dict[int, NeighbourTable] = {}
+        self._workspace = Workspace()
 
     def _block(
         self, conv: GATv2Conv, norm: nn.LayerNorm, x: Tensor, graph: Tensor | NeighbourTable
     ) -> Tensor:
         if isinstance(graph, NeighbourTable):
-            return _dropout(F.elu(norm(gatv2_padded(conv, x, graph))), self.dropout, self.training)
+            out = gatv2_padded(conv, x, graph, self._workspace)
+            return _dropout(F.elu(norm(out)), self.dropout, self.training)
         return F.dropout(F.elu(norm(conv(x, graph))), p=self.dropout, training=self.training)
 
     def _table(self, edge_index: Tensor, num_nodes: int) -> NeighbourTable:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BilinearFusion", "GatedAttention", "init_linear_normal_fan_in"]
+__all__ = ["BilinearFusion", "GatedAttention", "Workspace", "init_linear_normal_fan_in"]
 
 
 class GatedAttention(nn.Module):
@@ -120,3 +123,33 @@ class BilinearFusion(nn.Module):
         if self.skip:
             out = torch.cat((out, v1, v2), dim=1)
         return self.encoder2(out)
+
+
+class Workspace:
+    """Work buffers of a blocked custom operation, kept between its calls on the CPU.
+
+    Freshly allocated, buffers of a few megabytes cost a page fault per 4 KiB on every pass (glibc hands
+    such blocks back to the system when they are freed): for MoMKD's GATv2 passes at N = 350 that was a
+    third of the encoder's step. A workspace is shared by operations that run one after another (the
+    layers of one model, forward and backward); it holds the largest set of buffers asked for so far.
+    What a caller gets is scratch: its contents are undefined and the next call may overwrite them.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def buffers(self, like: Tensor, shape: tuple[int, ...], count: int) -> tuple[Tensor, ...]:
+        """``count`` distinct buffers of ``shape`` with ``like``'s dtype and device."""
+        size = math.prod(shape)
+        if like.device.type != "cpu":  # the device's caching allocator already reuses memory
+            return tuple(like.new_empty(shape) for _ in range(count))
+        key = (like.device, like.dtype)
+        held = self._held.get(key)
+        if held is None or held.numel() < size * count:
+            with torch.inference_mode(False):  # a normal tensor, so training may write it after inference
+                held = torch.empty(size * count, dtype=like.dtype, device=like.device)
+            self._held[key] = held
+        return tuple(held[i * size : (i + 1) * size].view(shape) for i in range(count))
+
+    def __reduce__(self) -> tuple[type[Workspace], tuple[Any, ...]]:
+        return Workspace, ()  # scratch memory: a copied or pickled model gets its own, empty one

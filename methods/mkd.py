@@ -115,6 +115,9 @@ class MKDCfg(MethodCfg):
     decomposition_weight: float = 1.0  # --OR: orthogonality + CORAL (0 = NOR)
     teacher_val_dropout: bool = True  # teachers keep dropout on when scored for the mean-auc monitor
     teachers_last_epoch: bool = True  # the teachers keep their last epoch's weights, not the best epoch's
+    #: one batched forward and backward per window of W slides (``window_loss``); False: slide by slide, as
+    #: the code (the same gradient; the dropout masks drawn in the code's order)
+    batched_windows: bool = True
 
 
 class _Student(nn.Module):
@@ -135,11 +138,12 @@ class _Student(nn.Module):
         f = a @ h  # (256,)
         return self.head(f), f, a
 
-    def predict_packed(self, packed: PackedBags) -> Tensor:
-        """Logits ``(B, C)`` of packed bags, each as :meth:`forward` alone."""
+    def forward_packed(self, packed: PackedBags) -> tuple[Tensor, Tensor]:
+        """Logits ``(B, C)`` and slide features ``(B, 256)`` of packed bags, each as :meth:`forward` alone."""
         h = self.fc(packed.features)  # (T, 256)
         a = segment_softmax(self.attention(h).squeeze(-1), packed)  # (T,)
-        return self.head(segment_pool(a, h, packed))
+        f = segment_pool(a, h, packed)
+        return self.head(f), f
 
 
 def _omics_tokens(cfg: MKDCfg) -> nn.Sequential:
@@ -164,11 +168,13 @@ class _OmicsTeacher(nn.Module):
         f = self.attention(h).squeeze(-1).softmax(0) @ h  # (256,)
         return self.head(f), f
 
-    def predict_many(self, tokens: Tensor) -> Tensor:
-        """``(B, T, 512)`` -> logits ``(B, C)``, each row as :meth:`forward` of that slide alone."""
+    def forward_many(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, T, 512)`` -> logits ``(B, C)``, omics features ``(B, 256)``, each row as :meth:`forward` of
+        that slide alone."""
         h = self.tokens(tokens)  # (B, T, 256)
         a = self.attention(h).squeeze(-1).softmax(-1)  # (B, T)
-        return self.head((a.unsqueeze(1) @ h).squeeze(1))
+        f = (a.unsqueeze(1) @ h).squeeze(1)
+        return self.head(f), f
 
 
 class _MultimodalTeacher(nn.Module):
@@ -197,13 +203,15 @@ class _MultimodalTeacher(nn.Module):
         f = self.fusion(p.unsqueeze(0), g.unsqueeze(0)).squeeze(0)  # (256,)
         return self.classifier(f), f
 
-    def predict_many(self, packed: PackedBags, tokens: Tensor) -> Tensor:
-        """Packed bags and their ``(B, T, 512)`` tokens -> logits ``(B, C)``, each as :meth:`forward` alone."""
+    def forward_many(self, packed: PackedBags, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Packed bags and their ``(B, T, 512)`` tokens -> logits ``(B, C)``, fused features ``(B, 256)``,
+        each as :meth:`forward` alone."""
         h = self.path_fc(packed.features)  # (T_all, 256)
         p = segment_pool(segment_softmax(self.path_attention(h).squeeze(-1), packed), h, packed)
         o = self.tokens(tokens)  # (B, T, 256)
         g = (self.omics_attention(o).squeeze(-1).softmax(-1).unsqueeze(1) @ o).squeeze(1)  # (B, 256)
-        return self.classifier(self.fusion(p, g))
+        f = self.fusion(p, g)
+        return self.classifier(f), f
 
 
 @register_method("mkd")
@@ -223,10 +231,16 @@ class MKD(MILMethod):
 
     over the pairs (m, s), (o, s), (o, m). The reference back-propagates each slide's CE at once and the KD
     terms at the window's end, then steps; the sum of those gradients is the gradient of the window's sum,
-    so here ``loss`` buffers each slide's terms (with their graphs) and returns the whole window's terms on
-    its W-th slide (``{}`` before), with ``accumulation_steps = W``: one optimiser step per window, the same
-    gradient. A partial last window is dropped, as the reference's ``zero_grad`` at epoch end does
-    (``on_epoch_start`` clears the buffer).
+    so here, with ``accumulation_steps = W``, the trainer hands the whole window to :meth:`window_loss`
+    (``batched_windows``, default): each of the three models runs once on the window's slides (the student
+    and the multimodal teacher's pathology branch on their packed patches, the omics teacher on the stacked
+    tokens), and one backward of the window's terms gives the reference's gradient; one optimiser step per
+    window. Dropout is elementwise, so the window draws from the same distribution as slide by slide, in
+    another order (the one difference from the reference's run). ``batched_windows=False`` keeps the
+    reference's slide-by-slide schedule: ``loss`` buffers each slide's terms (with their graphs) and returns
+    the whole window's terms on its W-th slide (``{}`` before). Either way a partial last window is dropped,
+    as the reference's ``zero_grad`` at epoch end does (``on_epoch_start`` clears the buffer;
+    ``window_loss`` returns ``{}`` for it).
 
     Inference: the student alone (``forward`` never reads omics). The omics vector is cut into tokens of 512
     genes; a width that is not a multiple of 512 is zero-padded to the next multiple (the reference needs
@@ -271,13 +285,13 @@ class MKD(MILMethod):
         return MILOutput(logits=logits, embedding=feature, attention=attention)
 
     def predict_logits(self, bags: Sequence[Bag]) -> Tensor:
-        return self.student.predict_packed(pack_bags(bags))
+        return self.student.forward_packed(pack_bags(bags))[0]
 
     def validation_logits_batch(self, bags: Sequence[Bag]) -> dict[str, tuple[list[int], Tensor]]:
         """:meth:`validation_logits` of several bags in packed forwards (the teachers: the bags with omics, in
         train mode when ``teacher_val_dropout``: every dropout is elementwise, so each bag's scores have the
         distribution they have alone)."""
-        out = {"student": (list(range(len(bags))), self.student.predict_packed(pack_bags(bags)))}
+        out = {"student": (list(range(len(bags))), self.student.forward_packed(pack_bags(bags))[0])}
         rows = [i for i, b in enumerate(bags) if b.omics is not None]
         if rows:
             sub = [bags[i] for i in rows]
@@ -286,8 +300,11 @@ class MKD(MILMethod):
             modes = [t.training for t in teachers]
             for t in teachers:
                 t.train(self.cfg.teacher_val_dropout or t.training)
-            out["omics_teacher"] = (rows, self.omics_teacher.predict_many(tokens))
-            out["multimodal_teacher"] = (rows, self.multimodal_teacher.predict_many(pack_bags(sub), tokens))
+            out["omics_teacher"] = (rows, self.omics_teacher.forward_many(tokens)[0])
+            out["multimodal_teacher"] = (
+                rows,
+                self.multimodal_teacher.forward_many(pack_bags(sub), tokens)[0],
+            )
             for t, mode in zip(teachers, modes, strict=True):
                 t.train(mode)
         return out
@@ -319,6 +336,38 @@ class MKD(MILMethod):
     def on_epoch_start(self, epoch: int) -> None:
         self._window.clear()
 
+    @property
+    def batches_windows(self) -> bool:
+        return self.cfg.batched_windows
+
+    def window_loss(self, bags: Sequence[Bag]) -> dict[str, Tensor]:
+        """The window's terms in one batched forward of each model (the student on all W slides, both
+        teachers on those with omics): what :meth:`loss` returns on the window's W-th slide; ``{}`` for a
+        partial window, which the per-slide path drops. With dropout the masks are drawn in another order
+        than slide by slide (one draw per layer for the whole window), so a run differs from the per-slide
+        one by its dropout draws alone; without dropout the gradients are the same
+        (``tests/methods/test_windows.py``)."""
+        cfg = self.cfg
+        if len(bags) < cfg.accumulation_steps:
+            return {}
+        z_s, f_s = self.student.forward_packed(pack_bags(bags))
+        ce = self.task_loss_sum(z_s, bags)
+        rows = [i for i, b in enumerate(bags) if b.omics is not None]
+        stacked = {}
+        if rows:
+            sub = [bags[i] for i in rows]
+            tokens = torch.stack([self._tokens(b.omics) for b in sub])  # (B', T, 512)
+            z_o, f_o = self.omics_teacher.forward_many(tokens)
+            z_m, f_m = self.multimodal_teacher.forward_many(pack_bags(sub), tokens)
+            ce = ce + self.task_loss_sum(z_o, sub) + self.task_loss_sum(z_m, sub)
+            keep = torch.tensor(rows, device=z_s.device) if len(rows) < len(bags) else None
+            stacked = {"f_o": f_o, "z_o": z_o, "f_m": f_m, "z_m": z_m}
+            stacked["f_s"], stacked["z_s"] = (f_s, z_s) if keep is None else (f_s[keep], z_s[keep])
+        terms = {self.task_term: ce / cfg.accumulation_steps}
+        if len(rows) >= 2:
+            terms.update(self._window_terms(stacked))
+        return terms
+
     def loss(self, bag: Bag, out: MILOutput) -> dict[str, Tensor]:
         cfg = self.cfg
         ce = self.task_loss(out.logits, bag)
@@ -339,23 +388,21 @@ class MKD(MILMethod):
         terms = {self.task_term: torch.stack([e["ce"] for e in window]).sum()}
         with_omics = [e for e in window if "f_o" in e]
         if len(with_omics) >= 2:
-            terms.update(self._window_terms(with_omics))
+            keys = ("f_s", "z_s", "f_o", "z_o", "f_m", "z_m")
+            terms.update(self._window_terms({k: torch.stack([e[k] for e in with_omics]) for k in keys}))
         return terms
 
-    def _window_terms(self, window: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """The KD terms on the stacked window (float32), each already weighted."""
+    def _window_terms(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The KD terms on the window's slides with omics (float32), each already weighted: ``stacked`` has
+        the student's and both teachers' features ``f_*`` ``(B, 256)`` and logits ``z_*`` ``(B, C)``."""
         cfg = self.cfg
-
-        def stack(key: str) -> Tensor:
-            return torch.stack([e[key] for e in window]).float()  # (B, .)
-
-        f_s, f_o, f_m = stack("f_s"), stack("f_o"), stack("f_m")
+        f_s, f_o, f_m = (stacked[k].float() for k in ("f_s", "f_o", "f_m"))
         terms: dict[str, Tensor] = {}
         if cfg.sp_weight:
             sp = similarity_preserving(f_s, f_m) + similarity_preserving(f_s, f_o)
             terms["sp"] = cfg.sp_weight * cfg.accumulation_steps * sp
         if cfg.kl_weight:
-            z_s, z_o, z_m = stack("z_s"), stack("z_o"), stack("z_m")
+            z_s, z_o, z_m = (stacked[k].float() for k in ("z_s", "z_o", "z_m"))
             t = cfg.temperature
             kl = sum(distill_kl(z_s, z.detach(), t) + distill_kl(z, z_s.detach(), t) for z in (z_m, z_o))
             terms["kl"] = cfg.kl_weight * kl

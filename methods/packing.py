@@ -21,6 +21,8 @@ __all__ = [
     "PackedBags",
     "chunk_bags",
     "pack_bags",
+    "pad_segments",
+    "padding_mask",
     "segment_max",
     "segment_mean",
     "segment_pool",
@@ -115,14 +117,37 @@ def segment_max(x: Tensor, packed: PackedBags) -> Tensor:
 
 
 def segment_softmax(scores: Tensor, packed: PackedBags) -> Tensor:
-    """Softmax over each bag's patches of ``scores`` ``(T,)`` (max-shifted, as ``Tensor.softmax``)."""
+    """Softmax over each bag's patches of ``scores`` ``(T,)`` (max-shifted, as ``Tensor.softmax``; the shift
+    is a constant to autograd, as in ``Tensor.softmax``'s own backward: softmax does not depend on it)."""
     if packed.num_bags == 1:
         return scores.softmax(0)
-    e = (scores - segment_max(scores, packed)[packed.segment]).exp()
+    e = (scores - segment_max(scores.detach(), packed)[packed.segment]).exp()
     return e / segment_sum(e, packed)[packed.segment]
 
 
 def segment_pool(weights: Tensor, x: Tensor, packed: PackedBags) -> Tensor:
     """Per-bag weighted sum ``Σ_n w_n x_n``: weights ``(T,)``, x ``(T, F)`` -> ``(B, F)``; one
-    vector-matrix product per bag, as the single-bag ``w @ x`` (no ``(T, F)`` product is formed)."""
-    return torch.stack([weights[s] @ x[s] for s in packed.slices()])
+    vector-matrix product per bag, as the single-bag ``w @ x`` (no ``(T, F)`` product is formed). The bags
+    are split off in one op each, whose backward is one concatenation (slicing each bag would make each
+    bag's backward write a zero-filled ``(T, F)`` gradient)."""
+    if packed.num_bags == 1:
+        return (weights @ x).unsqueeze(0)
+    pairs = zip(weights.split(packed.sizes), x.split(packed.sizes), strict=True)
+    return torch.stack([w @ h for w, h in pairs])
+
+
+def padding_mask(packed: PackedBags) -> Tensor:
+    """Which positions of the padded layout (:func:`pad_segments`) hold a patch: bool ``(B, N_max)``."""
+    positions = torch.arange(max(packed.sizes), device=packed.lengths.device)
+    return positions < packed.lengths.unsqueeze(1)
+
+
+def pad_segments(x: Tensor, packed: PackedBags, value: float = 0.0) -> Tensor:
+    """The packed rows ``(T, ...)`` laid out per bag, ``(B, N_max, ...)``, ``value`` past each bag's end
+    (differentiable: one scatter forward, one gather backward)."""
+    if packed.num_bags == 1:
+        return x.unsqueeze(0)
+    first = torch.tensor(packed.offsets, device=x.device)
+    position = torch.arange(x.shape[0], device=x.device) - first[packed.segment]
+    out = x.new_full((packed.num_bags, max(packed.sizes), *x.shape[1:]), value)
+    return out.index_put((packed.segment, position), x)

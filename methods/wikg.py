@@ -6,8 +6,8 @@ The graph is built in feature space: every patch keeps its top-k "tail" patches 
 ``S = (e_h / sqrt(C)) e_t^T``. The reference materialises the N x N matrix and back-propagates through it
 (O(N^2) memory). Here the top-k is found block by block without autograd, and only the selected
 similarities are recomputed under autograd (only they carry gradient in the dense form too), inside a fused
-block-wise operation that recomputes its intermediates in the backward pass: memory is linear in N, and the
-outputs and gradients are those of the dense form.
+block-wise operation that keeps its gates for the backward pass on small bags and recomputes them on large
+ones: memory is linear in N, and the outputs and gradients are those of the dense form.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Bag, MethodCfg, MILMethod, MILOutput
+from .layers import Workspace
 from .packing import pack_bags, segment_max, segment_mean, segment_pool, segment_softmax
 from .registry import register_method
 
@@ -84,8 +85,10 @@ class _KnowledgeAttention(torch.autograd.Function):
     ``w_j = <e_h[i] * scale, nb_j>``, ``p = softmax(w)``, ``g_j = tanh((2 - p_j) e_h[i] + p_j nb_j)``
     (that is ``tanh(e_h + r)`` with ``r = p nb + (1 - p) e_h``), knowledge score ``s_j`` (``code``:
     ``sum(nb_j) sum(g_j)``; ``dot``: ``<nb_j, g_j>``), ``a = softmax(s)``, output ``Σ_j a_j nb_j``.
-    Nothing of size ``N x k x C`` is kept: every block works in a few block-sized buffers (``out=`` and
-    in-place ops, no large temporaries), and the backward pass recomputes the block's forward.
+    Every block works in a few block-sized buffers (``out=`` and in-place ops, no large temporaries). With
+    ``store`` the gates ``g`` (``N x k x C``) and the ``(N, k)`` factors are kept for the backward pass;
+    without it nothing of size ``N x k x C`` is kept and the backward pass recomputes each block's forward
+    (the same values; at N = 350 that recomputation was about a tenth of the training step).
     """
 
     @staticmethod
@@ -117,36 +120,51 @@ class _KnowledgeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, e_h: Tensor, e_t: Tensor, index: Tensor, scale: float, dot: bool, rows: int
+        ctx: Any,
+        e_h: Tensor,
+        e_t: Tensor,
+        index: Tensor,
+        scale: float,
+        dot: bool,
+        rows: int,
+        store: bool,
+        workspace: Workspace | None,
     ) -> Tensor:
         out = torch.empty_like(e_h)
-        nb_buf, g_buf, scratch = (e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(3))
+        shape = (rows, *index.shape[1:], e_h.shape[1])
+        nb_buf, g_buf, scratch = _buffers(e_h, shape, 3, workspace)
+        # with ``store``, the gates g and the small per-edge factors are kept for the backward pass
+        g_all = e_h.new_empty(*index.shape, e_h.shape[1]) if store else None
+        kept: list[tuple[Tensor, ...]] = []
         for first in range(0, e_h.shape[0], rows):
             eh, block_index = e_h[first : first + rows], index[first : first + rows]
-            nb, _, _, _, _, a = _KnowledgeAttention._block(
-                eh, block_index, e_t, scale, dot, nb_buf, g_buf, scratch
+            g_out = g_buf if g_all is None else g_all[first : first + rows]
+            nb, p, _, nb_sum, g_sum, a = _KnowledgeAttention._block(
+                eh, block_index, e_t, scale, dot, nb_buf, g_out, scratch
             )
+            if store:
+                kept.append(tuple(t for t in (p, a, nb_sum, g_sum) if t is not None))
             torch.sum(
                 torch.mul(nb, a.unsqueeze(-1), out=scratch[: len(block_index)]),
                 1,
                 out=out[first : first + rows],
             )
-        ctx.save_for_backward(e_h, e_t, index)
-        ctx.scale, ctx.dot, ctx.rows = scale, dot, rows
+        saved = [g_all, *(torch.cat(parts) for parts in zip(*kept, strict=True))] if store else []
+        ctx.save_for_backward(e_h, e_t, index, *saved)
+        ctx.scale, ctx.dot, ctx.rows, ctx.workspace = scale, dot, rows, workspace
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        e_h, e_t, index = ctx.saved_tensors
+        e_h, e_t, index, *stored = ctx.saved_tensors
         scale, dot, rows = ctx.scale, ctx.dot, ctx.rows
         grad_out = grad_out.to(e_h.dtype)
         grad_h = torch.empty_like(e_h)
         grad_t = torch.zeros_like(e_t)
         one = torch.ones((), dtype=e_h.dtype, device=e_h.device)
-        nb_buf, g_buf, scratch, gn_buf = (
-            e_h.new_empty(rows, *index.shape[1:], e_h.shape[1]) for _ in range(4)
-        )
+        shape = (rows, *index.shape[1:], e_h.shape[1])
+        nb_buf, g_buf, scratch, gn_buf = _buffers(e_h, shape, 4, ctx.workspace)
         for first in range(0, e_h.shape[0], rows):
             eh, block_index, go = (
                 e_h[first : first + rows],
@@ -154,9 +172,18 @@ class _KnowledgeAttention(torch.autograd.Function):
                 grad_out[first : first + rows],
             )
             b = len(block_index)
-            nb, p, g, nb_sum, g_sum, a = _KnowledgeAttention._block(
-                eh, block_index, e_t, scale, dot, nb_buf, g_buf, scratch
-            )
+            if stored:  # the forward's gates and factors; only the neighbours are gathered again
+                block = [t[first : first + rows] for t in stored]
+                k = block_index.shape[1]
+                nb = torch.index_select(e_t, 0, block_index.reshape(-1), out=nb_buf[:b].view(b * k, -1))
+                nb = nb.view(b, k, -1)
+                g, p, a = block[0], block[1], block[2]
+                nb_sum, g_sum = (None, None) if dot else (block[3], block[4])
+            else:
+                nb, p, g, nb_sum, g_sum, a = _KnowledgeAttention._block(
+                    eh, block_index, e_t, scale, dot, nb_buf, g_buf, scratch
+                )
+            spent = g_buf[:b]  # scratch for the last products (g itself when it was recomputed there)
             grad_a = torch.mul(nb, go.unsqueeze(1), out=scratch[:b]).sum(-1)  # (B, k)
             grad_s = a * (grad_a - (a * grad_a).sum(-1, keepdim=True))  # through the softmax over k
             grad_nb = torch.mul(go.unsqueeze(1), a.unsqueeze(-1), out=gn_buf[:b])  # (B, k, C)
@@ -168,20 +195,40 @@ class _KnowledgeAttention(torch.autograd.Function):
                 grad_nb.add_((grad_s * g_sum).unsqueeze(-1))
                 grad_u.mul_((grad_s * nb_sum).unsqueeze(-1))
             grad_nb.addcmul_(grad_u, p.unsqueeze(-1))
-            grad_p = torch.sub(nb, eh.unsqueeze(1), out=g).mul_(grad_u).sum(-1)  # g is spent
+            grad_p = torch.sub(nb, eh.unsqueeze(1), out=spent).mul_(grad_u).sum(-1)
             grad_w = p * (grad_p - (p * grad_p).sum(-1, keepdim=True))  # through the softmax over k
-            through_u = torch.mul(grad_u, (2 - p).unsqueeze(-1), out=g).sum(1)
-            through_w = torch.mul(nb, grad_w.unsqueeze(-1), out=g).sum(1)
+            through_u = torch.mul(grad_u, (2 - p).unsqueeze(-1), out=spent).sum(1)
+            through_w = torch.mul(nb, grad_w.unsqueeze(-1), out=spent).sum(1)
             grad_h[first : first + rows] = through_u + scale * through_w
             grad_nb.addcmul_(eh.unsqueeze(1), (scale * grad_w).unsqueeze(-1))
             grad_t.index_add_(0, block_index.reshape(-1), grad_nb.view(-1, grad_nb.shape[-1]))
-        return grad_h, grad_t, None, None, None, None
+        return grad_h, grad_t, None, None, None, None, None, None
+
+
+def _buffers(
+    like: Tensor, shape: tuple[int, ...], count: int, workspace: Workspace | None
+) -> tuple[Tensor, ...]:
+    """The block buffers of one pass: from ``workspace``, or fresh."""
+    if workspace is None:
+        return tuple(like.new_empty(shape) for _ in range(count))
+    return workspace.buffers(like, shape, count)
 
 
 def knowledge_attention(
-    e_h: Tensor, e_t: Tensor, index: Tensor, scale: float, score: str = "code", block_elements: int = 1 << 18
+    e_h: Tensor,
+    e_t: Tensor,
+    index: Tensor,
+    scale: float,
+    score: str = "code",
+    block_elements: int = 1 << 18,
+    store_elements: int = 1 << 22,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """WiKG's knowledge-aware neighbour embedding ``e_N`` for top-k ``index``, differentiable in e_h, e_t.
+
+    Up to ``store_elements`` entries of ``N x k x C`` (the built-in bags: N up to ~1.3k at k = 6, C = 512),
+    the forward's gates are kept for the backward pass instead of being recomputed (the same values); above
+    it memory stays linear in N with a small constant. ``workspace`` keeps the block buffers between calls.
 
     Shapes:
         e_h, e_t ``(N, C)``, index ``(N, k)`` -> ``(N, C)``.
@@ -190,7 +237,9 @@ def knowledge_attention(
         raise ValueError(f"knowledge score {score!r} is not one of {KNOWLEDGE_SCORES}")
     e_t = e_t.to(e_h.dtype)
     rows = max(1, block_elements // (index.shape[1] * e_h.shape[1]))
-    return _KnowledgeAttention.apply(e_h, e_t, index, scale, score == "dot", rows)
+    needs_grad = torch.is_grad_enabled() and (e_h.requires_grad or e_t.requires_grad)
+    store = needs_grad and index.numel() * e_h.shape[1] <= store_elements
+    return _KnowledgeAttention.apply(e_h, e_t, index, scale, score == "dot", rows, store, workspace)
 
 
 @register_method("wikg")
@@ -273,6 +322,7 @@ class WiKG(MILMethod):
         )
         self.norm = nn.LayerNorm(c)
         self.classifier = nn.Linear(c, cfg.num_classes)
+        self._workspace = Workspace()  # the knowledge attention's block buffers, kept between steps
 
     def _aggregate(self, e_h: Tensor, e_n: Tensor) -> Tensor:
         if self.cfg.agg_type == "bi-interaction":
@@ -287,7 +337,9 @@ class WiKG(MILMethod):
         x = (x + x.mean(dim=0, keepdim=True)) * 0.5
         e_h, e_t = self.w_head(x), self.w_tail(x)  # (N, C) each
         index = topk_neighbours(e_h, e_t, cfg.topk, self.scale, cfg.chunk_elements)  # (N, k)
-        e_n = knowledge_attention(e_h, e_t, index, self.scale, cfg.knowledge_score)  # (N, C)
+        e_n = knowledge_attention(
+            e_h, e_t, index, self.scale, cfg.knowledge_score, workspace=self._workspace
+        )  # (N, C)
         h = self.message_dropout(self._aggregate(e_h, e_n))  # (N, C)
         attention = None
         if cfg.pool == "attn":

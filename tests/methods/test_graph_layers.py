@@ -123,3 +123,29 @@ def test_encoder_builds_each_graph_table_once_and_forgets_freed_graphs(monkeypat
     del edge_index
     gc.collect()
     assert enc._tables == {}
+
+
+def test_neighbour_table_blocks_pad_each_run_of_degrees_to_its_own_width():
+    edge_index = _graph(120, k=8)
+    table = in_neighbour_table(edge_index, 120, block_slots=256)
+    degree = table.mask.sum(1)
+    assert table.blocks[0][0] == 0 and table.blocks[-1][1] == 120
+    for (first, end, w), (nxt, _, _) in zip(table.blocks, (*table.blocks[1:], (120, 0, 0)), strict=True):
+        assert end == nxt and w == int(degree[first]) and (end - first) * w <= 256  # contiguous, bounded
+    padded = sum((end - first) * w for first, end, w in table.blocks)
+    assert padded < 1.2 * int(degree.sum()) < 120 * table.index.shape[1]  # near the real slots
+
+
+def test_encoder_trains_after_inference_with_its_kept_work_buffers():
+    torch.manual_seed(0)
+    enc = GATv2Encoder(16, 8, attn_dropout=0.0, dropout=0.0)
+    x, edge_index = torch.randn(30, 16, requires_grad=True), _graph(30)
+    with torch.inference_mode():  # the workspace's buffers are first allocated here
+        before = enc(x, edge_index)
+    out = enc(x, edge_index)
+    grads = _grads(enc, x, out)
+    fresh = GATv2Encoder(16, 8, attn_dropout=0.0, dropout=0.0)
+    fresh.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(out, before, rtol=0, atol=0)
+    for g, g_fresh in zip(grads, _grads(fresh, x, fresh(x, edge_index)), strict=True):
+        torch.testing.assert_close(g, g_fresh, rtol=0, atol=0)

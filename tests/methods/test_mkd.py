@@ -72,15 +72,7 @@ def test_kl_targets_are_stop_gradient():
     torch.manual_seed(3)
     b, t = 4, model.cfg.temperature
     leaves = {k: torch.randn(b, 2, requires_grad=True) for k in ("z_s", "z_o", "z_m")}
-    window = [
-        {
-            "f_s": torch.randn(256),
-            "f_o": torch.randn(256),
-            "f_m": torch.randn(256),
-            **{k: v[i] for k, v in leaves.items()},
-        }
-        for i in range(b)
-    ]
+    window = {"f_s": torch.randn(b, 256), "f_o": torch.randn(b, 256), "f_m": torch.randn(b, 256), **leaves}
     model._window_terms(window)["kl"].backward()
     p = {k: F.softmax(v.detach() / t, 1) for k, v in leaves.items()}
     want_s = t * (2 * p["z_s"] - p["z_m"] - p["z_o"]) / b

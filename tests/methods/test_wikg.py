@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from methods import create_method
 from methods.base import Bag
+from methods.layers import Workspace
 from methods.wikg import WiKG, knowledge_attention, topk_neighbours
 
 
@@ -82,13 +83,17 @@ def test_chunked_topk_finds_the_dense_neighbours():
     assert torch.equal(chunked.sort(-1).values, dense.sort(-1).values)
 
 
+@pytest.mark.parametrize("store", [True, False], ids=["kept-gates", "recomputed-gates"])
 @pytest.mark.parametrize("score", ["code", "dot"])
-def test_knowledge_attention_backward_passes_gradcheck(score: str):
+def test_knowledge_attention_backward_passes_gradcheck(score: str, store: bool):
     g = torch.Generator().manual_seed(1)
     e_h = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
     e_t = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
     index = topk_neighbours(e_h, e_t, 3, 0.5)
-    fn = lambda a, b: knowledge_attention(a, b, index, 0.5, score, block_elements=30)  # noqa: E731
+    workspace = Workspace()  # shared by every call, as a model's
+    fn = lambda a, b: knowledge_attention(  # noqa: E731
+        a, b, index, 0.5, score, block_elements=30, store_elements=10**6 if store else 0, workspace=workspace
+    )
     assert torch.autograd.gradcheck(fn, (e_h, e_t))
 
 
