@@ -33,6 +33,7 @@ from .sweep import SweepOptions
 from .sweep_report import write_sweep_report
 from .tables import Table, write_table
 from .taskdata import RunOptions, TaskData, feature_sets, prepare_task, saved_task_data
+from .tasktypes import task_type
 from .tracking import open_tracker, resolve_tracking
 
 __all__ = [
@@ -168,18 +169,21 @@ def ablation_methods(method: str) -> tuple[str, list[str]]:
     return base, list(dict.fromkeys(names))
 
 
+#: the score an ablation table shows, by task type
+_SCORE_NAMES = {"binary": "AUC", "multiclass": "macro one-vs-rest AUC", "survival": "Harrell's c-index"}
+
+
 def ablate(base: str, task_ref: str, out: Path, formats: Sequence[str], log: Log) -> list[Table]:
     """Write the ablation tables ``base`` declares from the variants' results on disk; returns them."""
     cls = get_method_class(base)
-    task = read_task(task_ref).name
+    config = read_task(task_ref)
+    task, score = config.name, _SCORE_NAMES[task_type(config).name]
     tables = []
     for results in load_results(out, task).by_features():  # one set of tables per feature set
         tag = "" if results.features is None else f"_{results.features}"
         for table_name, rows in cls.ablations.items():
             variants = [(label, f"{base}[{v}]" if v else base) for label, v in rows]
-            caption = (
-                f"{base} {table_name.replace('_', ' ')} on {results.label}: AUC (%), mean ± SD over folds."
-            )
+            caption = f"{base} {table_name.replace('_', ' ')} on {results.label}: {score} (%), mean ± SD over folds."
             note = cls.ablation_notes.get(table_name)
             table = variant_table(
                 results,

@@ -4,8 +4,9 @@ cohorts, as `bench run` and `bench report` compute them (bench/baselines.py).
 
     python benchmarks/references.py --tasks her2,pr,odx --out /tmp/references
 
-Prints, per task and row, the patient-level AUC (%) mean ± SD over folds on the test parts and on every
-external cohort, the training AUC, and the C each fold's inner CV chose; the load average before and after.
+Prints, per task and row, the task's objective (patient-level AUC, macro one-vs-rest AUC or Harrell's c-index,
+%) mean ± SD over folds on the test parts and on every external cohort, the same on the training patients, and
+the C each fold's inner CV chose; the load average before and after.
 The privileged-information student is trained, so it is not here: `bench run --methods abmil,<a KD method>`.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from bench.baselines import REFERENCES, ensure_references
 from bench.store import load_results
 from bench.taskdata import RunOptions, prepare_task
+from bench.tasktypes import task_type
 
 
 def main() -> None:
@@ -35,8 +37,9 @@ def main() -> None:
         data = prepare_task(task, RunOptions(out=args.out, folds=args.folds, quiet=True))
         ensure_references(data, args.out, print)
         runs = [r for r in load_results(args.out, data.task.name).runs if r.method in REFERENCES]
+        score = task_type(data.task).objective
         print(f"\n{data.task.name} ({time.time() - started:.0f} s)")
-        print("| row | cohort | AUC % (mean ± SD over folds) | train AUC % | C per fold |")
+        print(f"| row | cohort | {score} % (mean ± SD over folds) | train {score} % | C per fold |")
         print("| --- | --- | ---: | ---: | --- |")
         for name in REFERENCES:
             mine = sorted((r for r in runs if r.method == name), key=lambda r: r.fold)
@@ -47,7 +50,7 @@ def main() -> None:
             for cohort in mine[0].metrics["cohorts"]:
                 if cohort == "val":
                     continue
-                aucs = np.array([r.metrics["cohorts"][cohort]["auc"] for r in mine]) * 100
+                aucs = np.array([r.metrics["cohorts"][cohort][score] for r in mine]) * 100
                 print(
                     f"| {name} | {cohort} | {aucs.mean():.1f} ± {aucs.std(ddof=1):.1f} | {train:.1f} | {cs} |"
                 )

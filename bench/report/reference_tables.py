@@ -40,14 +40,16 @@ def _what(st: TaskStats, name: str) -> str:
 
 def references_table(st: TaskStats) -> Table | None:
     """The task's floor and ceiling rows, with the privileged student's label-only twin for orientation:
-    AUC (%) mean ± SD over folds [95 % CI] on every cohort; None when the task has none."""
+    AUC (%; macro AUC, a survival task's Harrell's c-index) mean ± SD over folds [95 % CI] on every cohort;
+    None when the task has none."""
     refs = [m for m in row_order([st]) if st.kinds.get(m) != "method"]
     if not refs:
         return None
     twins = sorted({get_method_class(m).label_only_twin for m in refs if "method_config" in _config(st, m)})
     rows_names = [m for m in twins if m in st.kinds] + refs
     s = st.summary.set_index(["method", "cohort"])
-    header = ["Row", "Kind", "What"] + [f"{cohort_label(c)} AUC" for c in st.cohorts]
+    word = {"multiclass": "macro AUC", "survival": "c-index"}.get(st.kind, "AUC")
+    header = ["Row", "Kind", "What"] + [f"{cohort_label(c)} {word}" for c in st.cohorts]
     rows = []
     for m in rows_names:
         cells = []
@@ -59,11 +61,11 @@ def references_table(st: TaskStats) -> Table | None:
                 cells.append("–")
         rows.append([m, st.kinds.get(m, "method"), _what(st, m), *cells])
     caption = (
-        f"{st.task.upper()}: reference rows beside the methods, evaluated on the same folds and cohorts (AUC %, "
+        f"{st.task.upper()}: reference rows beside the methods, evaluated on the same folds and cohorts ({word} %, "
         "mean ± SD over folds [95 % bootstrap CI], as the headline table). Floor: a linear probe on each slide's "
-        "mean patch feature, its C chosen by an inner CV on each fold's training patients (Patho-Bench's "
-        "baseline); a method below it has not learnt more than the mean feature holds. "
-        + (GROUND_TRUTH if any(st.kinds[m] == "ceiling" for m in refs) else "")
+        "mean patch feature (a survival task's: a linear Cox model), its C chosen by an inner CV on each fold's "
+        "training patients (Patho-Bench's baseline); a method below it has not learnt more than the mean feature "
+        "holds. " + (GROUND_TRUTH if any(st.kinds[m] == "ceiling" for m in refs) else "")
     )
     return Table(header, rows, [[False] * len(header) for _ in rows], caption, f"tab:references-{st.task}")
 

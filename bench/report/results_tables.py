@@ -252,7 +252,7 @@ def variant_table(
     reference: str | None = None,
 ) -> Table:
     """Rows = (display name, method name on disk); columns internal AUC, AUC on each external cohort and the
-    internal→external drop (points of AUC) on each.
+    internal→external drop (points of AUC) on each; a survival task's Harrell's c-index in place of the AUC.
 
     The drop is each fold model's internal test AUC minus its AUC on the cohort, mean ± SD over folds. With
     ``reference`` (a method name among the variants, e.g. the full model), each other row is marked where the
@@ -263,13 +263,15 @@ def variant_table(
     stats = _stats(long)
     externals = sorted(set(stats.index.get_level_values("cohort")) - {"test", "val"}) if len(stats) else []
     cohorts = ["test", *externals]
+    metric = _headline(stats) if len(stats) else "auc"
+    word = "c-index" if metric == "c_index" else "AUC"
     header = (
-        ["Configuration", "Internal AUC"]
-        + [f"External ({c}) AUC" for c in externals]
+        ["Configuration", f"Internal {word}"]
+        + [f"External ({c}) {word}" for c in externals]
         + [f"Drop int→ext ({c})" for c in externals]
     )
-    cols = {c: [_get(stats, m, c, "auc") for _, m in variants] for c in cohorts}
-    drops = {c: [_fold_drops(long, m, c) for _, m in variants] for c in externals}
+    cols = {c: [_get(stats, m, c, metric) for _, m in variants] for c in cohorts}
+    drops = {c: [_fold_drops(long, m, c, metric) for _, m in variants] for c in externals}
     flags = {c: bold_best([v[0] for v in cols[c]]) for c in cohorts}
     rows = [
         [name] + [fmt(*cols[c][i]) for c in cohorts] + [_fmt_drop(drops[c][i]) for c in externals]
@@ -277,11 +279,11 @@ def variant_table(
     ]
     if externals:
         caption += (
-            " Drop int→ext: each fold model's internal test AUC minus its AUC on the external cohort, points of "
-            "AUC, mean ± SD over folds."
+            f" Drop int→ext: each fold model's internal test {word} minus its {word} on the external cohort, "
+            f"points of {word}, mean ± SD over folds."
         )
-    if reference is not None and len(stats) and (reference, "test", "auc") in stats.index:
-        on_disk = {m for _, m in variants if (m, "test", "auc") in stats.index}
+    if reference is not None and len(stats) and (reference, "test", metric) in stats.index:
+        on_disk = {m for _, m in variants if (m, "test", metric) in stats.index}
         st = analyse(results.only(on_disk), reference, n_boot=0)
         ref_i = next(i for i, (_, m) in enumerate(variants) if m == reference)
         for i, (_, m) in enumerate(variants):
@@ -306,9 +308,10 @@ def variant_table(
     return Table(header, rows, bold, caption, label)
 
 
-def _fold_drops(long: pd.DataFrame, method: str, cohort: str) -> pd.Series:
-    """Per fold of ``method``: internal test AUC minus the AUC of the same fold model on ``cohort``."""
-    auc = long[(long.method == method) & (long.metric == "auc")].pivot(
+def _fold_drops(long: pd.DataFrame, method: str, cohort: str, metric: str = "auc") -> pd.Series:
+    """Per fold of ``method``: internal test ``metric`` (the task's headline: AUC, or a survival task's
+    c-index) minus the same fold model's on ``cohort``."""
+    auc = long[(long.method == method) & (long.metric == metric)].pivot(
         index="fold", columns="cohort", values="value"
     )
     if "test" not in auc or cohort not in auc:

@@ -79,3 +79,20 @@ def test_ablate_needs_declared_variants(small_task, tmp_path, monkeypatch, capsy
         monkeypatch, capsys, "ablate", "abmil", "--task", str(small_task), "--out", str(tmp_path)
     )
     assert code == 2 and "declares no ablation variants" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ablate_on_a_survival_task_tabulates_the_c_index(os_task, tmp_path, monkeypatch, capsys):
+    """Every variant of WiKG's ablation on a survival task, each cell the mean of its folds' test c-index."""
+    out = tmp_path / "results"
+    args = ("ablate", "wikg", "--task", str(os_task), "--out", str(out), "--folds", "2", "--epochs", "1")
+    code, _, err = bench(monkeypatch, capsys, *args, "--quiet", "--format", "markdown")
+    assert code == 0, err
+    md = (out / "os" / "report" / "ablation.md").read_text()
+    assert "Harrell's c-index (%)" in md and "Internal c-index" in md
+    cells = _rows(md)
+    for label, v in get_method_class("wikg").ablations["ablation"]:
+        name = f"wikg[{v}]" if v else "wikg"
+        folds = [json.loads((out / "os" / name / f"fold_{k}" / "metrics.json").read_text()) for k in range(2)]
+        c = np.mean([m["cohorts"]["test"]["c_index"] for m in folds])
+        assert cells[label][0].strip("*").startswith(f"{c * 100:.1f} ± ")

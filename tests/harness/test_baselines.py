@@ -1,5 +1,5 @@
 """The report's reference rows: the floor on every task, ground-truth ceilings on synthetic tasks only, no
-leakage into the probe, the Bayes ceiling against a hand computation, and the share of the privileged gap."""
+leakage into the probe (tests/harness/test_references_types.py, for every type), the Bayes ceiling against a hand computation, and the share of the privileged gap."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from bench.analysis import analyse
 from bench.ceilings import gap_shares
 from bench.commands import run
 from bench.data.groundtruth import bayes_probability, latent_programs
-from bench.data.splits import fold_parts
 from bench.data.synthetic import SyntheticSpec, label_posterior
 from bench.errors import BenchError
 from bench.evaluate import patient_level
@@ -77,25 +76,6 @@ def test_floor_on_a_real_format_task_and_no_ceiling(small_task, tmp_path):
     before = [(r.path / "metrics.json").stat().st_mtime_ns for r in results.runs]
     baselines.ensure_references(data, tmp_path / "res")
     assert [(r.path / "metrics.json").stat().st_mtime_ns for r in results.runs] == before
-
-
-def test_probe_reads_training_patients_only(small_task, tmp_path):
-    """Scaler and C are fit on the fold's training slides: scrambling every other slide's features leaves
-    the chosen C and the training predictions unchanged."""
-    data = _data(small_task, tmp_path)
-    inputs = baselines._floor_inputs(data)
-    cohorts, chosen = baselines._fold(data, inputs, 0)
-    parts = fold_parts(data.splits, 0)
-    others = parts["val"] + parts["test"]
-    scrambled = {k: v.copy() for k, v in inputs.items()}
-    scrambled["internal"].loc[others] = 1e3 * np.random.default_rng(0).normal(
-        size=(len(others), data.internal.dim)
-    )
-    scrambled["ext"] = scrambled["ext"] * -50.0
-    cohorts2, chosen2 = baselines._fold(data, scrambled, 0)
-    assert chosen2 == chosen
-    pd.testing.assert_frame_equal(cohorts2["train"], cohorts["train"])
-    assert not np.allclose(cohorts2["test"].prob, cohorts["test"].prob)
 
 
 def test_ceilings_only_on_synthetic_tasks(synthetic_task, tmp_path):

@@ -323,3 +323,30 @@ def test_two_processes_share_a_study_through_postgresql(small_task, tmp_path):
         assert not password or password not in text
     for k in range(2):
         optuna.delete_study(study_name=f"{name}-fold{k}", storage=url)
+
+
+def test_sweep_on_a_survival_task_maximises_the_c_index(os_task, tmp_path, monkeypatch, capsys):
+    """Each outer fold's trial value is Harrell's c-index of the validation predictions it trained on (a
+    multiclass search's is the macro AUC through the same ``patient_auc`` as a binary one's)."""
+    from bench.evaluate import c_index, patient_level
+
+    seen = []
+    real = sweep.train_fold
+
+    def spy(*args, **kwargs):
+        fitted = real(*args, **kwargs)
+        seen.append(fitted.val)
+        return fitted
+
+    monkeypatch.setattr(sweep, "train_fold", spy)
+    out = tmp_path / "res"
+    args = ["sweep", "abmil", "--task", str(os_task), "--trials", "1", "--folds", "2", "--epochs", "1"]
+    code, _, err = bench(monkeypatch, capsys, *args, "--out", str(out), "--quiet")
+    assert code == 0, err
+    best = yaml.safe_load((out / "os" / "sweeps" / "abmil" / "best.yaml").read_text())
+    assert len(seen) == 2  # one trial per outer fold
+    for k, val in enumerate(seen):
+        pat = patient_level(val)
+        expected = c_index(pat.time.to_numpy(), pat.event.to_numpy(), pat.risk.to_numpy())
+        assert best["folds"][k]["mean_val_auc"] == pytest.approx(expected, abs=1e-6)
+    assert (out / "os" / "abmil[best]" / "fold_1" / "metrics.json").is_file()

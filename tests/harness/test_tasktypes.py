@@ -33,37 +33,6 @@ from bench.stats import (
 from bench.taskdata import RunOptions, prepare_task
 from bench.tasktypes import time_bin_edges, time_bin_index
 
-GRADES = ["g1", "g2", "g3"]
-
-
-@pytest.fixture
-def grade_task(small_task, cohort_tools):
-    """The small task's cohorts with a three-class ``grade`` column (planted: grade 1 = the high-risk
-    patients of the toy cohort), as a multiclass task."""
-    _, write_task = cohort_tools
-    root = small_task.parent
-    for name in ("internal", "ext"):
-        path = root / name / "labels.csv"
-        df = pd.read_csv(path, dtype=str)
-        index = df.case_id.str[-4:].astype(int)
-        df["grade"] = np.where(df.odx_risk == "high", "g1", np.where(index % 2 == 0, "g2", "g3"))
-        df.to_csv(path, index=False)
-    raw = read_task(small_task).model_dump(mode="json", exclude={"path"})
-    for key in ("positive", "negative"):
-        raw.pop(key)
-    raw.update(
-        name="grade",
-        type="multiclass",
-        label_col="grade",
-        classes=GRADES,
-        labels="internal/labels.csv",
-        features="internal/features",
-        omics="internal/omics.csv",
-        external=[{"name": "ext", "labels": "ext/labels.csv", "features": "ext/features"}],
-        train={"epochs": 2, "patience": 2, "min_epochs": 0},
-    )
-    return write_task(root / "grade.yaml", **{k: v for k, v in raw.items() if v is not None})
-
 
 @pytest.mark.parametrize(
     ("fields", "message"),
@@ -87,7 +56,8 @@ def test_multiclass_labels_follow_the_classes_order_and_unknown_values_are_named
     cohort = load_cohort(read_task(grade_task))
     assert not cohort.problems
     raw = pd.read_csv(grade_task.parent / "internal" / "labels.csv", dtype=str).set_index("slide_id").grade
-    expected = raw.loc[cohort.slides.slide_id].map({g: i for i, g in enumerate(GRADES)}).to_numpy()
+    classes = read_task(grade_task).classes
+    expected = raw.loc[cohort.slides.slide_id].map({g: i for i, g in enumerate(classes)}).to_numpy()
     np.testing.assert_array_equal(cohort.slides.label.to_numpy(), expected)
     task = read_task(grade_task).model_copy(update={"classes": ["g1", "g2", "g4"]})
     problems = load_cohort(task).problems
@@ -155,6 +125,7 @@ def test_multiclass_task_end_to_end(grade_task, tmp_path):
         assert (per_part == 3).all()
     summary = run(str(grade_task), ["abmil"], opts)
     assert {"auc", "acc", "balanced_acc", "f1"} <= set(summary.metric)
+    assert set(summary.method) == {"abmil", "floor-probe"}  # the floor, no ceiling (not synthetic)
     fold = opts.out / "grade" / "abmil" / "fold_0"
     pred = pd.read_csv(fold / "predictions.csv")
     assert list(pred.columns) == ["slide_id", "case_id", "label", "prob_0", "prob_1", "prob_2", "cohort"]
@@ -167,7 +138,8 @@ def test_multiclass_task_end_to_end(grade_task, tmp_path):
     assert "threshold" not in metrics["test"]
     write_report(opts.out, ["grade"], ["markdown"], n_boot=1000, loc_slides=0, log=lambda _: None)
     report = (opts.out / "report.md").read_text()
-    assert "macro one-vs-rest" in report and "bootstrap p" not in report  # one method: nothing to compare
+    assert "macro one-vs-rest" in report and "| floor-probe | +" in report  # in the paired bootstrap tests
+    assert "multinomial linear probe on each slide's mean patch feature" in report
     assert (opts.out / "grade" / "report" / "confusion_grade_internal.png").is_file()
 
 
@@ -255,37 +227,6 @@ def test_c_index_is_torchsurvs_harrell_and_the_bootstrap_resampler_agrees():
     assert lo < harrell < hi
 
 
-@pytest.fixture
-def os_task(small_task, cohort_tools):
-    """The small task's cohorts with a survival outcome whose hazard follows the planted signal."""
-    _, write_task = cohort_tools
-    root = small_task.parent
-    rng = np.random.default_rng(0)
-    for name in ("internal", "ext"):
-        path = root / name / "labels.csv"
-        df = pd.read_csv(path, dtype=str)
-        cases = df.case_id.unique()
-        high = df.drop_duplicates("case_id").set_index("case_id").odx_risk.eq("high")
-        t = pd.Series(rng.exponential(np.where(high.loc[cases], 300.0, 900.0)), index=cases)
-        e = pd.Series((rng.random(len(cases)) < 0.6).astype(int), index=cases)
-        df["os_days"] = df.case_id.map(t).round(1).astype(str)
-        df["os_event"] = df.case_id.map(e).astype(str)
-        df.to_csv(path, index=False)
-    return write_task(
-        root / "os.yaml",
-        name="os",
-        type="survival",
-        time_col="os_days",
-        event_col="os_event",
-        labels="internal/labels.csv",
-        features="internal/features",
-        omics="internal/omics.csv",
-        folds=2,
-        train={"epochs": 2, "patience": 2, "min_epochs": 0},
-        external=[{"name": "ext", "labels": "ext/labels.csv", "features": "ext/features"}],
-    )
-
-
 def test_survival_task_end_to_end(os_task, tmp_path):
     opts = RunOptions(out=tmp_path / "res", quiet=True)
     data = prepare_task(os_task, opts)
@@ -294,6 +235,8 @@ def test_survival_task_end_to_end(os_task, tmp_path):
         assert (parts.groupby(f"fold_{k}").event.nunique() == 2).all()
     summary = run(str(os_task), ["abmil"], opts)
     assert {"c_index", "c_index_uno", "auc_q1", "ibs"} <= set(summary.metric)
+    floor = summary[summary.method == "floor-probe"]
+    assert set(summary.method) == {"abmil", "floor-probe"} and set(floor.metric) == set(summary.metric)
     fold = opts.out / "os" / "abmil" / "fold_0"
     pred = pd.read_csv(fold / "predictions.csv")
     assert list(pred.columns) == [
@@ -315,5 +258,7 @@ def test_survival_task_end_to_end(os_task, tmp_path):
     )
     assert metrics["test"]["risk_cut"] == metrics["val"]["risk_cut"]
     write_report(opts.out, ["os"], ["markdown"], n_boot=1000, loc_slides=0, log=lambda _: None)
-    assert "Harrell's c-index" in (opts.out / "report.md").read_text()
+    report = (opts.out / "report.md").read_text()
+    assert "Harrell's c-index" in report and "L2-penalised linear Cox model (Breslow)" in report
+    assert "evaluated on the same folds and cohorts (c-index %" in report  # the reference rows' table
     assert (opts.out / "os" / "report" / "km_os_internal.png").is_file()

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
         "bench.config",
         "bench.stats",
         "bench.tasktypes",
+        "bench.coxph",
     ),
     (
         "bench.store",
@@ -38,7 +39,8 @@ LAYERS: list[tuple[str, ...]] = [
         "bench.data",
     ),  # results on disk, to a tracking store; data
     ("bench.evaluate", "bench.convergence", "bench.train"),  # predicting and training one model
-    ("bench.taskdata", "bench.jobs", "bench.baselines"),  # a task's data; one fold; the reference rows
+    # a task's data; one fold; the reference rows and their probes
+    ("bench.taskdata", "bench.jobs", "bench.baselines", "bench.probes"),
     (
         "bench.executors",
         "bench.studies",

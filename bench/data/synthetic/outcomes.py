@@ -25,6 +25,7 @@ censored, as in TCGA-BRCA). Measured ceilings and shares: docs/synthetic.md (ben
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,8 @@ import numpy as np
 import pandas as pd
 
 from ...fsio import atomic_write_text
-from .generator import _PROGRAM_CORR
-from .spec import PROGRAMS, SyntheticSpec
+from .generator import _HELDOUT_INDEX, _PROGRAM_CORR
+from .spec import HELDOUT, PROGRAMS, SyntheticSpec
 
 __all__ = [
     "OUTCOMES_FILE",
@@ -49,6 +50,7 @@ __all__ = [
     "ensure_outcomes",
     "population",
     "subtype_probabilities",
+    "true_cumulative_hazard",
 ]
 
 #: bump whenever a change alters the outcomes: it is part of the file's name, so of every fold's configuration
@@ -77,14 +79,21 @@ _FOLLOW_UP_DAYS = (0.5 * 365.25, 8 * 365.25)
 
 def _intercepts(spec: SyntheticSpec) -> np.ndarray:
     """Class intercepts b giving :data:`SUBTYPE_PREVALENCE` in the internal population (no site shift),
-    fitted by a fixed-point iteration on 200,000 draws of the programs (seeded by the spec)."""
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 3]))
+    fitted by a fixed-point iteration on 200,000 draws of the programs (seeded by the spec's seed, all they
+    depend on: computed once per process and seed, as the fit takes seconds)."""
+    return _seed_intercepts(spec.seed)
+
+
+@functools.cache
+def _seed_intercepts(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
     z = rng.standard_normal((200_000, len(PROGRAMS))) @ np.linalg.cholesky(_PROGRAM_CORR).T
     s = SUBTYPE_SHARPNESS * (z @ _SUBTYPE_WEIGHTS.T)
     b = np.zeros(len(SUBTYPES))
     for _ in range(200):
         share = _softmax(s + SUBTYPE_SHARPNESS * b).mean(axis=0)
         b += np.log(SUBTYPE_PREVALENCE / share) / SUBTYPE_SHARPNESS
+    b.setflags(write=False)
     return b
 
 
@@ -102,6 +111,12 @@ def _weibull_scale() -> float:
     """Baseline Weibull scale λ: a patient with η = 0 has median event time :data:`_MEDIAN_DAYS`
     (the median of λ (−log U)^(1/k) exp(−η / k) is λ (log 2)^(1/k) exp(−η / k))."""
     return _MEDIAN_DAYS / math.log(2.0) ** (1.0 / _WEIBULL_SHAPE)
+
+
+def true_cumulative_hazard(days: np.ndarray) -> np.ndarray:
+    """The true baseline cumulative hazard ``H₀(t) = (t / λ)^k`` of the Weibull event times at ``days``: a
+    patient with log-hazard η has ``S(t) = exp(−H₀(t) exp(η))`` (before censoring, which is independent)."""
+    return (np.clip(np.asarray(days, dtype=np.float64), 0.0, None) / _weibull_scale()) ** _WEIBULL_SHAPE
 
 
 @dataclass(frozen=True)
@@ -138,13 +153,15 @@ def population(spec: SyntheticSpec, n: int, seed: int = 0) -> Outcomes:
 
 
 def ensure_outcomes(spec: SyntheticSpec, root: Path) -> None:
-    """Write :data:`OUTCOMES_FILE` and :data:`TRUTH_FILE` of every cohort under ``root`` that lacks them
-    (cohort index: 0 internal, then the external cohorts in the spec's order, as the generator numbers them)."""
-    names = ["internal", *(e.name for e in spec.external)]
+    """Write :data:`OUTCOMES_FILE` and :data:`TRUTH_FILE` of every cohort under ``root`` that lacks them, each
+    from a stream of its own keyed by the cohort's index as the generator numbers them (0 internal, the
+    held-out cohort's, then the external cohorts in the spec's order): adding a cohort changes no other's."""
+    names = {"internal": 0, **({HELDOUT: _HELDOUT_INDEX} if spec.heldout else {})}
+    names.update({e.name: i for i, e in enumerate(spec.external, start=1)})
     if all((root / n / OUTCOMES_FILE).is_file() for n in names):
         return
     intercepts = _intercepts(spec)
-    for index, name in enumerate(names):
+    for name, index in names.items():
         folder = root / name
         if (folder / OUTCOMES_FILE).is_file():
             continue
