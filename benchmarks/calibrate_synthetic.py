@@ -148,9 +148,18 @@ def power(y: pd.Series, abmil: pd.DataFrame, probe_scores: dict[int, pd.Series])
     }
 
 
+def fold_dirs(method_dir: Path) -> list[Path]:
+    """The folds ``fold_<k>`` of a method, in order; not the ``fold_<k>.replaced-<hash>`` folders bench moves
+    aside when a fold's configuration changes, nor claims."""
+    return sorted(
+        (d for d in method_dir.glob("fold_*") if d.name.removeprefix("fold_").isdigit()),
+        key=lambda d: int(d.name.removeprefix("fold_")),
+    )
+
+
 def abmil_heldout(out: Path, task: str) -> pd.DataFrame | None:
     """ABMIL's held-out patient probabilities (case_id x fold; slides averaged, as bench does), if on disk."""
-    files = sorted((out / task / "abmil").glob("fold_*/predictions.csv"))
+    files = [d / "predictions.csv" for d in fold_dirs(out / task / "abmil")]
     if not files:
         return None
     cols = {}
@@ -217,7 +226,7 @@ def abmil(task: str, out: Path) -> list[dict]:
     task = task_name(task)
     wall = time.perf_counter() - start
     rows = []
-    for fold_dir in sorted((out / task / "abmil").glob("fold_*")):
+    for fold_dir in fold_dirs(out / task / "abmil"):
         m = json.loads((fold_dir / "metrics.json").read_text())
         fold = int(fold_dir.name.split("_")[1])
         best = m["history"][m["best_epoch"]] if m.get("history") else {}
