@@ -203,7 +203,8 @@ def patient_auc(pred: pd.DataFrame, aggregation: str = "mean") -> float:
 
 
 def _surv_tensors(time: np.ndarray, event: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.as_tensor(time, dtype=torch.float32), torch.as_tensor(event).bool()
+    """Copies (``torch.tensor``), so a read-only array (pandas' ``to_numpy`` view) is never shared."""
+    return torch.tensor(time, dtype=torch.float32), torch.tensor(event).bool()
 
 
 def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, uno: bool = False) -> float:
@@ -217,7 +218,7 @@ def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, uno: bool = F
 
     t, e = _surv_tensors(time, event)
     weight = get_ipcw(e, t) if uno else None
-    value = float(ConcordanceIndex()(torch.as_tensor(risk, dtype=torch.float32), e, t, weight=weight))
+    value = float(ConcordanceIndex()(torch.tensor(risk, dtype=torch.float32), e, t, weight=weight))
     return value if np.isfinite(value) else float("nan")
 
 
@@ -350,8 +351,8 @@ def survival_metrics(pat: pd.DataFrame, edges: np.ndarray, risk_cut: float) -> d
     inside = (quartiles >= np.min(time)) & (quartiles < np.max(time)) if usable else quartiles < -np.inf
     aucs = np.full(len(quartiles), np.nan)
     if inside.any():
-        nt = torch.as_tensor(quartiles[inside], dtype=torch.float32)
-        r = torch.as_tensor(risk, dtype=torch.float32)
+        nt = torch.tensor(quartiles[inside], dtype=torch.float32)
+        r = torch.tensor(risk, dtype=torch.float32)
         aucs[inside] = Auc()(r, e, t, new_time=nt, weight=get_ipcw(e, t), weight_new_time=get_ipcw(e, t, nt))
     out.update({f"auc_q{i + 1}": float(a) for i, a in enumerate(aucs)})
     out.update({f"q{i + 1}": float(q) for i, q in enumerate(quartiles)})
@@ -363,10 +364,10 @@ def survival_metrics(pat: pd.DataFrame, edges: np.ndarray, risk_cut: float) -> d
             [np.ones((len(pat), 1)), pat[[c for c in pat.columns if c.startswith("surv_")]]], 1
         )
         step = surv[:, time_bin_index(grid, edges)]  # S(t) = S_{k-1} for t in bin k
-        nt = torch.as_tensor(grid, dtype=torch.float32)
+        nt = torch.tensor(grid, dtype=torch.float32)
         brier = BrierScore()
         brier(
-            torch.as_tensor(step, dtype=torch.float32),
+            torch.tensor(step, dtype=torch.float32),
             e,
             t,
             new_time=nt,
