@@ -69,9 +69,11 @@ def keep_freed_memory() -> bool:
 
     Why: a training step allocates and frees work tensors of a few MB (a graph layer's per-edge buffers at a few
     hundred patches); under glibc's default each of them is a fresh ``mmap``, so every pass page-faults once
-    per 4 KiB it touches. Measured by ``benchmarks/step_cost.py`` (D = 128, N = 350, 1 thread): MoMKD's step
-    0.089 -> 0.052 s with these two thresholds (benchmarks/README.md). Peak memory is unchanged: the blocks are
-    reused, not added; the process keeps what it freed until it exits or frees more than 1 GiB.
+    per 4 KiB it touches. ``benchmarks/step_cost.py`` (D = 128, N = 350, 1 thread) measured MoMKD's step at
+    0.089 -> 0.052 s with these two thresholds before its graph layers kept their own work buffers
+    (benchmarks/README.md); since then its gain there is within noise, and the setting covers every other
+    method's and window's large temporaries. Peak memory is unchanged: the blocks are reused, not added; the
+    process keeps what it freed until it exits or frees more than 1 GiB.
     """
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
