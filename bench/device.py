@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -75,10 +76,11 @@ def keep_freed_memory() -> bool:
     method's and window's large temporaries. Peak memory is unchanged: the blocks are reused, not added; the
     process keeps what it freed until it exits or frees more than 1 GiB.
     """
+    if not sys.platform.startswith("linux"):  # glibc's parameters; other platforms keep their allocator
+        return False
     name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None or os.uname().sysname != "Linux":
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is None:
         return False
     return bool(
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
